@@ -1,0 +1,254 @@
+"""The Locally Competitive Algorithm (Rozell et al. 2008) for convolutional sparse coding.
+
+Forward-Euler LCA with η = 1/τ, in the reconstruct-then-encode form (two convolutions a step,
+exact at the borders)::
+
+    a = T_λ(u)
+    u ← u + η · ( Φᵀ(x − Φa) + a − u )
+
+started from u₀ = 0 (cold) or from a given state (warm start: WARP-LCA's predicted states).
+The energy E(a) = ½‖x − Φa‖² + Σ P_λ(a) (per image) is what the dynamics minimise; the trace
+records it, ℓ0 and the MSE after every step without a host sync inside the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from warplca.lca.dictionary import ConvDictionary, stable_tau
+from warplca.lca.operator import Operator, make_operator
+from warplca.lca.thresholds import Threshold, get_threshold
+
+TRACE_KEYS = ("energy", "l0", "mse")
+
+
+@dataclass
+class LCAResult:
+    """Outcome of an LCA run.
+
+    Attributes:
+        u: final internal states (B, K, H', W').
+        a: final activations T_λ(u).
+        recon: reconstruction Φa (B, C, H, W) in the coded (normalised) space.
+        trace: per-iteration tensors of shape (iters + 1, B): ``energy``, ``l0`` (active count) and
+            ``mse`` (per pixel); entry k is the value after k steps. ``None`` unless asked for.
+        iters: the number of steps actually run (fewer than asked when the tolerance stopped it).
+        tau: the time constant used.
+    """
+
+    u: Tensor
+    a: Tensor
+    recon: Tensor
+    trace: dict[str, Tensor] | None
+    iters: int
+    tau: float
+    energy: Tensor | None = field(repr=False, default=None)
+
+
+class LCA:
+    """Convolutional LCA solver over a :class:`ConvDictionary`.
+
+    Args:
+        dictionary: the atoms Φ.
+        threshold: ``hard`` (default), ``soft``, ``cel0`` or ``half`` (see :mod:`.thresholds`).
+        lam: threshold level λ ≥ 0.
+        tau: time constant τ (η = 1/τ) or ``"auto"`` (τ = ‖Φ‖²_op from power iteration). A τ ≤ L/2
+            is unstable and refused; L/2 < τ < L is allowed but gives no energy-descent guarantee.
+        iters: default number of steps.
+        nonneg: non-negative activations.
+        theta: θ of the ``cel0`` threshold.
+        tol: optional early stop when max over the batch of ‖Δu‖/‖u‖ < tol (checked every
+            ``check_every`` steps: the only host syncs in the loop).
+        backend: ``polyphase`` (fast, default) or ``direct`` (conv_transpose2d) for zero padding.
+    """
+
+    def __init__(self, dictionary: ConvDictionary, threshold: str = "hard", lam: float = 1.0,
+                 tau: float | str = 100.0, iters: int = 1000, nonneg: bool = False, theta: float = 0.5,
+                 tol: float | None = None, check_every: int = 10, backend: str = "polyphase") -> None:
+        if not isinstance(dictionary, ConvDictionary):
+            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
+        self.dictionary = dictionary
+        self.threshold: Threshold = get_threshold(threshold, lam, nonneg, theta)
+        if isinstance(tau, str):
+            if tau != "auto":
+                raise ValueError(f"tau must be a number > 0 or 'auto', got {tau!r}")
+        elif not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"tau must be a finite number > 0 or 'auto', got {tau!r}")
+        self.tau_setting = tau
+        if not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
+        self.iters = iters
+        if tol is not None and not tol > 0:
+            raise ValueError(f"tol must be > 0 or None, got {tol!r}")
+        self.tol = tol
+        self.check_every = max(1, int(check_every))
+        if backend not in ("polyphase", "direct"):
+            raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
+        self.backend = backend
+        if tau != "auto":
+            size = max(32, 4 * dictionary.kernel_size)
+            self.check_tau(float(tau), size, size)
+
+    # -- settings -------------------------------------------------------------------------------
+    @property
+    def lam(self) -> float:
+        return self.threshold.lam
+
+    def settings(self) -> dict:
+        """The solver's settings, as plain values (saved in bundles and cache manifests)."""
+        t = self.threshold
+        return {"threshold": t.name, "lam": t.lam, "tau": self.tau_setting, "iters": self.iters,
+                "nonneg": t.nonneg, "theta": t.theta, "tol": self.tol, "backend": self.backend}
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"LCA({body})"
+
+    def lipschitz(self, height: int, width: int) -> float:
+        """L = ‖Φ‖²_op for H×W images (cached in the dictionary)."""
+        return self.dictionary.operator_norm(height, width)
+
+    def check_tau(self, tau: float, height: int, width: int) -> None:
+        """Refuse τ ≤ L/2 (η ≥ 2/L diverges); warn when τ < L (no energy-descent guarantee)."""
+        lip = self.lipschitz(height, width)
+        if tau <= lip / 2:
+            raise ValueError(
+                f"tau={tau:g} is unstable for this dictionary: LCA needs η = 1/τ < 2/L, i.e. τ > L/2 = "
+                f"{lip / 2:.4g} (L = ‖Φ‖²_op = {lip:.4g} on {height}×{width} images); use tau='auto' "
+                f"(τ = L) or a larger τ")
+        if tau < lip:
+            warnings.warn(f"tau={tau:g} < L = {lip:.4g}: stable but the energy may not decrease "
+                          f"monotonically; tau='auto' gives τ = L", stacklevel=3)
+
+    def resolve_tau(self, height: int, width: int) -> float:
+        """The τ used for H×W images (computes L for ``auto``)."""
+        if self.tau_setting == "auto":
+            return stable_tau(self.lipschitz(height, width))
+        return float(self.tau_setting)
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, u0: Tensor | None) -> None:
+        d = self.dictionary
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must have shape (B, C, H, W) (rank 4), got rank {x.dim()} {tuple(x.shape)}")
+        if x.shape[1] != d.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels but the dictionary expects {d.in_channels}")
+        if x.dtype != d.weight.dtype:
+            raise ValueError(f"x has dtype {x.dtype} but the dictionary has {d.weight.dtype}; "
+                             f"convert one of them (e.g. x.to({d.weight.dtype}))")
+        if x.device != d.weight.device:
+            raise ValueError(f"x is on {x.device} but the dictionary is on {d.weight.device}")
+        if x.numel() == 0:
+            raise ValueError(f"x is empty: {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf values")
+        if u0 is not None:
+            expected = (x.shape[0], *d.code_shape(*x.shape[-2:]))
+            if tuple(u0.shape) != expected:
+                raise ValueError(f"u0 must have shape {expected} (B, K, ⌈H/s⌉, ⌈W/s⌉), got {tuple(u0.shape)}")
+            if u0.dtype != x.dtype or u0.device != x.device:
+                raise ValueError(f"u0 must match x in dtype and device ({x.dtype}, {x.device}), got "
+                                 f"({u0.dtype}, {u0.device})")
+            if not bool(torch.isfinite(u0).all()):
+                raise ValueError("u0 contains NaN or Inf values")
+
+    # -- the solver -----------------------------------------------------------------------------
+    def __call__(self, x: Tensor, iters: int | None = None, u0: Tensor | None = None, trace: bool = False,
+                 grad: bool = False) -> LCAResult:
+        """Run LCA on images ``x`` (B, C, H, W) in the coded space.
+
+        Args:
+            iters: steps to run (default: the constructor's ``iters``).
+            u0: initial states (warm start); zeros when None.
+            trace: record energy, ℓ0 and MSE after every step.
+            grad: keep the autograd graph (for unrolled training); off by default.
+        """
+        self._check_input(x, u0)
+        iters = self.iters if iters is None else iters
+        if not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
+        height, width = x.shape[-2:]
+        tau = self.resolve_tau(height, width)
+        if self.tau_setting != "auto":
+            self.check_tau(tau, height, width)
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            return self._run(x, iters, u0, trace, tau, grad)
+
+    def _run(self, x: Tensor, iters: int, u0: Tensor | None, trace: bool, tau: float, grad: bool) -> LCAResult:
+        d, thr = self.dictionary, self.threshold
+        weight = d.weight if grad else d.weight.detach()
+        op = _operator(d, weight, x.shape[-2], x.shape[-1], self.backend)
+        eta = 1.0 / tau
+        xt = op.pixels(x)
+        batch = x.shape[0]
+        numel = x[0].numel()
+        shape = (batch, *d.code_shape(*x.shape[-2:]))
+        u = torch.zeros(shape, dtype=x.dtype, device=x.device) if u0 is None else u0.clone()
+        u = u.contiguous(memory_format=torch.channels_last)
+        record = torch.empty((iters + 1, 3, batch), dtype=x.dtype, device=x.device) if trace else None
+        check = self.tol is not None
+        steps = iters
+        for step in range(iters):
+            a = thr(u)
+            resid = xt - op.decode(a)
+            if record is not None:
+                _record(record[step], resid, a, thr, numel)
+            drive = op.encode(resid) + a if grad else op.encode(resid).add_(a)  # Φᵀ(x − Φa) + a
+            if check and (step + 1) % self.check_every == 0:
+                delta = (drive - u).flatten(1).norm(dim=1) * eta
+                scale = u.flatten(1).norm(dim=1).clamp_min(1e-12)
+                if float((delta / scale).max()) < self.tol:  # host sync only every check_every steps
+                    steps = step + 1
+                    u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)
+                    break
+            u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)  # u + η(drive − u), fused
+        a = thr(u)
+        recon_t = op.decode(a)
+        energy_final = 0.5 * (xt - recon_t).flatten(1).pow(2).sum(1) + thr.penalty_sum(a)
+        traces = None
+        if record is not None:
+            _record(record[steps], xt - recon_t, a, thr, numel)
+            record = record[: steps + 1]
+            traces = {key: record[:, i] for i, key in enumerate(TRACE_KEYS)}
+        return LCAResult(u=u, a=a, recon=op.image(recon_t), trace=traces, iters=steps, tau=tau,
+                         energy=energy_final)
+
+    # -- energy ---------------------------------------------------------------------------------
+    def energy(self, x: Tensor, a: Tensor) -> Tensor:
+        """Per-image energy ½‖x − Φa‖² + Σ P_λ(a): the function the trace reports."""
+        self._check_input(x, None)
+        with torch.no_grad():
+            op = _operator(self.dictionary, self.dictionary.weight.detach(), x.shape[-2], x.shape[-1],
+                           self.backend)
+            resid = op.pixels(x) - op.decode(a)
+            return 0.5 * resid.flatten(1).pow(2).sum(1) + self.threshold.penalty_sum(a)
+
+    def states_to_codes(self, u: Tensor) -> Tensor:
+        """Activations T_λ(u) of given states."""
+        return self.threshold(u)
+
+
+def _operator(d: ConvDictionary, weight: Tensor, height: int, width: int, backend: str) -> Operator:
+    return make_operator(weight, d.stride, height, width, d.padding_mode, backend)
+
+
+def _record(slot: Tensor, resid: Tensor, a: Tensor, thr: Threshold, numel: int) -> None:
+    """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device."""
+    sq = torch.linalg.vector_norm(resid, dim=(1, 2, 3)).square()
+    l0 = torch.count_nonzero(a, dim=(1, 2, 3)).to(sq.dtype)
+    if thr.name == "hard" and not thr.nonneg:
+        penalty = (0.5 * thr.lam * thr.lam) * l0  # ℓ0 penalty: reuse the count
+    else:
+        penalty = thr.penalty_sum(a)
+    slot[0] = 0.5 * sq + penalty
+    slot[1] = l0
+    slot[2] = sq / numel
