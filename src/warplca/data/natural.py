@@ -1,0 +1,215 @@
+"""``natural``: deterministic random crops of the colour photos bundled with scikit-image (offline default).
+
+The photos are split **by source image**, so validation/test crops come from scenes the dictionary and
+the predictor never saw. Only photos that scikit-image ships inside its wheel are used (the ones behind
+``pooch`` downloads — ``lily``, ``eagle``, ``kidney``, … — are not), and synthetic images (``logo``,
+``colorwheel``) and the ``cat`` alias of ``chelsea`` are left out.
+
+Split (fixed; the two stereo views of the motorcycle scene stay together in train):
+
+=======  ==============================================================================================
+train    astronaut, hubble_deep_field, immunohistochemistry, retina, motorcycle_left, motorcycle_right
+val      chelsea
+test     coffee, rocket
+=======  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from warplca.data.datamodule import SPLITS, ImageDataModule, _check_int, luminance
+
+__all__ = ["NaturalCrops", "NaturalDataModule", "load_photo"]
+
+log = logging.getLogger(__name__)
+
+
+def _skimage(name: str, index: int | None = None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        img = getattr(skimage.data, name)()
+        return img[index] if index is not None else img
+
+    return load
+
+
+#: photo name -> loader returning an (H, W, 3) uint8 array from scikit-image's bundled files
+_LOADERS: dict[str, Callable[[], np.ndarray]] = {
+    "astronaut": _skimage("astronaut"),
+    "hubble_deep_field": _skimage("hubble_deep_field"),
+    "immunohistochemistry": _skimage("immunohistochemistry"),
+    "retina": _skimage("retina"),
+    "motorcycle_left": _skimage("stereo_motorcycle", 0),
+    "motorcycle_right": _skimage("stereo_motorcycle", 1),
+    "chelsea": _skimage("chelsea"),
+    "coffee": _skimage("coffee"),
+    "rocket": _skimage("rocket"),
+}
+
+# per-split offsets of the crop-position seed, so train/val/test draws are independent
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@functools.lru_cache(maxsize=32)
+def load_photo(name: str, scale: float = 1.0) -> Tensor:
+    """Bundled photo ``name`` as a float32 ``(3, H, W)`` tensor in [0, 1], downscaled by ``scale``.
+
+    Cached per process (decoding the large JPEGs costs ~0.1 s); treat the result as read-only.
+    Downscaling is bilinear with antialiasing, so crops of a downscaled photo carry more structure.
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown photo {name!r}; known: {sorted(_LOADERS)}")
+    try:
+        arr = _LOADERS[name]()
+    except Exception as exc:  # pragma: no cover - depends on the installed scikit-image
+        raise RuntimeError(
+            f"could not load scikit-image's bundled photo {name!r} (scikit-image data files missing?): {exc}"
+        ) from exc
+    x = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).to(torch.float32) / 255.0
+    if scale != 1.0:
+        x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+        x = x[0].clamp_(0.0, 1.0)
+    return x.contiguous()
+
+
+class NaturalCrops(Dataset):
+    """Fixed crops ``(source, top, left)`` of cached photos; items are ``(crop, -1)``."""
+
+    def __init__(
+        self, sources: list[str], positions: Tensor, crop_size: int, scale: float, grayscale: bool
+    ) -> None:
+        self.sources = list(sources)
+        self.positions = positions  # (N, 3) int64: source index, top, left
+        self.crop_size = crop_size
+        self.scale = scale
+        self.grayscale = grayscale
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        s, top, left = (int(v) for v in self.positions[i])
+        c = self.crop_size
+        x = load_photo(self.sources[s], self.scale)[:, top : top + c, left : left + c].clone()
+        return (luminance(x) if self.grayscale else x), -1
+
+
+class NaturalDataModule(ImageDataModule):
+    """Random ``crop_size`` crops (default 32x32 RGB) of scikit-image's bundled colour photos.
+
+    Every split draws the same number of crops from each of its photos (round robin), at positions from
+    ``torch.Generator().manual_seed(seed + split_offset)``; crops whose pixel std is below ``min_std``
+    (e.g. the black border of ``retina``) are redrawn. The same arguments therefore give bit-identical
+    data. ``scale`` downscales the photos before cropping (0.5: crops hold edges and texture rather than
+    flat patches). ``crop_size`` may go up to the smallest photo of a split (OOD tests use 64/96).
+    """
+
+    name = "natural"
+    num_classes = None
+    native_channels = 3
+    crop_is_augmentation = False
+
+    #: split -> source photos; no photo appears in two splits
+    SOURCES: dict[str, list[str]] = {
+        "train": [
+            "astronaut",
+            "hubble_deep_field",
+            "immunohistochemistry",
+            "retina",
+            "motorcycle_left",
+            "motorcycle_right",
+        ],
+        "val": ["chelsea"],
+        "test": ["coffee", "rocket"],
+    }
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        grayscale: bool = False,
+        crop_size: int | None = 32,
+        seed: int = 0,
+        n_train: int = 2048,
+        n_val: int = 256,
+        n_test: int = 256,
+        scale: float = 0.5,
+        min_std: float = 0.02,
+        norm_scale: float = 1.0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            grayscale=grayscale,
+            crop_size=32 if crop_size is None else crop_size,
+            seed=seed,
+            norm_scale=norm_scale,
+            pin_memory=pin_memory,
+        )
+        self.n = {
+            "train": _check_int("n_train", n_train, 1),
+            "val": _check_int("n_val", n_val, 1),
+            "test": _check_int("n_test", n_test, 1),
+        }
+        if not (0.0 < float(scale) <= 1.0):
+            raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+        self.scale = float(scale)
+        if not (0.0 <= float(min_std) < 0.5):
+            raise ValueError(f"min_std must be in [0, 0.5), got {min_std!r}")
+        self.min_std = float(min_std)
+
+    def _build_split(self, split: str) -> NaturalCrops:
+        assert split in SPLITS
+        sources = self.SOURCES[split]
+        c = int(self.crop_size)  # type: ignore[arg-type]
+        photos = [load_photo(s, self.scale) for s in sources]
+        smallest = min(min(p.shape[-2:]) for p in photos)
+        if c > smallest:
+            raise ValueError(
+                f"crop_size={c} is larger than the smallest '{split}' photo at scale={self.scale} "
+                f"({smallest} px); use a smaller crop_size or a larger scale"
+            )
+        n = self.n[split]
+        gen = torch.Generator().manual_seed(self.seed + _SPLIT_OFFSET[split])
+        counts = [n // len(sources) + (1 if k < n % len(sources) else 0) for k in range(len(sources))]
+        rows: list[Tensor] = []
+        for k, (photo, want) in enumerate(zip(photos, counts, strict=True)):
+            if want:
+                rows.append(self._draw(k, sources[k], photo, want, c, gen))
+        positions = torch.cat(rows)
+        return NaturalCrops(sources, positions, c, self.scale, self.grayscale)
+
+    def _draw(self, k: int, source: str, photo: Tensor, want: int, c: int, gen: torch.Generator) -> Tensor:
+        """``want`` crop positions in ``photo`` whose std >= min_std, drawn in batches from ``gen``."""
+        h, w = photo.shape[-2:]
+        kept: list[Tensor] = []
+        have = 0
+        for _ in range(50):
+            m = 2 * (want - have) + 8
+            tops = torch.randint(0, h - c + 1, (m,), generator=gen)
+            lefts = torch.randint(0, w - c + 1, (m,), generator=gen)
+            if self.min_std > 0:
+                pairs = zip(tops.tolist(), lefts.tolist(), strict=True)
+                stds = torch.stack([photo[:, t : t + c, x : x + c].std() for t, x in pairs])
+                ok = stds >= self.min_std
+                tops, lefts = tops[ok], lefts[ok]
+            take = min(want - have, len(tops))
+            kept.append(torch.stack([torch.full((take,), k), tops[:take], lefts[:take]], dim=1))
+            have += take
+            if have == want:
+                return torch.cat(kept).to(torch.int64)
+        raise ValueError(
+            f"could not find {want} crops of {c}x{c} with std >= min_std={self.min_std} in photo '{source}'; "
+            "lower min_std"
+        )

@@ -1,0 +1,418 @@
+"""Real datasets on disk: CIFAR-10, STL-10, Oxford-IIIT Pets and any ImageFolder tree (e.g. Tiny ImageNet).
+
+Files are read directly in their published formats (CIFAR pickles, STL-10 binaries, Pets JPEGs +
+annotation lists, folders of images), so no checksum pass or network call happens on a normal run.
+torchvision is only called to *download* when ``download=True`` and the files are missing; otherwise a
+:class:`~warplca.data.datamodule.DatasetNotFoundError` names the directory and the expected files.
+
+Validation splits that the datasets do not publish (CIFAR-10, STL-10, Pets) are carved from the training
+set with a stratified, seeded split (``val_fraction``, ``split_seed``), independent of the training
+``seed``, so a changed seed never moves images between splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from warplca.data.datamodule import (
+    ArrayImageDataset,
+    DatasetNotFoundError,
+    ImageDataModule,
+    _check_int,
+    check_files,
+    luminance,
+    stratified_split,
+)
+
+__all__ = [
+    "CIFAR10DataModule",
+    "FolderDataModule",
+    "ImageFileDataset",
+    "PetsDataModule",
+    "STL10DataModule",
+]
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFileDataset(Dataset):
+    """Image files + labels -> float [0, 1] RGB (or luminance) tensors.
+
+    With ``image_size`` set, the shorter side is resized to it (antialiased bilinear) and the centre
+    ``image_size`` square is kept, so differently shaped photos batch together.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        image_size: int | None = None,
+        grayscale: bool = False,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.image_size = image_size
+        self.grayscale = grayscale
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        import torchvision.transforms.functional as TF
+
+        with Image.open(self.paths[i]) as img:
+            rgb = img.convert("RGB")
+        if self.image_size is not None:
+            rgb = TF.center_crop(TF.resize(rgb, self.image_size, antialias=True), [self.image_size] * 2)
+        x = TF.pil_to_tensor(rgb).to(torch.float32) / 255.0
+        if self.grayscale:
+            x = luminance(x)
+        return x, int(self.labels[i])
+
+
+class _DiskDataModule(ImageDataModule):
+    """Shared plumbing: ``data_dir``, ``download``, the file check and the carved validation split."""
+
+    #: paths, relative to ``data_dir``, that must exist for the dataset to load
+    expected: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        grayscale: bool = False,
+        crop_size: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        norm_scale: float = 1.0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            grayscale=grayscale,
+            crop_size=crop_size,
+            seed=seed,
+            norm_scale=norm_scale,
+            pin_memory=pin_memory,
+        )
+        self.data_dir = Path(data_dir).expanduser()
+        self.download = bool(download)
+        if not (0.0 < float(val_fraction) < 1.0):
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        self.val_fraction = float(val_fraction)
+        self.split_seed = _check_int("split_seed", split_seed, 0)
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _missing(self) -> bool:
+        return any(not (self.data_dir / p).exists() for p in self.expected)
+
+    def _fetch(self) -> None:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Download (Lightning calls this on one process only) when asked to and the files are missing."""
+        if self.download and self._missing():
+            log.info("%s: downloading into %s", self.name, self.data_dir)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._fetch()
+
+    def _ensure_files(self) -> None:
+        self.prepare_data()
+        check_files(self.data_dir, self.expected, self.name)
+
+    def _carve(self, labels: Tensor | np.ndarray, split: str) -> Tensor:
+        """Indices of the published train set that form our ``split`` ("train" or "val")."""
+        train, val = stratified_split(labels, (1.0 - self.val_fraction, self.val_fraction), self.split_seed)
+        return train if split == "train" else val
+
+
+class CIFAR10DataModule(_DiskDataModule):
+    """CIFAR-10 (32x32 RGB, 10 classes) from ``<data_dir>/cifar-10-batches-py`` (the python pickles)."""
+
+    name = "cifar10"
+    num_classes = 10
+    native_channels = 3
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    expected = tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)) + (
+        "cifar-10-batches-py/test_batch",
+    )
+
+    def _fetch(self) -> None:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(self.data_dir), train=True, download=True)
+
+    def _read(self, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for f in files:
+            with open(self.data_dir / self.folder / f, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"]))
+        return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+    def _build_split(self, split: str) -> Dataset:
+        self._ensure_files()
+        if split == "test":
+            x, y = self._read(self.test_files)
+            return ArrayImageDataset(x, y, grayscale=self.grayscale)
+        if not hasattr(self, "_train_arrays"):
+            self._train_arrays = self._read(self.train_files)
+        x, y = self._train_arrays
+        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
+
+
+class STL10DataModule(_DiskDataModule):
+    """STL-10 labelled images (96x96 RGB, 10 classes) from ``<data_dir>/stl10_binary`` (memory-mapped)."""
+
+    name = "stl10"
+    num_classes = 10
+    native_channels = 3
+    folder = "stl10_binary"
+    expected = tuple(f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"))
+
+    def _fetch(self) -> None:
+        from torchvision.datasets import STL10
+
+        STL10(str(self.data_dir), split="train", download=True)
+
+    def _read(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        base = self.data_dir / self.folder
+        labels = np.fromfile(base / f"{prefix}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+        raw = np.memmap(base / f"{prefix}_X.bin", dtype=np.uint8, mode="r")
+        if raw.size != labels.size * 3 * 96 * 96:
+            raise ValueError(
+                f"stl10: {base / (prefix + '_X.bin')} holds {raw.size} bytes, expected "
+                f"{labels.size} images x 3x96x96 = {labels.size * 3 * 96 * 96} (corrupt or truncated file?)"
+            )
+        # the binaries are column-major per channel: (N, C, W, H) -> (N, C, H, W)
+        images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        return images, labels
+
+    def _build_split(self, split: str) -> Dataset:
+        self._ensure_files()
+        if split == "test":
+            x, y = self._read("test")
+            return ArrayImageDataset(x, y, grayscale=self.grayscale)
+        x, y = self._read("train")
+        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
+
+
+class PetsDataModule(_DiskDataModule):
+    """Oxford-IIIT Pets (37 breeds), resized + centre-cropped to ``image_size`` (default 64).
+
+    Reads ``<data_dir>/oxford-iiit-pet/{images/*.jpg, annotations/trainval.txt, annotations/test.txt}``
+    (torchvision's layout), or the same two folders directly under ``data_dir``. Validation is carved
+    from trainval.
+    """
+
+    name = "pets"
+    num_classes = 37
+    native_channels = 3
+    folder = "oxford-iiit-pet"
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        grayscale: bool = False,
+        crop_size: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        norm_scale: float = 1.0,
+        pin_memory: bool = False,
+        image_size: int = 64,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            download=download,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            grayscale=grayscale,
+            crop_size=crop_size,
+            seed=seed,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            norm_scale=norm_scale,
+            pin_memory=pin_memory,
+        )
+        self.image_size = _check_int("image_size", image_size, 1)
+        if self.crop_size is not None and self.crop_size > self.image_size:
+            raise ValueError(f"crop_size={self.crop_size} exceeds image_size={self.image_size}")
+        self.classes: list[str] = []
+
+    @property
+    def base(self) -> Path:
+        """The folder holding ``images/`` and ``annotations/``."""
+        nested = self.data_dir / self.folder
+        if not nested.exists() and (self.data_dir / "annotations").exists():
+            return self.data_dir
+        return nested
+
+    @property
+    def expected(self) -> tuple[str, ...]:  # type: ignore[override]
+        rel = "" if self.base == self.data_dir else f"{self.folder}/"
+        return tuple(f"{rel}{p}" for p in ("images", "annotations/trainval.txt", "annotations/test.txt"))
+
+    def _fetch(self) -> None:
+        from torchvision.datasets import OxfordIIITPet
+
+        OxfordIIITPet(str(self.data_dir), split="trainval", download=True)
+
+    def _read(self, list_name: str) -> tuple[list[Path], list[int]]:
+        paths, labels, names = [], [], {}
+        for line in (self.base / "annotations" / list_name).read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            image_id, class_id, *_ = line.split()
+            label = int(class_id) - 1
+            paths.append(self.base / "images" / f"{image_id}.jpg")
+            labels.append(label)
+            names[label] = " ".join(w.title() for w in image_id.rsplit("_", 1)[0].split("_"))
+        if names and not self.classes:
+            self.classes = [names.get(i, str(i)) for i in range(max(names) + 1)]
+        return paths, labels
+
+    def _build_split(self, split: str) -> Dataset:
+        self._ensure_files()
+        if split == "test":
+            paths, labels = self._read("test.txt")
+        else:
+            all_paths, all_labels = self._read("trainval.txt")
+            idx = self._carve(np.asarray(all_labels), split).tolist()
+            paths, labels = [all_paths[i] for i in idx], [all_labels[i] for i in idx]
+        return ImageFileDataset(paths, labels, image_size=self.image_size, grayscale=self.grayscale)
+
+
+class FolderDataModule(_DiskDataModule):
+    """Any ImageFolder root: ``train/<class>/**/img``, ``val/...`` and optional ``test/...``.
+
+    Classes come from ``train/`` (sorted folder names), so every split uses the same label ids. A split
+    folder may also be ``images/`` + ``*annotations.txt`` (Tiny ImageNet's val: ``file<TAB>class ...``),
+    or just ``images/`` without annotations (Tiny ImageNet's test: labels -1). Without ``test/`` the
+    validation split doubles as test (logged). ``image_size`` resizes + centre-crops (None: keep size;
+    images must then all share one size to batch). Folder datasets cannot be downloaded.
+    """
+
+    name = "folder"
+    native_channels = 3
+    expected = ("train", "val")
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        grayscale: bool = False,
+        crop_size: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        norm_scale: float = 1.0,
+        pin_memory: bool = False,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            download=download,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            grayscale=grayscale,
+            crop_size=crop_size,
+            seed=seed,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            norm_scale=norm_scale,
+            pin_memory=pin_memory,
+        )
+        self.image_size = None if image_size is None else _check_int("image_size", image_size, 1)
+        self.classes: list[str] = []
+        self.num_classes: int | None = None
+
+    def _fetch(self) -> None:
+        raise DatasetNotFoundError(
+            f"folder: no ImageFolder tree at '{self.data_dir.resolve()}' and folder datasets cannot be "
+            "downloaded; set data.data_dir to a root holding train/<class>/*.png and val/<class>/*.png "
+            "(test/ optional)"
+        )
+
+    def _ensure_files(self) -> None:
+        if self._missing() and self.download:
+            self._fetch()
+        check_files(
+            self.data_dir,
+            self.expected,
+            self.name,
+            hint="set data.data_dir to an ImageFolder root holding train/<class>/*.png and val/<class>/*.png "
+            "(test/ optional; folder datasets cannot be downloaded, so data.download=true does not help)",
+        )
+        if not self.classes:
+            self.classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
+            if not self.classes:
+                raise ValueError(f"folder: '{self.data_dir / 'train'}' has no class sub-folders")
+            self.num_classes = len(self.classes)
+
+    @staticmethod
+    def _images(directory: Path) -> list[Path]:
+        return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+    def _scan(self, directory: Path) -> tuple[list[Path], list[int]]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        subdirs = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        annotations = sorted(directory.glob("*annotations*.txt"))
+        if (directory / "images").is_dir() and "images" not in index:
+            images = self._images(directory / "images")
+            if not annotations:
+                return images, [-1] * len(images)
+            labels_of: dict[str, str] = {}
+            for line in annotations[0].read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2:
+                    labels_of[parts[0]] = parts[1]
+            unknown = sorted({c for c in labels_of.values() if c not in index})
+            if unknown:
+                raise ValueError(f"folder: {annotations[0]} names classes not in train/: {unknown[:5]}")
+            kept = [p for p in images if p.name in labels_of]
+            return kept, [index[labels_of[p.name]] for p in kept]
+        unknown = [d for d in subdirs if d not in index]
+        if unknown:
+            raise ValueError(f"folder: '{directory}' has class folders not present in train/: {unknown[:5]}")
+        paths: list[Path] = []
+        labels: list[int] = []
+        for c in subdirs:
+            files = self._images(directory / c)
+            paths += files
+            labels += [index[c]] * len(files)
+        return paths, labels
+
+    def _build_split(self, split: str) -> Dataset:
+        self._ensure_files()
+        directory = self.data_dir / split
+        if split == "test" and not directory.is_dir():
+            log.warning("folder: no test/ under '%s'; the val split doubles as the test split", self.data_dir)
+            directory = self.data_dir / "val"
+        paths, labels = self._scan(directory)
+        return ImageFileDataset(paths, labels, image_size=self.image_size, grayscale=self.grayscale)

@@ -1,0 +1,268 @@
+"""Frozen front ends for downstream classification: [0, 1] images → features a classifier learns on.
+
+Three kinds, compared by the noisy-classification experiment (PAPER.md claim 6):
+
+- ``pixels``   (:class:`PixelFrontEnd`):   the normalised pixels ``(images − mean_c) / scale``.
+- ``lca``      (:class:`LCAFrontEnd`):     sparse codes ``a`` of cold-started LCA after ``iters`` steps.
+- ``warp_lca`` (:class:`WarpLCAFrontEnd`): sparse codes ``a`` of WARP-LCA (predicted initial states,
+  then ``iters`` ordinary LCA steps).
+
+Front ends are inference only: their parameters are frozen copies (training the classifier never
+changes the dictionary or the predictor), ``train()`` keeps them in eval mode, and ``forward`` runs
+without autograd. The features are exactly what the solver returns — ``LCAFrontEnd(images)`` equals
+``LCA(D, **settings)(normalization.apply(images), iters).a`` — so the classifier sees the codes the
+other experiments measure. :meth:`FrontEnd.timed` also reports the cost in milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from warplca.data.normalization import Normalization
+from warplca.lca import LCA, ConvDictionary, LCAResult
+
+__all__ = [
+    "FRONTENDS",
+    "FrontEnd",
+    "LCAFrontEnd",
+    "PixelFrontEnd",
+    "WarpLCAFrontEnd",
+    "WarpModel",
+    "build_frontend",
+]
+
+#: solver settings an :class:`LCAFrontEnd` accepts (the keys of ``LCA.settings()`` / the ``lca`` config group)
+LCA_KEYS = ("threshold", "lam", "tau", "nonneg", "theta", "tol", "check_every", "backend")
+
+
+@runtime_checkable
+class WarpModel(Protocol):
+    """What :class:`WarpLCAFrontEnd` needs from a WARP-LCA model (``warplca.bundle.WarpLCA``)."""
+
+    dictionary: ConvDictionary
+
+    def preprocess(self, images: Tensor) -> Tensor: ...
+
+    def __call__(self, x: Tensor, iters: int, warm: bool = True) -> LCAResult: ...
+
+
+def _as_normalization(norm: Normalization | Mapping[str, Any] | None, channels: int) -> Normalization:
+    if norm is None:
+        return Normalization.identity(channels)
+    if isinstance(norm, Normalization):
+        out = norm
+    elif isinstance(norm, Mapping):
+        out = Normalization.from_dict(norm)
+    else:
+        raise ValueError(f"normalization must be a Normalization, a dict or None, got {type(norm).__name__}")
+    if out.channels != channels:
+        raise ValueError(f"normalization has {out.channels} channels but the front end expects {channels}")
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FrontEnd(nn.Module):
+    """Base class: a frozen map from [0, 1] images (B, C, H, W) to features (B, C', H', W').
+
+    Subclasses implement :meth:`_features` and :meth:`feature_shape`. ``in_channels`` is the image
+    channel count the front end accepts.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = int(in_channels)
+
+    # -- frozen ---------------------------------------------------------------------------------
+    def freeze_(self) -> FrontEnd:
+        """Stop gradients into every parameter and switch to eval mode (called by subclasses)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> FrontEnd:
+        """Front ends stay in eval mode (a parent ``.train()`` must not switch e.g. BatchNorm in a predictor)."""
+        return super().train(False)
+
+    # -- features -------------------------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.feature_shape(32, 32)[0]
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape (C', H', W') of the features of an H×W image."""
+        raise NotImplementedError
+
+    def _features(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _check(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+            desc = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{type(self).__name__} expects float images (B, C, H, W) in [0, 1], got {desc}")
+        if images.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels}-channel images, "
+                             f"got {images.shape[1]} channels")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Features of [0, 1] images (no autograd graph)."""
+        self._check(images)
+        with torch.no_grad():
+            return self._features(images)
+
+    def timed(self, images: Tensor) -> tuple[Tensor, float]:
+        """Features and the wall-clock cost in milliseconds per image (device-synchronised)."""
+        _sync(images.device)
+        start = time.perf_counter()
+        out = self(images)
+        _sync(images.device)
+        return out, 1000.0 * (time.perf_counter() - start) / max(1, images.shape[0])
+
+    def spec(self) -> dict[str, Any]:
+        """Plain description (kind, iterations, …) for logs and checkpoints."""
+        return {"kind": self.kind, "in_channels": self.in_channels}
+
+
+class PixelFrontEnd(FrontEnd):
+    """The baseline: normalised pixels ``(images − mean_c) / scale``, same shape as the images."""
+
+    kind = "pixels"
+
+    def __init__(self, in_channels: int = 3, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
+        super().__init__(in_channels)
+        self.normalization = _as_normalization(normalization, self.in_channels)
+        self.freeze_()
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.in_channels, height, width)
+
+    def _features(self, images: Tensor) -> Tensor:
+        return self.normalization.apply(images)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "normalization": self.normalization.to_dict()}
+
+
+class LCAFrontEnd(FrontEnd):
+    """Cold-started LCA codes: ``LCA(D, **lca_settings)(normalization.apply(images), iters).a``.
+
+    Args:
+        dictionary: the atoms (a frozen copy is kept).
+        lca_settings: an :class:`LCA` (its settings are copied) or a mapping with keys among
+            ``threshold, lam, tau, nonneg, theta, tol, check_every, backend`` (others, e.g. ``iters``,
+            are ignored: the front end's ``iters`` rules).
+        iters: LCA steps per image (the experiment's ``lca_iters_cold``, ≥ 500).
+        normalization: pixels → coded space (the dictionary's training normalisation); identity if None.
+    """
+
+    kind = "lca"
+
+    def __init__(self, dictionary: ConvDictionary, lca_settings: LCA | Mapping[str, Any] | None = None,
+                 iters: int = 500, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
+        if not isinstance(dictionary, ConvDictionary):
+            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
+        super().__init__(dictionary.in_channels)
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
+        self.iters = iters
+        settings = lca_settings.settings() if isinstance(lca_settings, LCA) else dict(lca_settings or {})
+        self.lca_settings = {k: v for k, v in settings.items() if k in LCA_KEYS}
+        self.dictionary = copy.deepcopy(dictionary)
+        self.normalization = _as_normalization(normalization, self.in_channels)
+        self.lca = LCA(self.dictionary, iters=iters, **self.lca_settings)
+        self.freeze_()
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.dictionary.code_shape(height, width)
+
+    def _features(self, images: Tensor) -> Tensor:
+        x = self.normalization.apply(images).to(self.dictionary.weight.dtype)
+        return self.lca(x, iters=self.iters).a
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "iters": self.iters, "lca": dict(self.lca_settings),
+                "dictionary": self.dictionary.config(), "normalization": self.normalization.to_dict()}
+
+
+class WarpLCAFrontEnd(FrontEnd):
+    """WARP-LCA codes: ``bundle(bundle.preprocess(images), iters, warm=True).a``.
+
+    Args:
+        bundle: a WARP-LCA model (``warplca.bundle.WarpLCA``: dictionary + predictor + LCA settings +
+            normalisation); a frozen copy is kept.
+        iters: LCA steps after the predicted warm start (the experiment's ``lca_iters_warm``, ≤ 20).
+        warm: ``False`` runs the same bundle cold (an ablation: same solver, no predictor).
+    """
+
+    kind = "warp_lca"
+
+    def __init__(self, bundle: WarpModel, iters: int = 20, warm: bool = True) -> None:
+        if not isinstance(bundle, nn.Module) or not isinstance(bundle, WarpModel):
+            raise ValueError("bundle must be a WarpLCA-like nn.Module with .dictionary, .preprocess and "
+                             f"__call__(x, iters, warm), got {type(bundle).__name__}")
+        super().__init__(bundle.dictionary.in_channels)
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
+        self.iters = iters
+        self.warm = bool(warm)
+        self.bundle = copy.deepcopy(bundle)
+        self.freeze_()
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.bundle.dictionary.code_shape(height, width)
+
+    def _features(self, images: Tensor) -> Tensor:
+        x = self.bundle.preprocess(images).to(self.bundle.dictionary.weight.dtype)
+        return self.bundle(x, iters=self.iters, warm=self.warm).a
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "iters": self.iters, "warm": self.warm,
+                "dictionary": self.bundle.dictionary.config()}
+
+
+FRONTENDS: dict[str, type[FrontEnd]] = {cls.kind: cls for cls in (PixelFrontEnd, LCAFrontEnd, WarpLCAFrontEnd)}
+
+
+def build_frontend(kind: str, *, in_channels: int | None = None, dictionary: ConvDictionary | None = None,
+                   lca_settings: LCA | Mapping[str, Any] | None = None, iters: int | None = None,
+                   bundle: WarpModel | None = None,
+                   normalization: Normalization | Mapping[str, Any] | None = None) -> FrontEnd:
+    """Build a front end by name (``pixels``, ``lca``, ``warp_lca``) from the pieces it needs.
+
+    ``pixels`` needs ``in_channels`` (or a ``dictionary``/``bundle`` to read it from) and takes the
+    ``normalization``; ``lca`` needs ``dictionary`` and ``iters`` (``lca_settings`` and
+    ``normalization`` as for :class:`LCAFrontEnd`); ``warp_lca`` needs ``bundle`` and ``iters``.
+    """
+    if kind not in FRONTENDS:
+        raise ValueError(f"unknown front end {kind!r}; known: {sorted(FRONTENDS)}")
+    if kind == "pixels":
+        if in_channels is None:
+            source = dictionary if dictionary is not None else getattr(bundle, "dictionary", None)
+            if source is None and normalization is None:
+                raise ValueError("front end 'pixels' needs in_channels (or a normalization / dictionary)")
+            in_channels = source.in_channels if source is not None else _as_normalization(normalization, 1
+                                                                                           if isinstance(
+                normalization, Normalization) and normalization.channels == 1 else len(
+                normalization.mean if isinstance(normalization, Normalization)
+                else normalization["mean"])).channels  # type: ignore[index]
+        return PixelFrontEnd(in_channels, normalization)
+    if iters is None:
+        raise ValueError(f"front end {kind!r} needs iters")
+    if kind == "lca":
+        if dictionary is None:
+            raise ValueError("front end 'lca' needs a dictionary")
+        return LCAFrontEnd(dictionary, lca_settings, iters, normalization)
+    if bundle is None:
+        raise ValueError("front end 'warp_lca' needs a WARP-LCA bundle")
+    return WarpLCAFrontEnd(bundle, iters)

@@ -1,0 +1,535 @@
+"""Data layer: embedded datamodules, on-disk fakes in the real formats, normalisation, corruptions."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision.datasets
+from PIL import Image
+
+from warplca.data import (
+    CORRUPTIONS,
+    DATAMODULES,
+    DEFAULT_LEVELS,
+    CIFAR10DataModule,
+    DatasetNotFoundError,
+    DigitsDataModule,
+    FolderDataModule,
+    ImageDataModule,
+    NaturalDataModule,
+    Normalization,
+    PetsDataModule,
+    STL10DataModule,
+    build_datamodule,
+    corrupt,
+    gaussian_blur,
+    luminance,
+    stratified_split,
+)
+from warplca.data.natural import load_photo
+
+# --------------------------------------------------------------------------------------------------
+# fakes of the real on-disk formats
+# --------------------------------------------------------------------------------------------------
+
+
+def _cifar_image(i: int) -> np.ndarray:
+    """(3, 32, 32) uint8 with a per-image, per-channel signature: channel c is filled with 10*c + i."""
+    img = np.zeros((3, 32, 32), dtype=np.uint8)
+    for c in range(3):
+        img[c] = 10 * c + i
+    img[0, 0, 5] = 255  # a marker at row 0, column 5 (catches a transposed layout)
+    return img
+
+
+def make_cifar10(root: Path, per_batch: int = 10) -> Path:
+    """cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta, keys as the real pickles."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    counter = 0
+    for name in names:
+        data = np.stack([_cifar_image(counter + k).reshape(-1) for k in range(per_batch)])
+        labels = [(counter + k) % 10 for k in range(per_batch)]
+        counter += per_batch
+        entry = {
+            "batch_label": f"fake {name}",
+            "labels": labels,
+            "data": data,
+            "filenames": [f"img_{k}.png" for k in range(per_batch)],
+        }
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, fh)
+    return root
+
+
+def make_stl10(root: Path, n_train: int = 20, n_test: int = 10) -> Path:
+    """stl10_binary/ with {train,test}_{X,y}.bin: uint8, images column-major, labels 1..10."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("test", n_test)):
+        images = np.zeros((n, 3, 96, 96), dtype=np.uint8)
+        images[:, 1] = 100
+        images[:, 0, 0, 7] = 255  # row 0, column 7 in (H, W) order
+        images[:, 2] = np.arange(n, dtype=np.uint8)[:, None, None]
+        # the file stores each channel column-major, i.e. as (N, C, W, H) in C order
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{prefix}_X.bin")
+        (np.arange(n) % 10 + 1).astype(np.uint8).tofile(folder / f"{prefix}_y.bin")
+    (folder / "class_names.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
+    return root
+
+
+_PET_BREEDS = [("Abyssinian", 1, 1, 1), ("american_bulldog", 2, 2, 1), ("american_pit_bull_terrier", 3, 2, 2)]
+
+
+def make_pets(root: Path, per_breed: int = 6) -> Path:
+    """oxford-iiit-pet/images/*.jpg of assorted sizes + annotations/{trainval,test}.txt (real line format)."""
+    base = root / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    lines: dict[str, list[str]] = {"trainval.txt": [], "test.txt": []}
+    for breed, class_id, species, breed_id in _PET_BREEDS:
+        for k in range(1, per_breed + 1):
+            image_id = f"{breed}_{k}"
+            h, w = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            img = Image.fromarray(arr)
+            if k == 1:
+                img = img.convert("L")  # the real set holds a few greyscale JPEGs
+            img.save(base / "images" / f"{image_id}.jpg")
+            target = "test.txt" if k > per_breed - 2 else "trainval.txt"
+            lines[target].append(f"{image_id} {class_id} {species} {breed_id}")
+    for name, rows in lines.items():
+        (base / "annotations" / name).write_text("\n".join(rows) + "\n")
+    return root
+
+
+def make_folder(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4, test: bool = True
+) -> Path:
+    """An ImageFolder tree of 16x16 PNGs: train/<class>/, val/<class>/ and optionally test/<class>/."""
+    splits = ("train", "val", "test") if test else ("train", "val")
+    for split in splits:
+        for c_idx, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for k in range(per_class):
+                arr = np.full((16, 16, 3), 40 * c_idx + k, dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{cls}_{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="module")
+def natural() -> NaturalDataModule:
+    dm = NaturalDataModule(n_train=64, n_val=16, n_test=16, batch_size=16)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(autouse=True)
+def _no_torchvision_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any call of a torchvision dataset class would mean a network attempt: make it fail loudly."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torchvision dataset constructor called (network access) with download=False")
+
+    for name in ("CIFAR10", "STL10", "OxfordIIITPet"):
+        monkeypatch.setattr(torchvision.datasets, name, forbidden)
+
+
+def _signature(image: torch.Tensor) -> float:
+    """The fake CIFAR image index, recovered from channel 2 (filled with 20 + i)."""
+    return round(float(image[2, 1, 1]) * 255) - 20
+
+
+def _check_batch(batch: tuple[torch.Tensor, torch.Tensor], channels: int, size: int | None = None) -> None:
+    images, labels = batch
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.ndim == 4 and images.shape[1] == channels and labels.shape == (images.shape[0],)
+    if size is not None:
+        assert images.shape[-2:] == (size, size)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# normalisation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_normalization_round_trip_and_serialisation() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=g)
+    norm = Normalization(mean=(0.5, 0.4, 0.3), scale=0.25)
+    x = norm.apply(images)
+    assert torch.allclose(x[:, 1], (images[:, 1] - 0.4) / 0.25)
+    assert torch.allclose(norm.invert(x), images, atol=1e-6)
+    assert torch.allclose(norm.invert(norm.apply(images[0])), images[0], atol=1e-6)  # (C, H, W) too
+    again = Normalization.from_dict(norm.to_dict())
+    assert again == norm and again.to_dict() == {"mean": [0.5, 0.4, 0.3], "scale": 0.25}
+    ident = Normalization.identity(3)
+    assert torch.equal(ident.apply(images), images)
+
+
+def test_normalization_fit_is_the_per_channel_mean() -> None:
+    images = torch.zeros(2, 3, 4, 4)
+    images[:, 0] = 0.2
+    images[:, 2] = torch.tensor([0.0, 1.0]).view(2, 1, 1)
+    norm = Normalization.fit(images, scale=2.0)
+    assert norm.mean == pytest.approx((0.2, 0.0, 0.5)) and norm.scale == 2.0
+    assert norm.apply(images).mean(dim=(0, 2, 3)).abs().max() < 1e-6
+
+
+def test_normalization_rejects_bad_input() -> None:
+    norm = Normalization(mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"expected 3 channels, got 1"):
+        norm.apply(torch.rand(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="expected 3 channels, got 1"):
+        norm.invert(torch.rand(1, 4, 4))
+    with pytest.raises(ValueError, match="scale"):
+        Normalization(mean=(0.5,), scale=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        norm.apply(torch.rand(3, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# natural (embedded)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_natural_sources_are_disjoint_offline_photos() -> None:
+    sources = NaturalDataModule.SOURCES
+    assert set(sources) == {"train", "val", "test"}
+    assert len(sources["test"]) >= 2 and len(sources["val"]) >= 1
+    every = [s for split in sources.values() for s in split]
+    assert len(every) == len(set(every)) >= 8, "a photo is used in two splits, or fewer than 8 photos"
+    for name in every:
+        photo = load_photo(name, 1.0)
+        assert photo.shape[0] == 3 and min(photo.shape[1:]) >= 150
+        assert photo.dtype == torch.float32 and photo.min() >= 0.0 and photo.max() <= 1.0
+
+
+def test_natural_crops_shapes_ranges_and_structure(natural: NaturalDataModule) -> None:
+    assert isinstance(natural, pl.LightningDataModule) and isinstance(natural, ImageDataModule)
+    assert natural.name == "natural" and natural.channels == 3 and natural.num_classes is None
+    for split, n in (("train", 64), ("val", 16), ("test", 16)):
+        images, labels = natural.tensor(split)
+        assert images.shape == (n, 3, 32, 32) and images.dtype == torch.float32
+        assert images.min() >= 0.0 and images.max() <= 1.0
+        assert torch.all(labels == -1) and labels.dtype == torch.int64
+        assert images.flatten(1).std(dim=1).min() >= natural.min_std  # no flat patches
+    # each split draws from each of its photos (round robin)
+    used = natural.split_dataset("train").positions[:, 0].unique().tolist()
+    assert used == list(range(len(NaturalDataModule.SOURCES["train"])))
+
+
+def test_natural_is_deterministic_per_seed() -> None:
+    kw = {"n_train": 24, "n_val": 4, "n_test": 4}
+    a = NaturalDataModule(seed=3, **kw).tensor("train")[0]
+    b = NaturalDataModule(seed=3, **kw).tensor("train")[0]
+    c = NaturalDataModule(seed=4, **kw).tensor("train")[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_natural_grayscale_crop_size_and_validation() -> None:
+    rgb = NaturalDataModule(n_train=8, n_val=2, n_test=4).tensor("test")[0]
+    gray_dm = NaturalDataModule(n_train=8, n_val=2, n_test=4, grayscale=True)
+    gray = gray_dm.tensor("test")[0]
+    assert gray_dm.channels == 1 and gray.shape == (4, 1, 32, 32)
+    assert torch.allclose(gray, luminance(rgb), atol=1e-6)
+    big = NaturalDataModule(crop_size=96, n_train=4, n_val=2, n_test=4).tensor("test")[0]
+    assert big.shape == (4, 3, 96, 96)
+    with pytest.raises(ValueError, match="crop_size"):
+        NaturalDataModule(crop_size=4000, n_train=4).split_dataset("train")
+    for kwargs, arg in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"crop_size": 0}, "crop_size"),
+        ({"n_train": 0}, "n_train"),
+        ({"scale": 0.0}, "scale"),
+    ):
+        with pytest.raises(ValueError, match=arg):
+            NaturalDataModule(**kwargs)
+    with pytest.raises(ValueError, match="split"):
+        NaturalDataModule(n_train=4).split_dataset("training")
+
+
+def test_normalization_property_is_fitted_on_train_only(natural: NaturalDataModule) -> None:
+    norm = natural.normalization
+    assert natural.normalization is norm  # cached
+    train = Normalization.fit(natural.tensor("train")[0])
+    val = Normalization.fit(natural.tensor("val")[0])
+    assert norm.mean == pytest.approx(train.mean, abs=1e-6)
+    assert norm.mean != pytest.approx(val.mean, abs=1e-3)
+    assert norm.channels == natural.channels
+
+
+def test_loaders_seeded_shuffle_and_unshuffled_eval(natural: NaturalDataModule) -> None:
+    train_images = natural.tensor("train")[0]
+    first = torch.cat([x for x, _ in natural.train_dataloader()])
+    second = torch.cat([x for x, _ in natural.train_dataloader()])
+    assert torch.equal(first, second), "train order must be reproducible for a fixed seed"
+    assert not torch.equal(first, train_images), "train loader must shuffle"
+    assert torch.equal(torch.cat([x for x, _ in natural.predict_dataloader()]), train_images)
+    assert torch.equal(torch.cat([x for x, _ in natural.val_dataloader()]), natural.tensor("val")[0])
+    _check_batch(next(iter(natural.test_dataloader())), channels=3, size=32)
+    assert natural.tensor("train", limit=5)[0].shape[0] == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# digits (embedded, labelled)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_digits_stratified_split_and_shapes() -> None:
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup()
+    assert dm.name == "digits" and dm.num_classes == 10 and dm.channels == 1
+    parts = {s: dm.tensor(s) for s in ("train", "val", "test")}
+    assert sum(len(y) for _, y in parts.values()) == 1797
+    totals = sum(torch.bincount(y, minlength=10) for _, y in parts.values())
+    for split, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+        x, y = parts[split]
+        assert x.shape[1:] == (1, 32, 32) and x.min() >= 0 and x.max() <= 1
+        assert set(y.tolist()) == set(range(10))
+        counts = torch.bincount(y, minlength=10)
+        assert torch.all((counts - frac * totals).abs() <= 1), f"{split} is not stratified"
+    _check_batch(next(iter(dm.train_dataloader())), channels=1, size=32)
+    rgb = DigitsDataModule(rgb=True).tensor("val", limit=4)[0]
+    assert rgb.shape == (4, 3, 32, 32) and torch.equal(rgb[:, 0], rgb[:, 2])
+    with pytest.raises(ValueError, match="rgb"):
+        DigitsDataModule(rgb=True, grayscale=True)
+
+
+def test_stratified_split_is_disjoint_and_seeded() -> None:
+    labels = torch.arange(100) % 4
+    a = stratified_split(labels, (0.6, 0.2, 0.2), seed=1)
+    b = stratified_split(labels, (0.6, 0.2, 0.2), seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    joined = torch.cat(a)
+    assert len(joined) == 100 and len(joined.unique()) == 100
+    assert [len(p) for p in a] == [60, 20, 20]
+    assert not torch.equal(a[1], stratified_split(labels, (0.6, 0.2, 0.2), seed=2)[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# on-disk datasets through tiny fakes in the real formats
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cifar10_fake_loads_with_real_layout(cifar_root: Path) -> None:
+    dm = CIFAR10DataModule(data_dir=str(cifar_root), batch_size=8)
+    dm.setup()
+    x_train, y_train = dm.tensor("train")
+    x_val, y_val = dm.tensor("val")
+    x_test, y_test = dm.tensor("test")
+    assert len(x_train) == 45 and len(x_val) == 5 and len(x_test) == 10  # 10 % of train carved as val
+    assert len(set(y_val.tolist())) == 5  # stratified: 5 per class, so no class twice in a 5-image val
+    assert not set(map(_signature, x_val)) & set(map(_signature, x_train))
+    assert x_test.shape == (10, 3, 32, 32)
+    # test_batch holds images 50..59: channel c is (10c + i) / 255, marker at row 0 column 5
+    assert x_test[0, 1, 3, 3].item() == pytest.approx((10 + 50) / 255)
+    assert x_test[0, 0, 0, 5].item() == 1.0 and x_test[0, 0, 5, 0].item() != 1.0
+    assert y_test.tolist() == [(50 + k) % 10 for k in range(10)]
+    _check_batch(next(iter(dm.train_dataloader())), channels=3, size=32)
+
+
+def test_cifar10_random_crop_is_train_only_and_grayscale(cifar_root: Path) -> None:
+    dm = CIFAR10DataModule(data_dir=str(cifar_root), batch_size=8, crop_size=24, grayscale=True)
+    _check_batch(next(iter(dm.train_dataloader())), channels=1, size=24)
+    _check_batch(next(iter(dm.val_dataloader())), channels=1, size=32)
+    _check_batch(next(iter(dm.predict_dataloader())), channels=1, size=32)
+
+
+def test_stl10_fake_loads_with_column_major_images(tmp_path: Path) -> None:
+    dm = STL10DataModule(data_dir=str(make_stl10(tmp_path)), batch_size=4)
+    x, y = dm.tensor("test")
+    assert x.shape == (10, 3, 96, 96) and y.tolist() == [k % 10 for k in range(10)]
+    assert x[0, 0, 0, 7].item() == 1.0 and x[0, 0, 7, 0].item() == 0.0
+    assert x[3, 2, 50, 50].item() == pytest.approx(3 / 255)
+    assert len(dm.split_dataset("train")) + len(dm.split_dataset("val")) == 20
+    assert dm.num_classes == 10
+    _check_batch(next(iter(dm.train_dataloader())), channels=3, size=96)
+
+
+def test_pets_fake_loads_resized_and_labelled(tmp_path: Path) -> None:
+    dm = PetsDataModule(data_dir=str(make_pets(tmp_path)), image_size=32, batch_size=4, val_fraction=0.25)
+    x_test, y_test = dm.tensor("test")
+    assert x_test.shape == (6, 3, 32, 32) and sorted(set(y_test.tolist())) == [0, 1, 2]
+    n_trainval = len(dm.split_dataset("train")) + len(dm.split_dataset("val"))
+    assert n_trainval == 12 and len(dm.split_dataset("val")) == 3
+    assert dm.classes == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
+    assert dm.num_classes == 37
+    _check_batch(next(iter(dm.train_dataloader())), channels=3, size=32)
+
+
+def test_folder_fake_with_and_without_test(tmp_path: Path) -> None:
+    dm = FolderDataModule(data_dir=str(make_folder(tmp_path / "a")), batch_size=4)
+    dm.setup()
+    assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
+    x, y = dm.tensor("test")
+    assert x.shape == (8, 3, 16, 16) and y.tolist() == [0] * 4 + [1] * 4
+    assert x[5, 0, 0, 0].item() == pytest.approx(41 / 255)
+    _check_batch(next(iter(dm.train_dataloader())), channels=3, size=16)
+    no_test = FolderDataModule(data_dir=str(make_folder(tmp_path / "b", test=False)), image_size=8)
+    assert torch.equal(no_test.tensor("test")[1], no_test.tensor("val")[1])  # val doubles as test
+    assert no_test.tensor("val")[0].shape[-2:] == (8, 8)
+
+
+def test_folder_tiny_imagenet_val_layout(tmp_path: Path) -> None:
+    root = make_folder(tmp_path, classes=("n01", "n02"), test=False)
+    val = root / "val"
+    for d in val.iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    (val / "images").mkdir()
+    rows = []
+    for k, wnid in enumerate(["n02", "n01", "n02"]):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(val / "images" / f"val_{k}.JPEG")
+        rows.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t15\t15")
+    (val / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    dm = FolderDataModule(data_dir=str(root))
+    assert dm.tensor("val")[1].tolist() == [1, 0, 1]
+
+
+def test_empty_split_names_dataset_and_split(tmp_path: Path) -> None:
+    root = make_folder(tmp_path, test=False)
+    for f in (root / "val").rglob("*.png"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"'folder'.*'val'"):
+        FolderDataModule(data_dir=str(root)).split_dataset("val")
+
+
+@pytest.mark.parametrize(
+    ("cls", "expected"),
+    [
+        (CIFAR10DataModule, ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"]),
+        (STL10DataModule, ["stl10_binary/train_X.bin", "stl10_binary/test_y.bin"]),
+        (PetsDataModule, ["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt"]),
+        (FolderDataModule, ["train", "val"]),
+    ],
+)
+def test_missing_files_error_names_directory_and_files(
+    tmp_path: Path, cls: type[ImageDataModule], expected: list[str]
+) -> None:
+    dm = cls(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str((tmp_path / "nowhere").resolve()) in msg
+    for name in expected:
+        assert name in msg
+    assert "data.data_dir" in msg
+    if cls is not FolderDataModule:
+        assert "data.download=true" in msg
+
+
+def test_download_true_fetches_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+
+    def fake_cifar(root: str, train: bool = True, download: bool = False) -> None:
+        calls.append((root, download))
+        make_cifar10(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True)
+    dm.prepare_data()
+    dm.prepare_data()  # files present now: no second download
+    assert calls == [(str(tmp_path), True)]
+    assert len(dm.tensor("test")[0]) == 10
+
+
+def test_registry_and_builder() -> None:
+    assert set(DATAMODULES) == {"natural", "digits", "cifar10", "stl10", "pets", "folder"}
+    assert all(issubclass(c, ImageDataModule) and c.name == n for n, c in DATAMODULES.items())
+    dm = build_datamodule("digits", batch_size=8)
+    assert isinstance(dm, DigitsDataModule) and dm.batch_size == 8
+    with pytest.raises(ValueError, match="natural"):
+        build_datamodule("imagenet")
+
+
+# --------------------------------------------------------------------------------------------------
+# corruptions
+# --------------------------------------------------------------------------------------------------
+
+GREY = torch.full((16, 3, 32, 32), 0.5)
+
+
+def test_corruption_registry_levels_and_unknown_name() -> None:
+    names = {"gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur"}
+    assert set(CORRUPTIONS) == set(DEFAULT_LEVELS) == names
+    assert all(len(levels) >= 4 and all(lv > 0 for lv in levels) for levels in DEFAULT_LEVELS.values())
+    with pytest.raises(ValueError, match="gaussian_noise"):
+        corrupt(GREY, "fog", 0.1, seed=0)
+    with pytest.raises(ValueError, match="level"):
+        corrupt(GREY, "gaussian_noise", -0.1, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corruptions_are_deterministic_and_in_range(name: str) -> None:
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    level = DEFAULT_LEVELS[name][1]
+    a = corrupt(images, name, level, seed=7)
+    b = corrupt(images, name, level, seed=7)
+    assert torch.equal(a, b)
+    assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, images)
+    if name != "gaussian_blur":
+        assert not torch.equal(a, corrupt(images, name, level, seed=8))
+    assert torch.equal(corrupt(images, name, 0.0, seed=7), images)  # level 0: unchanged
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise"])
+@pytest.mark.parametrize("level", [0.05, 0.1])
+def test_noise_std_matches_level_on_mid_grey(name: str, level: float) -> None:
+    noisy = corrupt(GREY, name, level, seed=0)
+    assert (noisy - GREY).std().item() == pytest.approx(level, rel=0.1)
+    assert (noisy - GREY).mean().abs().item() < 0.1 * level
+
+
+def test_impulse_fraction_matches_level() -> None:
+    for level in (0.05, 0.2):
+        out = corrupt(GREY, "impulse_noise", level, seed=1)
+        changed = out != GREY
+        assert changed.float().mean().item() == pytest.approx(level, rel=0.1)
+        assert torch.all((out[changed] == 0) | (out[changed] == 1))
+
+
+def test_blur_identity_at_zero_and_removes_high_frequencies() -> None:
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator()
+    assert torch.equal(gaussian_blur(images, 0.0, g), images)
+
+    def hf_energy(x: torch.Tensor) -> float:
+        dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
+        return float(dy + (x[..., 1:] - x[..., :-1]).pow(2).mean())
+
+    energies = [hf_energy(corrupt(images, "gaussian_blur", lv, seed=0)) for lv in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a > b for a, b in zip(energies, energies[1:], strict=False))
+    assert energies[-1] < 0.1 * energies[0]
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 3.0, g), flat)  # mean preserved, borders included
+    assert gaussian_blur(images[0], 1.0, g).shape == images[0].shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_corrupt_is_device_independent() -> None:
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for name in CORRUPTIONS:
+        cpu = corrupt(images, name, DEFAULT_LEVELS[name][2], seed=3)
+        gpu = corrupt(images.cuda(), name, DEFAULT_LEVELS[name][2], seed=3).cpu()
+        assert torch.allclose(cpu, gpu, atol=1e-5)
