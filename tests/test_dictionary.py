@@ -8,11 +8,24 @@ from the definition in DESIGN §1: atom m at code position (i, j) puts Φ[m, c, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from warplca.lca import ConvDictionary
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny problems: one thread (torch and BLAS) avoids stalls of thread pools on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
 
 GEOMETRIES = [  # (stride, H, W)
     (1, 7, 9),
@@ -110,7 +123,7 @@ def test_operator_norm_is_top_singular_value_squared(stride: int, padding_mode: 
                                                      width: int) -> None:
     d = make_dict(stride, padding_mode, k=5, n_atoms=4, channels=2, seed=7)
     mat = synthesis_matrix(d.weight.detach().numpy(), stride, height, width, padding_mode == "circular")
-    expected = np.linalg.svd(mat, compute_uv=False)[0] ** 2
+    expected = np.linalg.svd(mat, compute_uv=False)[0] ** 2  # σ_max² of the explicit matrix
     assert d.operator_norm(height, width, iters=2000, rtol=1e-9) == pytest.approx(expected, rel=1e-5)
     # The default settings are close enough for a step size.
     d2 = make_dict(stride, padding_mode, k=5, n_atoms=4, channels=2, seed=7)

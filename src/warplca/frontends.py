@@ -92,7 +92,7 @@ class FrontEnd(nn.Module):
         return super().train(False)
 
     def train(self, mode: bool = True) -> FrontEnd:
-        """Front ends stay in eval mode (a parent ``.train()`` must not switch e.g. BatchNorm in a predictor)."""
+        """Stay in eval mode: a parent ``.train()`` must not switch a predictor's BatchNorm to batch stats."""
         return super().train(False)
 
     # -- features -------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ class FrontEnd(nn.Module):
 
     def _check(self, images: Tensor) -> None:
         if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-            desc = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
+            desc = (f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor)
+                    else type(images).__name__)
             raise ValueError(f"{type(self).__name__} expects float images (B, C, H, W) in [0, 1], got {desc}")
         if images.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels}-channel images, "
@@ -139,7 +140,8 @@ class PixelFrontEnd(FrontEnd):
 
     kind = "pixels"
 
-    def __init__(self, in_channels: int = 3, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
+    def __init__(self, in_channels: int = 3,
+                 normalization: Normalization | Mapping[str, Any] | None = None) -> None:
         super().__init__(in_channels)
         self.normalization = _as_normalization(normalization, self.in_channels)
         self.freeze_()
@@ -231,7 +233,9 @@ class WarpLCAFrontEnd(FrontEnd):
                 "dictionary": self.bundle.dictionary.config()}
 
 
-FRONTENDS: dict[str, type[FrontEnd]] = {cls.kind: cls for cls in (PixelFrontEnd, LCAFrontEnd, WarpLCAFrontEnd)}
+FRONTENDS: dict[str, type[FrontEnd]] = {
+    cls.kind: cls for cls in (PixelFrontEnd, LCAFrontEnd, WarpLCAFrontEnd)
+}
 
 
 def build_frontend(kind: str, *, in_channels: int | None = None, dictionary: ConvDictionary | None = None,
@@ -249,13 +253,13 @@ def build_frontend(kind: str, *, in_channels: int | None = None, dictionary: Con
     if kind == "pixels":
         if in_channels is None:
             source = dictionary if dictionary is not None else getattr(bundle, "dictionary", None)
-            if source is None and normalization is None:
+            if source is not None:
+                in_channels = source.in_channels
+            elif normalization is not None:
+                in_channels = len(normalization.mean if isinstance(normalization, Normalization)
+                                  else normalization["mean"])
+            else:
                 raise ValueError("front end 'pixels' needs in_channels (or a normalization / dictionary)")
-            in_channels = source.in_channels if source is not None else _as_normalization(normalization, 1
-                                                                                           if isinstance(
-                normalization, Normalization) and normalization.channels == 1 else len(
-                normalization.mean if isinstance(normalization, Normalization)
-                else normalization["mean"])).channels  # type: ignore[index]
         return PixelFrontEnd(in_channels, normalization)
     if iters is None:
         raise ValueError(f"front end {kind!r} needs iters")

@@ -47,7 +47,8 @@ class SparsityMetric(Metric):
 
     def update(self, a: Tensor) -> None:  # type: ignore[override]
         if not isinstance(a, Tensor) or a.dim() < 1:
-            raise ValueError(f"SparsityMetric.update expects codes of shape (B, ...), got {getattr(a, 'shape', a)}")
+            got = getattr(a, "shape", a)
+            raise ValueError(f"SparsityMetric.update expects codes of shape (B, ...), got {got}")
         self.nnz += torch.count_nonzero(a).to(torch.float64)
         self.numel += float(a.numel())
         self.images += float(a.shape[0])

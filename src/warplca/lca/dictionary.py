@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,12 +117,15 @@ class ConvDictionary(nn.Module):
 
     # -- operator norm --------------------------------------------------------------------------
     @torch.no_grad()
-    def operator_norm(self, height: int = 64, width: int | None = None, iters: int = 200,
+    def operator_norm(self, height: int = 64, width: int | None = None, iters: int = 300,
                       rtol: float = 1e-5) -> float:
-        """L = ‖Φ‖²_op = largest eigenvalue of ΦᵀΦ on H×W images, by power iteration.
+        """L = ‖Φ‖²_op = largest eigenvalue of ΦᵀΦ on H×W images.
 
-        Warm-started from the previous call's eigenvector and cached per weight version, so
-        re-checking a slowly changing dictionary (during learning) costs a few iterations.
+        Computed in float64 by restarted Lanczos (power iteration stalls for convolution operators,
+        whose top eigenvalues are nearly degenerate, and underestimates L by ~1e-3). ``iters``
+        caps the operator applications; the run stops when the Ritz residual ‖ΦᵀΦy − Ly‖ is below
+        ``rtol``·L. The result is cached per weight version and the eigenvector warm-starts the
+        next call, so re-checking a slowly changing dictionary (during learning) is cheap.
         """
         width = height if width is None else width
         w = self.weight
@@ -138,16 +142,7 @@ class ConvDictionary(nn.Module):
             gen = torch.Generator().manual_seed(1234)
             v = torch.randn((1, *self.code_shape(height, width)), generator=gen, dtype=torch.float64)
             v = v.to(w.device)
-        v /= v.norm()
-        value = 0.0
-        for _ in range(iters):
-            nv = op.encode(op.decode(v))
-            new_value = float(nv.norm())
-            v = nv / max(new_value, 1e-300)
-            if abs(new_value - value) <= rtol * new_value:
-                value = new_value
-                break
-            value = new_value
+        value, v = _top_eigenpair(lambda t: op.encode(op.decode(t)), v, max(1, iters), rtol)
         self._norm_cache[key] = (version, value)
         self._norm_cache[("vec",) + key] = (version, v)
         return value
@@ -171,8 +166,11 @@ class ConvDictionary(nn.Module):
 
     @classmethod
     def from_payload(cls, payload: dict) -> ConvDictionary:
-        return cls.from_weights(payload["weight"], stride=payload["config"]["stride"],
-                                padding_mode=payload["config"].get("padding_mode", "zeros"))
+        """Rebuild from :meth:`to_payload`: the atoms are restored bit for bit (not re-normalised)."""
+        config = payload["config"]
+        return cls.from_weights(payload["weight"], stride=config["stride"],
+                                padding_mode=config.get("padding_mode", "zeros"), normalize=False,
+                                check_norm=False)
 
     def save(self, path: str | os.PathLike, **meta: object) -> Path:
         """Write the dictionary (atoms + geometry + ``meta``) atomically to ``path``."""
@@ -186,8 +184,12 @@ class ConvDictionary(nn.Module):
 
     @classmethod
     def from_weights(cls, weight: Tensor, stride: int = 1, padding_mode: str = "zeros",
-                     normalize: bool = True) -> ConvDictionary:
-        """Wrap given atoms (n_atoms, C, k, k); they are normalised to unit norm unless told not to."""
+                     normalize: bool = True, check_norm: bool = True) -> ConvDictionary:
+        """Wrap given atoms (n_atoms, C, k, k); they are normalised to unit norm unless told not to.
+
+        With ``normalize=False`` the atoms must already be unit-norm (``check_norm=False`` skips the
+        check: loading restores the saved atoms exactly).
+        """
         if not isinstance(weight, Tensor) or weight.dim() != 4:
             raise ValueError("weight must be a 4-D tensor (n_atoms, C, k, k), got "
                              f"{getattr(weight, 'shape', type(weight))}")
@@ -201,10 +203,55 @@ class ConvDictionary(nn.Module):
             d.weight = nn.Parameter(weight.detach().clone())
             if normalize:
                 d.normalize_()
-            elif not torch.allclose(d.weight.flatten(1).norm(dim=1),
+            elif check_norm and not torch.allclose(d.weight.flatten(1).norm(dim=1),
                                     torch.ones(n, dtype=weight.dtype, device=weight.device), atol=1e-4):
                 raise ValueError("atoms are not unit-norm; pass normalize=True")
         return d
+
+
+def _top_eigenpair(apply: Callable[[Tensor], Tensor], v: Tensor, max_apply: int, rtol: float,
+                   max_basis: int = 64, budget_bytes: int = 256 * 2**20) -> tuple[float, Tensor]:
+    """Largest eigenvalue and eigenvector of a symmetric PSD operator by restarted Lanczos.
+
+    Full re-orthogonalisation against a basis of at most ``max_basis`` vectors (fewer when they
+    would exceed ``budget_bytes``); at a full basis the run restarts from the top Ritz vector, so
+    the estimate never decreases. Stops when the Ritz residual is ≤ ``rtol``·θ, on an invariant
+    subspace, or after ``max_apply`` operator applications.
+    """
+    shape, n = v.shape, v.numel()
+    m = int(max(2, min(max_basis, n, budget_bytes // max(1, n * v.element_size()))))
+    q = torch.empty((m, n), dtype=v.dtype, device=v.device)
+    y = v.flatten() / v.norm().clamp_min(1e-300)
+    theta, applied = 0.0, 0
+    while True:
+        q[0] = y
+        alphas: list[float] = []
+        betas: list[float] = []
+        for j in range(m):
+            w = apply(q[j].view(shape)).flatten()
+            applied += 1
+            coef = q[: j + 1] @ w
+            alphas.append(float(coef[j]))
+            w = w - q[: j + 1].T @ coef
+            w = w - q[: j + 1].T @ (q[: j + 1] @ w)  # second pass: orthogonal to working precision
+            beta = float(w.norm())
+            tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if betas:
+                off = torch.tensor(betas, dtype=torch.float64)
+                tri += torch.diag(off, 1) + torch.diag(off, -1)
+            evals, evecs = torch.linalg.eigh(tri)
+            theta = float(evals[-1])
+            resid = beta * abs(float(evecs[-1, -1]))
+            done = resid <= rtol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-300) or applied >= max_apply
+            if done or j == m - 1:
+                break
+            betas.append(beta)
+            q[j + 1] = w / beta
+        s = evecs[:, -1].to(device=q.device, dtype=q.dtype)
+        y = q[: len(alphas)].T @ s
+        y = y / y.norm().clamp_min(1e-300)
+        if done:
+            return theta, y.view(shape)
 
 
 def random_dictionary_like(d: ConvDictionary, seed: int = 0) -> ConvDictionary:

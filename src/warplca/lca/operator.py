@@ -162,6 +162,59 @@ class PolyphaseOperator:
         return out[..., : self.code_shape[1], : self.code_shape[2]]
 
 
+class CircularPolyphaseOperator:
+    """Periodic Φ and Φᵀ as stride-1 ``conv2d`` on the space-to-depth grid (H, W multiples of s).
+
+    With period H = s·H', wrapping the image is wrapping the code grid, so both operators are a
+    circular pad of a few rows/columns and one ``conv2d`` — no transposed convolution and no
+    scatter. Pixels live in the space-to-depth domain of the image rolled by p = (k−1)/2 (a
+    permutation, so norms are unchanged); :meth:`image` undoes it.
+    """
+
+    def __init__(self, weight: Tensor, stride: int, height: int, width: int) -> None:
+        n_atoms, channels, k, _ = weight.shape
+        s = stride
+        if height % s or width % s:
+            raise ValueError(f"the circular polyphase operator needs H, W divisible by the stride {s}, "
+                             f"got {height}×{width}")
+        self.stride, self.height, self.width = s, height, width
+        self.pad = (k - 1) // 2
+        self.kq = kq = math.ceil(k / s)
+        self.code_shape = (n_atoms, height // s, width // s)
+        if kq - 1 > min(self.code_shape[1:]):
+            raise ValueError(f"atoms of size {k} wrap more than once around {height}×{width} images")
+        wpad = F.pad(weight, (0, kq * s - k, 0, kq * s - k))
+        w_enc = wpad.reshape(n_atoms, channels, kq, s, kq, s).permute(0, 1, 3, 5, 2, 4)
+        w_enc = w_enc.reshape(n_atoms, channels * s * s, kq, kq)
+        fmt = torch.channels_last
+        self.w_enc = w_enc.contiguous(memory_format=fmt)
+        self.w_dec = w_enc.transpose(0, 1).flip(2, 3).contiguous(memory_format=fmt)
+        self.mask = None
+
+    def pixels(self, x: Tensor) -> Tensor:
+        """Image (B, C, H, W) → space-to-depth tensor of the image rolled by p."""
+        rolled = torch.roll(x, shifts=(self.pad, self.pad), dims=(-2, -1))
+        return F.pixel_unshuffle(rolled, self.stride).contiguous(memory_format=torch.channels_last)
+
+    def image(self, xt: Tensor) -> Tensor:
+        return torch.roll(F.pixel_shuffle(xt, self.stride), shifts=(-self.pad, -self.pad), dims=(-2, -1))
+
+    def decode(self, a: Tensor) -> Tensor:
+        q = self.kq - 1
+        return F.conv2d(_wrap(a, (q, 0, q, 0)), self.w_dec)
+
+    def encode(self, xt: Tensor) -> Tensor:
+        q = self.kq - 1
+        return F.conv2d(_wrap(xt, (0, q, 0, q)), self.w_enc)
+
+
+def _wrap(t: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
+    """Circular padding (left, right, top, bottom) that keeps the memory layout."""
+    if not any(pad):
+        return t
+    return F.pad(t, pad, mode="circular").contiguous(memory_format=torch.channels_last)
+
+
 def _conv_padded(x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
     """``conv2d(F.pad(x, pad), weight)`` without materialising the padded input.
 
@@ -181,16 +234,25 @@ def _conv_padded(x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> T
     return out[..., py - top : py - top + rows, px - left : px - left + cols]
 
 
-Operator = DirectOperator | CircularOperator | PolyphaseOperator
+Operator = DirectOperator | CircularOperator | CircularPolyphaseOperator | PolyphaseOperator
 
 
 def make_operator(weight: Tensor, stride: int, height: int, width: int, padding_mode: str = "zeros",
                   backend: str = "polyphase") -> Operator:
-    """Choose the operator for a boundary mode and backend (``polyphase`` or ``direct``)."""
+    """Choose the operator for a boundary mode and backend (``polyphase`` or ``direct``).
+
+    Circular boundaries use the space-to-depth form when H and W are multiples of the stride
+    (always at stride 1) and the atoms wrap at most once; otherwise, and for ``direct``, the
+    textbook transposed convolution with a fold.
+    """
+    if backend not in ("polyphase", "direct"):
+        raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
     if padding_mode == "circular":
+        kq = math.ceil(weight.shape[-1] / stride)
+        if (backend == "polyphase" and height % stride == 0 and width % stride == 0
+                and kq - 1 <= min(height, width) // stride):
+            return CircularPolyphaseOperator(weight, stride, height, width)
         return CircularOperator(weight, stride, height, width)
     if backend == "direct":
         return DirectOperator(weight, stride, height, width)
-    if backend != "polyphase":
-        raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
     return PolyphaseOperator(weight, stride, height, width)

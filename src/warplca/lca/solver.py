@@ -23,7 +23,7 @@ from torch import Tensor
 
 from warplca.lca.dictionary import ConvDictionary, stable_tau
 from warplca.lca.operator import Operator, make_operator
-from warplca.lca.thresholds import Threshold, get_threshold
+from warplca.lca.thresholds import Threshold, count_active, get_threshold
 
 TRACE_KEYS = ("energy", "l0", "mse")
 
@@ -92,8 +92,10 @@ class LCA:
             raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
         self.backend = backend
         if tau != "auto":
+            # Fail early on a clearly unstable τ; the image size is only known at call time, where
+            # the exact check (and the τ < L warning) runs again.
             size = max(32, 4 * dictionary.kernel_size)
-            self.check_tau(float(tau), size, size)
+            self.check_tau(float(tau), size, size, warn=False)
 
     # -- settings -------------------------------------------------------------------------------
     @property
@@ -114,7 +116,7 @@ class LCA:
         """L = ‖Φ‖²_op for H×W images (cached in the dictionary)."""
         return self.dictionary.operator_norm(height, width)
 
-    def check_tau(self, tau: float, height: int, width: int) -> None:
+    def check_tau(self, tau: float, height: int, width: int, warn: bool = True) -> None:
         """Refuse τ ≤ L/2 (η ≥ 2/L diverges); warn when τ < L (no energy-descent guarantee)."""
         lip = self.lipschitz(height, width)
         if tau <= lip / 2:
@@ -122,7 +124,7 @@ class LCA:
                 f"tau={tau:g} is unstable for this dictionary: LCA needs η = 1/τ < 2/L, i.e. τ > L/2 = "
                 f"{lip / 2:.4g} (L = ‖Φ‖²_op = {lip:.4g} on {height}×{width} images); use tau='auto' "
                 f"(τ = L) or a larger τ")
-        if tau < lip:
+        if warn and tau < lip:
             warnings.warn(f"tau={tau:g} < L = {lip:.4g}: stable but the energy may not decrease "
                           f"monotonically; tau='auto' gives τ = L", stacklevel=3)
 
@@ -151,14 +153,19 @@ class LCA:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf values")
         if u0 is not None:
-            expected = (x.shape[0], *d.code_shape(*x.shape[-2:]))
-            if tuple(u0.shape) != expected:
-                raise ValueError(f"u0 must have shape {expected} (B, K, ⌈H/s⌉, ⌈W/s⌉), got {tuple(u0.shape)}")
-            if u0.dtype != x.dtype or u0.device != x.device:
-                raise ValueError(f"u0 must match x in dtype and device ({x.dtype}, {x.device}), got "
-                                 f"({u0.dtype}, {u0.device})")
-            if not bool(torch.isfinite(u0).all()):
-                raise ValueError("u0 contains NaN or Inf values")
+            self._check_codes(x, u0, "u0")
+
+    def _check_codes(self, x: Tensor, t: Tensor, name: str) -> None:
+        """Codes or states for images ``x``: shape (B, K, ⌈H/s⌉, ⌈W/s⌉), x's dtype and device, finite."""
+        expected = (x.shape[0], *self.dictionary.code_shape(*x.shape[-2:]))
+        if not isinstance(t, Tensor) or tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} (B, K, ⌈H/s⌉, ⌈W/s⌉), got "
+                             f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} must match x in dtype and device ({x.dtype}, {x.device}), got "
+                             f"({t.dtype}, {t.device})")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
 
     # -- the solver -----------------------------------------------------------------------------
     def __call__(self, x: Tensor, iters: int | None = None, u0: Tensor | None = None, trace: bool = False,
@@ -192,8 +199,11 @@ class LCA:
         batch = x.shape[0]
         numel = x[0].numel()
         shape = (batch, *d.code_shape(*x.shape[-2:]))
-        u = torch.zeros(shape, dtype=x.dtype, device=x.device) if u0 is None else u0.clone()
-        u = u.contiguous(memory_format=torch.channels_last)
+        # NHWC ("channels_last") throughout: the fast layout of the convolutions, one pass to set up.
+        if u0 is None:
+            u = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        else:
+            u = u0.clone(memory_format=torch.channels_last)
         record = torch.empty((iters + 1, 3, batch), dtype=x.dtype, device=x.device) if trace else None
         check = self.tol is not None
         steps = iters
@@ -204,8 +214,8 @@ class LCA:
                 _record(record[step], resid, a, thr, numel)
             drive = op.encode(resid) + a if grad else op.encode(resid).add_(a)  # Φᵀ(x − Φa) + a
             if check and (step + 1) % self.check_every == 0:
-                delta = (drive - u).flatten(1).norm(dim=1) * eta
-                scale = u.flatten(1).norm(dim=1).clamp_min(1e-12)
+                delta = _norms(drive - u) * eta
+                scale = _norms(u).clamp_min(1e-12)
                 if float((delta / scale).max()) < self.tol:  # host sync only every check_every steps
                     steps = step + 1
                     u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)
@@ -213,7 +223,7 @@ class LCA:
             u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)  # u + η(drive − u), fused
         a = thr(u)
         recon_t = op.decode(a)
-        energy_final = 0.5 * (xt - recon_t).flatten(1).pow(2).sum(1) + thr.penalty_sum(a)
+        energy_final = 0.5 * _norms(xt - recon_t).square() + thr.penalty_sum(a)
         traces = None
         if record is not None:
             _record(record[steps], xt - recon_t, a, thr, numel)
@@ -226,11 +236,12 @@ class LCA:
     def energy(self, x: Tensor, a: Tensor) -> Tensor:
         """Per-image energy ½‖x − Φa‖² + Σ P_λ(a): the function the trace reports."""
         self._check_input(x, None)
+        self._check_codes(x, a, "a")
         with torch.no_grad():
             op = _operator(self.dictionary, self.dictionary.weight.detach(), x.shape[-2], x.shape[-1],
                            self.backend)
             resid = op.pixels(x) - op.decode(a)
-            return 0.5 * resid.flatten(1).pow(2).sum(1) + self.threshold.penalty_sum(a)
+            return 0.5 * _norms(resid).square() + self.threshold.penalty_sum(a)
 
     def states_to_codes(self, u: Tensor) -> Tensor:
         """Activations T_λ(u) of given states."""
@@ -241,10 +252,15 @@ def _operator(d: ConvDictionary, weight: Tensor, height: int, width: int, backen
     return make_operator(weight, d.stride, height, width, d.padding_mode, backend)
 
 
+def _norms(t: Tensor) -> Tensor:
+    """Per-sample ℓ2 norms over all but the batch dimension, for any memory layout (no copy)."""
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
+
+
 def _record(slot: Tensor, resid: Tensor, a: Tensor, thr: Threshold, numel: int) -> None:
-    """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device."""
-    sq = torch.linalg.vector_norm(resid, dim=(1, 2, 3)).square()
-    l0 = torch.count_nonzero(a, dim=(1, 2, 3)).to(sq.dtype)
+    """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device (no host sync)."""
+    sq = _norms(resid).square()
+    l0 = count_active(a)
     if thr.name == "hard" and not thr.nonneg:
         penalty = (0.5 * thr.lam * thr.lam) * l0  # ℓ0 penalty: reuse the count
     else:

@@ -1,0 +1,303 @@
+"""Shared pieces of the evaluations: models, data, devices, iteration grids and pixel metrics.
+
+Every experiment evaluates a *model* with the WarpLCA interface (DESIGN §3): ``model.lca`` (the
+solver), ``model.predict_states(x)`` (WARP-CNN states), ``model.preprocess`` / ``model.postprocess``
+(between [0, 1] pixels and the coded space) and ``model(x, iters, warm, trace)``. Anything with those
+attributes works, which keeps the evaluations testable without a trained bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BUNDLE_NAME",
+    "METHODS",
+    "EvalModel",
+    "ExperimentResult",
+    "batch_slices",
+    "build_datamodule_from_config",
+    "describe_model",
+    "model_sentence",
+    "find_bundle",
+    "load_images",
+    "load_model",
+    "load_run_config",
+    "log_spaced_ks",
+    "pixel_quality",
+    "progress",
+    "resolve_device",
+    "run_data_config",
+    "to_pixels",
+]
+
+#: the file name of the WARP-LCA bundle inside a run directory
+BUNDLE_NAME = "warp_lca.pt"
+
+
+#: condition key -> label used in tables and legends
+METHODS: dict[str, str] = {"cold": "LCA (cold)", "warm": "WARP-LCA"}
+
+
+@dataclass
+class ExperimentResult:
+    """What an experiment returns: flat metrics, its report.md section, the files it wrote, and tables
+    (key -> (columns, rows)) for loggers (wandb ``Table``), plus notes on anything it skipped."""
+
+    name: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    markdown: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+    tables: dict[str, tuple[list[str], list[dict[str, Any]]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class EvalModel(Protocol):
+    """What the evaluations need from a model (``warplca.bundle.WarpLCA`` satisfies it)."""
+
+    lca: Any
+    dictionary: Any
+
+    def __call__(self, x: Tensor, iters: int | None = ..., warm: bool = ..., trace: bool = ...) -> Any: ...
+
+    def predict_states(self, x: Tensor) -> Tensor: ...
+
+    def preprocess(self, images: Tensor) -> Tensor: ...
+
+    def postprocess(self, recon: Tensor) -> Tensor: ...
+
+
+# -- iteration grids ---------------------------------------------------------------------------------
+def log_spaced_ks(total: int, mantissas: Iterable[int] = (1, 2, 3, 5)) -> list[int]:
+    """0 plus the 1-2-3-5 decades up to ``total`` plus ``total`` itself: [0, 1, 2, 3, 5, 10, …, T].
+
+    Powers of ten are always included, so the 1/10/100/1000 table reads straight off the grid.
+    """
+    total = int(total)
+    if total < 0:
+        raise ValueError(f"the iteration budget must be >= 0, got {total}")
+    ks = {0, total}
+    decade = 1
+    while decade <= total:
+        ks.update(m * decade for m in mantissas if m * decade <= total)
+        decade *= 10
+    return sorted(ks)
+
+
+def normalize_ks(ks: Iterable[int] | None, total: int) -> list[int]:
+    """Sorted unique checkpoints in [0, total] that always contain 0 and ``total``."""
+    if ks is None:
+        return log_spaced_ks(total)
+    out = {0, int(total)}
+    for k in ks:
+        k = int(k)
+        if k < 0 or k > total:
+            raise ValueError(f"checkpoint k={k} lies outside [0, {total}]")
+        out.add(k)
+    return sorted(out)
+
+
+# -- devices, progress ---------------------------------------------------------------------------------
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (timing on GPUs measures nothing without it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def progress(total: int, desc: str, enable: bool = True) -> Any:
+    """A tqdm progress bar (disabled -> a no-op bar with the same ``update``/``close`` methods)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enable, leave=False, dynamic_ncols=True)
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``batch_size`` covering range(n)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+# -- pixel metrics ------------------------------------------------------------------------------------
+def to_pixels(model: EvalModel, recon: Tensor) -> Tensor:
+    """Reconstructions in the coded space -> [0, 1] pixels (postprocess, clamped)."""
+    return model.postprocess(recon).clamp(0.0, 1.0)
+
+
+def pixel_quality(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image PSNR and SSIM (B,) on the [0, 1] scale with ``data_range=1.0`` (DESIGN §2).
+
+    The means of these equal what :func:`warplca.metrics.reconstruction_metrics` accumulates.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    pred = pred.detach().to(torch.float32)
+    target = target.detach().to(device=pred.device, dtype=torch.float32)
+    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+    return psnr.reshape(-1).cpu(), ssim.reshape(-1).cpu()
+
+
+# -- runs, bundles, data --------------------------------------------------------------------------------
+def find_bundle(path: str | os.PathLike) -> Path:
+    """A run directory (holding ``warp_lca.pt``) or the bundle file itself -> the bundle path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / BUNDLE_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{p}: no WARP-LCA bundle here (expected {BUNDLE_NAME} in the run directory; "
+            "train one with `python train.py stages=[dictionary,targets,warp]`)"
+        )
+    return p
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> EvalModel:
+    """Load the WARP-LCA bundle of a run directory (or a ``.pt`` file) onto ``device``, in eval mode."""
+    from warplca.bundle import WarpLCA
+
+    model = WarpLCA.load(find_bundle(path))
+    model = model.to(resolve_device(device)) if hasattr(model, "to") else model
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def load_run_config(run_dir: str | os.PathLike | None) -> Any:
+    """The training config a run saved (``<run_dir>/.hydra/config.yaml``), or None."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path)
+
+
+def run_data_config(
+    run_dir: str | os.PathLike | None, paths: Mapping[str, Any] | None = None, seed: int = 0
+) -> tuple[dict[str, Any], str]:
+    """The data config a training run used, resolved, and where it came from.
+
+    ``${paths.…}``/``${hydra:…}`` interpolations that only resolve inside the training run's Hydra
+    context are retried with the given ``paths`` (and ``seed``); without a saved config, or if it still
+    fails, the embedded natural images are used (logged).
+    """
+    from omegaconf import OmegaConf
+
+    run_cfg = load_run_config(run_dir)
+    if run_cfg is not None and run_cfg.get("data") is not None:
+        source = f"{run_dir}/.hydra/config.yaml"
+        try:
+            return dict(OmegaConf.to_container(run_cfg.data, resolve=True)), source  # type: ignore[arg-type]
+        except Exception:
+            fixed = OmegaConf.merge(run_cfg, {"paths": dict(paths or {}), "seed": seed})
+            try:
+                return dict(OmegaConf.to_container(fixed.data, resolve=True)), source  # type: ignore[arg-type]
+            except Exception as exc:
+                log.warning(
+                    "cannot resolve the data config of %s (%s); using the natural images", run_dir, exc
+                )
+    return {"name": "natural", "seed": int(seed)}, "default (natural)"
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return dict(cfg)
+
+
+def build_datamodule_from_config(data_cfg: Mapping[str, Any] | Any, **overrides: Any) -> Any:
+    """A datamodule from a ``data`` config: ``_target_`` (instantiated) or ``name`` (+ constructor kwargs).
+
+    Keys the datamodule's constructor does not accept (documentation-only keys of a data preset) are
+    dropped with a debug message, so configs from other runs stay usable.
+    """
+    import inspect
+
+    from warplca.data import DATAMODULES
+
+    cfg = {k: v for k, v in _plain(data_cfg).items()}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    target = cfg.pop("_target_", None)
+    if target is not None:
+        import hydra.utils
+
+        cls = hydra.utils.get_class(target)
+    else:
+        name = cfg.pop("name", None)
+        if name not in DATAMODULES:
+            raise ValueError(
+                f"data config needs `_target_` or a `name` in {sorted(DATAMODULES)}, got {name!r}"
+            )
+        cls = DATAMODULES[name]
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in cfg.items() if accepts_any or k in params}
+    dropped = sorted(set(cfg) - set(kwargs))
+    if dropped:
+        log.debug("data config keys not used by %s: %s", cls.__name__, dropped)
+    return cls(**kwargs)
+
+
+def load_images(datamodule: Any, split: str = "test", limit: int | None = None) -> Tensor:
+    """The first ``limit`` images ([0, 1], (N, C, H, W)) of a datamodule split."""
+    images, _ = datamodule.tensor(split, limit)
+    return images
+
+
+def model_sentence(model: EvalModel) -> str:
+    """One line on the model for reports: dictionary geometry, threshold, λ, predictor size."""
+    info = describe_model(model)
+    meta = getattr(model, "meta", None) or {}
+    k = info.get("dict_kernel_size", "?")
+    text = (
+        f"Model: {info.get('dict_n_atoms', '?')} atoms {info.get('dict_in_channels', '?')}×{k}×{k} "
+        f"(stride {info.get('dict_stride', '?')}), {info['threshold']} threshold, λ = {info['lam']:g}"
+    )
+    if "predictor_params" in info:
+        text += f", WARP-CNN with {info['predictor_params']:,} parameters"
+    if meta.get("target_iters"):
+        text += f" trained on {meta['target_iters']}-step cold-LCA states"
+    if meta.get("dataset"):
+        text += f" of `{meta['dataset']}`"
+    return text + "."
+
+
+def describe_model(model: EvalModel) -> dict[str, Any]:
+    """Plain facts about a model for reports: threshold, λ, τ, dictionary geometry, predictor size."""
+    lca = model.lca
+    d = model.dictionary
+    out: dict[str, Any] = {}
+    settings = lca.settings() if hasattr(lca, "settings") else {}
+    out["threshold"] = settings.get("threshold", getattr(getattr(lca, "threshold", None), "name", "?"))
+    out["lam"] = settings.get("lam", getattr(lca, "lam", math.nan))
+    out["tau"] = settings.get("tau", "?")
+    if hasattr(d, "config"):
+        out.update({f"dict_{k}": v for k, v in d.config().items()})
+    predictor = getattr(model, "predictor", None)
+    if isinstance(predictor, torch.nn.Module):
+        out["predictor_params"] = sum(p.numel() for p in predictor.parameters())
+    return out

@@ -1,0 +1,110 @@
+"""Example figures: images next to their cold / warm reconstructions and code-energy maps; atom grids.
+
+:func:`plot_examples` lays out whatever reconstructions it is given (one column each) plus the code
+energy Σ_k a_k² at every code position (where the code spends its activity); :func:`examples_figure`
+computes them directly with a model (the notebook uses it); the convergence experiment passes the
+reconstructions it kept during its traced runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from warplca.evaluation.common import EvalModel, pixel_quality, to_pixels
+
+__all__ = ["examples_figure", "plot_atoms", "plot_examples"]
+
+
+def _pyplot() -> Any:
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show(ax: Any, img: Tensor) -> None:
+    arr = img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+    gray = arr.shape[-1] == 1
+    ax.imshow(
+        arr[..., 0] if gray else arr, cmap="gray" if gray else None, vmin=0, vmax=1, interpolation="nearest"
+    )
+
+
+def plot_examples(
+    images: Tensor, recons: Mapping[str, Tensor], codes: Mapping[str, Tensor] | None = None, title: str = ""
+) -> Any:
+    """A grid: one row per image; columns = the image, each reconstruction, each code-energy map.
+
+    Args:
+        images: clean [0, 1] images (n, C, H, W).
+        recons: column title -> [0, 1] reconstructions (n, C, H, W); PSNR is printed under each.
+        codes: column title -> activations (n, K, H', W'); shown as Σa² maps with a shared colour scale
+            per row, ℓ0 printed under each.
+    """
+    plt = _pyplot()
+    codes = dict(codes or {})
+    n = min(images.shape[0], *(r.shape[0] for r in recons.values()), *(c.shape[0] for c in codes.values()))
+    ncol = 1 + len(recons) + len(codes)
+    fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n + 0.7), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], images[i])
+        if i == 0:
+            axes[i, 0].set_title("image", fontsize=9)
+        for j, (name, rec) in enumerate(recons.items(), start=1):
+            _show(axes[i, j], rec[i])
+            p, s = pixel_quality(rec[i : i + 1], images[i : i + 1])
+            axes[i, j].set_xlabel(f"PSNR {float(p):.1f} dB", fontsize=8)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=9)
+        maps = [c[i].detach().cpu().pow(2).sum(0) for c in codes.values()]
+        vmax = max([float(m.max()) for m in maps] + [1e-12])
+        for j, ((name, c), m) in enumerate(zip(codes.items(), maps, strict=True), start=1 + len(recons)):
+            axes[i, j].imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            axes[i, j].set_xlabel(f"ℓ0 = {int(torch.count_nonzero(c[i]))}", fontsize=8)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or "Reconstructions and code-energy maps (Σa²)")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def examples_figure(
+    model: EvalModel, images: Tensor, iters: Sequence[int] = (10, 1000), title: str = ""
+) -> Any:
+    """Run cold LCA and WARP-LCA on ``images`` for each budget in ``iters`` and plot the examples grid
+    (codes shown at the largest budget)."""
+    device = model.dictionary.weight.device
+    x = model.preprocess(images.to(device))
+    recons: dict[str, Tensor] = {}
+    codes: dict[str, Tensor] = {}
+    last = max(iters)
+    for k in iters:
+        for warm, label in ((False, "LCA"), (True, "WARP-LCA")):
+            res = model(x, iters=int(k), warm=warm)
+            recons[f"{label} @ {k}"] = to_pixels(model, res.recon).cpu()
+            if k == last:
+                codes[f"Σa² {label} @ {k}"] = res.a.cpu()
+    return plot_examples(images.cpu(), recons, codes, title)
+
+
+def plot_atoms(weight: Tensor, title: str = "") -> Any:
+    """The dictionary atoms as one tiled image, enlarged (nearest neighbour) for legibility."""
+    from warplca.plotting import atom_grid
+
+    plt = _pyplot()
+    grid = atom_grid(weight.detach().cpu())
+    side = max(3.0, min(10.0, grid.shape[1] / 12))
+    fig, ax = plt.subplots(figsize=(side, side * grid.shape[0] / grid.shape[1] + 0.5))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    n, c, k, _ = weight.shape
+    ax.set_title(title or f"Dictionary: {n} atoms of {c}×{k}×{k}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,369 @@
+"""Writing evaluation results: metrics.json (merged), CSV tables, report.md sections, logger output.
+
+Every experiment produces the same kinds of artifacts in its output directory (DESIGN §6):
+
+- ``metrics.json`` — one flat JSON object; new keys are *merged* into what other stages wrote.
+- CSV tables — one row per (condition, iteration count); plain ``csv`` module, header first.
+- PNG plots — written by the experiment modules through :func:`warplca.plotting.save_png`.
+- ``report.md`` — one section per experiment between ``<!-- warplca:<name> -->`` markers, so
+  re-running one experiment replaces its own section and keeps the others.
+
+:func:`log_to_loggers` sends the same scalars, images and tables to the run's Lightning loggers
+(wandb: ``wandb.Table`` for curves and images; TensorBoard: images and text; CSV: scalars only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "REPORT_NAME",
+    "flatten",
+    "fmt",
+    "log_to_loggers",
+    "markdown_table",
+    "merge_metrics",
+    "read_csv",
+    "read_metrics",
+    "write_csv",
+    "write_report_section",
+    "write_text_atomic",
+]
+
+REPORT_NAME = "report.md"
+METRICS_NAME = "metrics.json"
+_HEADER = "# warp-lca evaluation report\n"
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file + rename (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf; null reads as "not available"
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return _jsonable(float(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path`` (``{}`` when missing); a corrupt file raises ValueError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def merge_metrics(
+    path: str | os.PathLike, metrics: Mapping[str, Any], section: str | None = None
+) -> dict[str, Any]:
+    """Merge ``metrics`` into the JSON object at ``path`` (a file or a directory) and return the result.
+
+    The pipeline's ``metrics.json`` is ``{"<stage>": {"<key>": value}}``; with ``section`` the metrics go
+    into that sub-object (``"eval"`` for ``evaluate.py``). Keys written by other stages are kept; keys
+    in ``metrics`` replace older values of the same name.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json":
+        path = path / METRICS_NAME
+    data = read_metrics(path)
+    new = _jsonable(dict(metrics))
+    if section is None:
+        data.update(new)
+    else:
+        entry = data.get(section)
+        data[section] = {**(entry if isinstance(entry, dict) else {}), **new}
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested dicts -> one level with ``sep``-joined keys (how sweep summaries read metrics.json)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value
+    return out
+
+
+def write_csv(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
+    """Rows of dicts -> CSV with a header; columns default to the union of keys in first-seen order."""
+    if columns is None:
+        seen: dict[str, None] = {}
+        for row in rows:
+            for key in row:
+                seen.setdefault(key, None)
+        columns = list(seen)
+    lines: list[str] = []
+
+    class _Sink:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+    writer = csv.DictWriter(_Sink(), fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return write_text_atomic(path, "".join(lines))
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return value
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """A CSV written by :func:`write_csv` as a list of string dicts."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- markdown ------------------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers for tables: ints as ints, floats with ``digits`` significant digits, None/NaN as '–'."""
+    if value is None:
+        return "–"
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.{digits - 1}e}"
+        return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return str(value)
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    headers: Sequence[str] | None = None,
+    digits: int = 4,
+) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts) restricted to ``columns``."""
+    headers = list(headers) if headers is not None else list(columns)
+    body = [[fmt(row.get(c), digits) for c in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in body]
+    return "\n".join(out) + "\n"
+
+
+def write_report_section(
+    out_dir: str | os.PathLike, name: str, markdown: str, filename: str = REPORT_NAME
+) -> Path:
+    """Replace (or append) the section ``name`` of ``<out_dir>/report.md``; other sections stay."""
+    path = Path(out_dir) / filename
+    start, end = f"<!-- warplca:{name} -->", f"<!-- /warplca:{name} -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8") if path.is_file() else _HEADER
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text, count=1)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block
+    )
+    return write_text_atomic(path, text)
+
+
+# -- loggers ---------------------------------------------------------------------------------------------
+def log_to_loggers(
+    loggers: Iterable[Any] | None,
+    metrics: Mapping[str, Any] | None = None,
+    images: Mapping[str, Any] | None = None,
+    tables: Mapping[str, tuple[Sequence[str], Sequence[Mapping[str, Any]]]] | None = None,
+    text: Mapping[str, str] | None = None,
+) -> None:
+    """Send evaluation results to Lightning loggers.
+
+    Args:
+        loggers: Lightning logger objects (CSV, TensorBoard, wandb, …); None or empty -> nothing.
+        metrics: flat scalars (``log_metrics``; NaN/None skipped).
+        images: key -> PNG path or (H, W, 3) array (wandb ``log_image``; TensorBoard ``add_image``).
+        tables: key -> (columns, rows) (wandb ``log_table`` = a ``wandb.Table``; others: ignored, the
+            CSV files in the run directory hold them).
+        text: key -> markdown (TensorBoard ``add_text``; wandb: a one-cell table).
+    """
+    loggers = [lg for lg in (loggers or []) if lg is not None]
+    if not loggers:
+        return
+    scalars = {}
+    for k, v in (metrics or {}).items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            scalars[k] = f
+    arrays = {k: _as_image(v) for k, v in (images or {}).items()}
+    for lg in loggers:
+        kind = type(lg).__name__
+        try:
+            if scalars:
+                lg.log_metrics(scalars)
+            if kind == "WandbLogger":
+                for key, arr in arrays.items():
+                    lg.log_image(key=key, images=[arr])
+                for key, (cols, rows) in (tables or {}).items():
+                    data = [[_table_value(r.get(c)) for c in cols] for r in rows]
+                    lg.log_table(key=key, columns=list(cols), data=data)
+                for key, md in (text or {}).items():
+                    lg.log_text(key=key, columns=["markdown"], data=[[md]])
+            elif kind == "TensorBoardLogger":
+                exp = lg.experiment
+                for key, arr in arrays.items():
+                    exp.add_image(key, arr, dataformats="HWC")
+                for key, md in (text or {}).items():
+                    exp.add_text(key, md)
+            if hasattr(lg, "save"):
+                lg.save()
+        except Exception as exc:  # a logger failing must not lose the files already written
+            log.warning("logging evaluation results to %s failed: %s", kind, exc)
+
+
+def _table_value(value: Any) -> Any:
+    """Cells for ``wandb.Table``: plain numbers and strings (tensors/numpy scalars unwrapped)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def _as_image(value: Any) -> np.ndarray:
+    """A PNG path or an array -> an (H, W, 3) float array in [0, 1]."""
+    if isinstance(value, (str, os.PathLike)):
+        import matplotlib.image as mpimg
+
+        arr = mpimg.imread(os.fspath(value))
+    else:
+        arr = np.asarray(value)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3].astype(np.float32))
+
+
+# -- README results page --------------------------------------------------------------------------------
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def write_results_page(
+    out_dir: str | os.PathLike,
+    page: str | os.PathLike,
+    command: str,
+    figures_dir: str | os.PathLike | None = None,
+    title: str = "Results",
+) -> Path:
+    """Turn ``<out_dir>/report.md`` into a README-ready page at ``page`` (e.g. ``docs/results.md``).
+
+    The figures the report links are copied into ``figures_dir`` (default: ``figures/`` next to the page)
+    and the links rewritten relative to the page, so the page renders on GitHub wherever the run lived.
+    ``command`` is printed at the top: the exact command that regenerates the page.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    page = Path(page).expanduser()
+    report = out_dir / REPORT_NAME
+    if not report.is_file():
+        raise FileNotFoundError(
+            f"{report}: no report to build the results page from; run an evaluation first "
+            f"(python evaluate.py run_dir={out_dir} eval=convergence)"
+        )
+    figures = Path(figures_dir) if figures_dir is not None else page.parent / "figures"
+    body = report.read_text(encoding="utf-8")
+    body = body.replace(_HEADER, "", 1)
+    body = re.sub(r"<!-- /?warplca:[^>]*-->\n?", "", body)
+
+    def relink(m: re.Match[str]) -> str:
+        src = out_dir / m.group(2)
+        if not src.is_file():
+            return m.group(0)
+        figures.mkdir(parents=True, exist_ok=True)
+        dst = figures / src.name
+        shutil.copyfile(src, dst)
+        return f"![{m.group(1)}]({os.path.relpath(dst, page.parent).replace(os.sep, '/')})"
+
+    body = _IMAGE_LINK.sub(relink, body)
+    head = [
+        f"# {title}",
+        "",
+        "<!-- generated by warp-lca's evaluate.py; edit the code, not this file -->",
+        "",
+        "Regenerate this page (from the repository root):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Source run: `{out_dir}`.",
+        "",
+    ]
+    return write_text_atomic(page, "\n".join(head) + body.strip() + "\n")

@@ -1,0 +1,287 @@
+"""Noisy-classification robustness: corrupted test sets and the ``robustness.csv`` table, plot and markdown.
+
+Shared by the ``classify`` stage (which writes the artifacts) and the report (which reads them).
+
+- Conditions are ``(corruption, level)`` pairs; ``("clean", 0.0)`` comes first. Levels read on the
+  scales documented in :mod:`warplca.data.corruptions` (σ on [0, 1] for Gaussian noise, …).
+- :class:`CorruptedDataset` corrupts item ``i`` of a dataset with its own seed derived from
+  ``(seed, i)``: the corrupted test set is the same whatever the batch size, the number of workers or
+  the DDP sharding, and different images get independent noise.
+- ``robustness.csv`` has exactly the columns :data:`CSV_COLUMNS`
+  (``frontend, corruption, level, accuracy, ms_per_image``), one row per front end × condition.
+- The mean corruption accuracy (mCA) of a front end is the mean accuracy over all corrupted
+  conditions (every corruption × level, clean excluded).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from warplca.data.corruptions import CORRUPTIONS, DEFAULT_LEVELS, corrupt
+
+__all__ = [
+    "CLEAN",
+    "CSV_COLUMNS",
+    "CorruptedDataset",
+    "condition_name",
+    "corrupted_tensor",
+    "item_seed",
+    "read_robustness_csv",
+    "robustness_conditions",
+    "robustness_markdown",
+    "robustness_summary",
+    "save_robustness_plot",
+    "write_robustness_csv",
+]
+
+CLEAN = "clean"
+CSV_COLUMNS: tuple[str, ...] = ("frontend", "corruption", "level", "accuracy", "ms_per_image")
+
+Condition = tuple[str, float]
+
+
+def robustness_conditions(
+    levels: Mapping[str, Sequence[float]] | None = None, include_clean: bool = True
+) -> list[Condition]:
+    """``[("clean", 0.0), (corruption, level), …]`` in the order given (default: ``DEFAULT_LEVELS``).
+
+    Raises ValueError for unknown corruptions, no levels, or negative / non-finite levels.
+    """
+    levels = DEFAULT_LEVELS if levels is None else levels
+    out: list[Condition] = [(CLEAN, 0.0)] if include_clean else []
+    for name, values in levels.items():
+        if name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {name!r}; known: {sorted(CORRUPTIONS)}")
+        values = list(values)
+        if not values:
+            raise ValueError(f"corruption {name!r} has no levels")
+        for level in values:
+            level = float(level)
+            if not math.isfinite(level) or level <= 0:
+                raise ValueError(f"corruption {name!r}: levels must be finite and > 0, got {level}")
+            out.append((name, level))
+    return out
+
+
+def condition_name(corruption: str, level: float) -> str:
+    """Metric-name form of a condition: ``clean`` or ``gaussian_noise@0.2``."""
+    return CLEAN if corruption == CLEAN else f"{corruption}@{float(level):g}"
+
+
+def item_seed(seed: int, index: int) -> int:
+    """Seed for item ``index`` of a corrupted set (``corrupt`` mixes it with the corruption and level).
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so the mix stays in 32 bits: distinct
+    indices of one set always get distinct seeds, and the set seed shifts them by a large odd
+    (golden-ratio) constant.
+    """
+    return (int(index) + int(seed) * 0x9E3779B9) % 2**32
+
+
+class CorruptedDataset(Dataset):
+    """Items ``(corrupt(image_i, corruption, level, item_seed(seed, i)), label_i)`` of a base dataset.
+
+    ``corruption == "clean"`` passes images through. Base items are ``(image (C, H, W) in [0, 1], label)``.
+    """
+
+    def __init__(self, base: Dataset, corruption: str, level: float, seed: int = 0) -> None:
+        if corruption != CLEAN and corruption not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {corruption!r}; known: {[CLEAN, *sorted(CORRUPTIONS)]}")
+        self.base = base
+        self.corruption = corruption
+        self.level = float(level)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Any]]:
+        """A batch of items at once (the DataLoader's batched fetch): deterministic corruptions such
+        as blur run as one batched call, random ones with one generator per item."""
+        items = [self.base[int(i)] for i in indices]
+        if self.corruption == CLEAN or not items:
+            return items
+        images = torch.stack([im for im, _ in items])
+        out = corrupted_tensor(images, self.corruption, self.level, self.seed, indices)
+        return [(out[j], label) for j, (_, label) in enumerate(items)]
+
+
+#: corruptions that use no random numbers: a batch can be corrupted in one call
+DETERMINISTIC = frozenset({"gaussian_blur"})
+
+
+def corrupted_tensor(images: Tensor, corruption: str, level: float, seed: int = 0,
+                     indices: Sequence[int] | None = None) -> Tensor:
+    """Corrupt images (N, C, H, W) as items ``indices`` (default ``0..N−1``) of a corrupted set:
+    row j equals ``CorruptedDataset(base, corruption, level, seed)[indices[j]][0]``."""
+    if corruption == CLEAN:
+        return images.clone()
+    if corruption in DETERMINISTIC:
+        return corrupt(images, corruption, level, seed)
+    indices = range(images.shape[0]) if indices is None else indices
+    if len(indices) != images.shape[0]:
+        raise ValueError(f"{len(indices)} indices for {images.shape[0]} images")
+    return torch.cat([corrupt(images[j : j + 1], corruption, level, item_seed(seed, int(i)))
+                      for j, i in enumerate(indices)])
+
+
+# -- the table ----------------------------------------------------------------------------------
+def write_robustness_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows with keys :data:`CSV_COLUMNS` to ``path`` (atomically: temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            missing = [c for c in CSV_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"robustness row {dict(row)} lacks columns {missing}")
+            writer.writerow(
+                {
+                    "frontend": row["frontend"],
+                    "corruption": row["corruption"],
+                    "level": f"{float(row['level']):g}",
+                    "accuracy": f"{float(row['accuracy']):.6f}",
+                    "ms_per_image": f"{float(row['ms_per_image']):.6g}",
+                }
+            )
+    os.replace(tmp, path)
+    return path
+
+
+def read_robustness_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a ``robustness.csv`` with ``level``, ``accuracy``, ``ms_per_image`` as floats."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise ValueError(f"{path}: expected columns {list(CSV_COLUMNS)}, got {reader.fieldnames}")
+        return [
+            {
+                "frontend": r["frontend"],
+                "corruption": r["corruption"],
+                "level": float(r["level"]),
+                "accuracy": float(r["accuracy"]),
+                "ms_per_image": float(r["ms_per_image"]),
+            }
+            for r in reader
+        ]
+
+
+def _frontends(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r["frontend"]) for r in rows))
+
+
+def _corruptions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r["corruption"]) for r in rows if r["corruption"] != CLEAN))
+
+
+def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per front end: ``clean``, ``mca`` (mean corruption accuracy), ``<corruption>`` (mean over its
+    levels) and ``ms_per_image`` (mean over conditions)."""
+    out: dict[str, dict[str, float]] = {}
+    for fe in _frontends(rows):
+        mine = [r for r in rows if r["frontend"] == fe]
+        corrupted = [float(r["accuracy"]) for r in mine if r["corruption"] != CLEAN]
+        clean = [float(r["accuracy"]) for r in mine if r["corruption"] == CLEAN]
+        summary = {
+            "clean": clean[0] if clean else math.nan,
+            "mca": sum(corrupted) / len(corrupted) if corrupted else math.nan,
+            "ms_per_image": sum(float(r["ms_per_image"]) for r in mine) / len(mine),
+        }
+        for name in _corruptions(mine):
+            accs = [float(r["accuracy"]) for r in mine if r["corruption"] == name]
+            summary[name] = sum(accs) / len(accs)
+        out[fe] = summary
+    return out
+
+
+def robustness_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = "Noisy classification") -> str:
+    """Markdown: a summary table (clean, mCA, per-corruption means, ms/image per front end) and one
+    accuracy table per corruption (levels × front ends). Accuracies in percent."""
+    rows = list(rows)
+    fes = _frontends(rows)
+    corrs = _corruptions(rows)
+    summary = robustness_summary(rows)
+    lines: list[str] = [f"## {title}", ""] if title else []
+    head = ["front end", "clean", "mCA", *corrs, "ms / image"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fe in fes:
+        s = summary[fe]
+        cells = [
+            fe,
+            _pct(s["clean"]),
+            _pct(s["mca"]),
+            *(_pct(s.get(c, math.nan)) for c in corrs),
+            f"{s['ms_per_image']:.3g}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    acc = {(str(r["frontend"]), str(r["corruption"]), float(r["level"])): float(r["accuracy"]) for r in rows}
+    for corr in corrs:
+        levels = sorted({float(r["level"]) for r in rows if r["corruption"] == corr})
+        lines += [
+            "",
+            f"**{corr}** (accuracy %, level 0 = clean)",
+            "",
+            "| level | " + " | ".join(fes) + " |",
+            "|" + "---|" * (len(fes) + 1),
+        ]
+        for level in [0.0, *levels]:
+            key_corr = CLEAN if level == 0.0 else corr
+            cells = [_pct(acc.get((fe, key_corr, level), math.nan)) for fe in fes]
+            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100.0 * x:.1f}"
+
+
+def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Accuracy vs level, one panel per corruption, one line per front end (clean accuracy at level 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fes, corrs = _frontends(rows), _corruptions(rows)
+    n = max(1, len(corrs))
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.0), squeeze=False, sharey=True)
+    for ax, corr in zip(axes[0], corrs or [CLEAN], strict=False):
+        for fe in fes:
+            clean = [float(r["accuracy"]) for r in rows if r["frontend"] == fe and r["corruption"] == CLEAN]
+            pts = sorted(
+                (float(r["level"]), float(r["accuracy"]))
+                for r in rows
+                if r["frontend"] == fe and r["corruption"] == corr
+            )
+            pts = [(0.0, clean[0])] + pts if clean else pts
+            if pts:
+                ax.plot([p[0] for p in pts], [100.0 * p[1] for p in pts], marker="o", ms=3, label=fe)
+        ax.set_title(corr)
+        ax.set_xlabel("level")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

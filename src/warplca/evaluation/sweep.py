@@ -1,0 +1,262 @@
+"""Sweep summaries (DESIGN §6.6): gather a Hydra multirun directory into one table and plots.
+
+``python train.py -m lca.lam=0.25,0.5,1.0`` (or ``hparams_search=lam``) leaves one job directory per
+point, each with ``.hydra/overrides.yaml`` (what was swept) and, when it finished, ``metrics.json``.
+:func:`summarize_sweep` reads them all into ``sweep_summary.csv`` (one row per job: status, the
+overridden values, every metric flattened as ``stage/key``), draws ``sweep_<param>.png`` for every
+parameter that varies (selected metrics against that parameter, one line per combination of the other
+swept parameters) and writes ``sweep_summary.md``. A job without ``metrics.json`` (crashed, killed,
+still running) is a row with status ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warplca.evaluation.common import ExperimentResult
+from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_METRICS", "SweepJob", "find_jobs", "parse_overrides", "read_job", "summarize_sweep"]
+
+#: metric-name fragments plotted by default (the first key containing each one, if any)
+DEFAULT_METRICS = (
+    "convergence/iters_to_match",
+    "convergence/warm/energy@10",
+    "convergence/cold/energy@1000",
+    "convergence/warm/psnr@10",
+    "convergence/energy_ratio@T",
+)
+
+
+@dataclass
+class SweepJob:
+    """One job of a multirun: its directory, overrides, flattened metrics and status."""
+
+    path: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _natural_key(p: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def find_jobs(sweep_dir: str | os.PathLike) -> list[Path]:
+    """Job directories under ``sweep_dir``: every directory holding ``.hydra/overrides.yaml``."""
+    root = Path(sweep_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such sweep directory (pass sweep_dir=<the multirun dir>)")
+    jobs = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    return sorted(jobs, key=_natural_key)
+
+
+def _value(text: str) -> Any:
+    """Override values as numbers when they are numbers (``0.5`` -> 0.5), else the string."""
+    import yaml
+
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return v if isinstance(v, (int, float, bool, str)) or v is None else text
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, Any]:
+    """Hydra override strings (``lca.lam=0.5``, ``+x=1``, ``~y``) -> {key: value}."""
+    out: dict[str, Any] = {}
+    for line in lines:
+        line = str(line).strip()
+        if not line or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key = key.lstrip("+~")
+        if key.startswith("hydra.") or key in ("hydra", "sweep_dir"):
+            continue
+        out[key] = _value(value)
+    return out
+
+
+def read_job(path: str | os.PathLike) -> SweepJob:
+    """Read one job directory (overrides + metrics); no or unreadable ``metrics.json`` -> ``failed``."""
+    import yaml
+
+    path = Path(path)
+    job = SweepJob(path=path)
+    try:
+        job.overrides = parse_overrides(
+            yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
+        )
+    except (OSError, yaml.YAMLError) as exc:
+        job.error = f"unreadable overrides: {exc}"
+    try:
+        raw = read_metrics(path / "metrics.json")
+    except ValueError as exc:
+        raw = {}
+        job.error = str(exc)
+    numbers = {}
+    for k, v in flatten(raw).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers[k] = float(v)
+        elif v is None:
+            numbers[k] = math.nan
+    job.metrics = numbers
+    if not numbers:
+        job.status = "failed"
+        job.error = job.error or "no metrics.json (the job failed or did not finish)"
+    return job
+
+
+def _pick_metrics(jobs: Sequence[SweepJob], wanted: Sequence[str] | None) -> list[str]:
+    keys = sorted({k for j in jobs for k in j.metrics})
+    if wanted:
+        picked = []
+        for w in wanted:
+            if w in keys:
+                picked.append(w)
+            else:
+                hits = [k for k in keys if w in k]
+                if hits:
+                    picked.append(hits[0])
+                else:
+                    log.warning("sweep: no metric matches %r", w)
+        if picked:
+            return list(dict.fromkeys(picked))
+    picked = []
+    for frag in DEFAULT_METRICS:
+        hits = [k for k in keys if k.endswith(frag) or frag in k]
+        if hits:
+            picked.append(hits[0])
+    return list(dict.fromkeys(picked)) or keys[:4]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_parameter(
+    jobs: Sequence[SweepJob], param: str, others: Sequence[str], metrics: Sequence[str]
+) -> Any:
+    """Each metric against ``param``; one line per combination of the ``others`` swept parameters."""
+    import matplotlib.pyplot as plt
+
+    ok = [j for j in jobs if j.status == "ok" and param in j.overrides]
+    values = [j.overrides[param] for j in ok]
+    numeric = all(_is_number(v) for v in values) and bool(values)
+    cats = sorted({str(v) for v in values}) if not numeric else []
+    ncols = max(1, len(metrics))
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 4.2), squeeze=False)
+    groups: dict[tuple, list[SweepJob]] = {}
+    for j in ok:
+        groups.setdefault(tuple(str(j.overrides.get(o)) for o in others), []).append(j)
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for gkey, members in sorted(groups.items()):
+            members = sorted(
+                members, key=lambda j: j.overrides[param] if numeric else str(j.overrides[param])
+            )
+            xs = [j.overrides[param] if numeric else cats.index(str(j.overrides[param])) for j in members]
+            ys = [j.metrics.get(metric, math.nan) for j in members]
+            label = ", ".join(f"{o}={v}" for o, v in zip(others, gkey, strict=True)) or None
+            ax.plot(xs, ys, "o-", label=label)
+        if numeric and values and min(values) > 0 and max(values) / min(values) >= 8:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats, rotation=30)
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if others:
+            ax.legend(fontsize=7)
+    failed = sum(1 for j in jobs if j.status != "ok")
+    fig.suptitle(
+        f"Sweep over {param}" + (f" ({failed} failed job{'s' * (failed != 1)} not shown)" if failed else "")
+    )
+    fig.tight_layout()
+    return fig
+
+
+def summarize_sweep(
+    sweep_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    metrics: Sequence[str] | None = None,
+) -> ExperimentResult:
+    """Build ``sweep_summary.csv``, ``sweep_<param>.png`` per swept parameter and ``sweep_summary.md``.
+
+    Args:
+        sweep_dir: the multirun directory (``hydra.sweep.dir``).
+        out_dir: where to write (default ``sweep_dir``).
+        metrics: metric names (or fragments of them) to plot; default: iterations-to-match, warm energy at
+            10, cold energy at 1000, warm PSNR at 10 where present, else the first four metrics.
+    """
+    from warplca.plotting import save_png
+
+    root = Path(sweep_dir).expanduser()
+    out = Path(out_dir).expanduser() if out_dir else root
+    paths = find_jobs(root)
+    if not paths:
+        raise FileNotFoundError(f"{root}: no Hydra job directories (no */.hydra/overrides.yaml) found")
+    jobs = [read_job(p) for p in paths]
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    swept = [k for k in keys if len({str(j.overrides.get(k)) for j in jobs}) > 1] or keys
+    metric_keys = sorted({k for j in jobs for k in j.metrics})
+    rows = []
+    for j in jobs:
+        rows.append(
+            {
+                "job": str(j.path.relative_to(root)) if j.path != root else ".",
+                "status": j.status,
+                **{k: j.overrides.get(k) for k in keys},
+                **j.metrics,
+                "error": j.error,
+            }
+        )
+    columns = ["job", "status", *keys, *metric_keys, "error"]
+    files: dict[str, Path] = {"csv": write_csv(out / "sweep_summary.csv", rows, columns)}
+    chosen = _pick_metrics(jobs, metrics)
+    for param in swept:
+        if any(j.status == "ok" and param in j.overrides for j in jobs) and chosen:
+            others = [p for p in swept if p != param]
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", param)
+            files[f"plot:{param}"] = save_png(
+                plot_parameter(jobs, param, others, chosen), out / f"sweep_{safe}.png"
+            )
+    failed = [j for j in jobs if j.status != "ok"]
+    md = [
+        f"## Sweep summary: `{root}`",
+        "",
+        f"{len(jobs)} jobs ({len(jobs) - len(failed)} ok, {len(failed)} failed); swept: "
+        f"{', '.join(f'`{p}`' for p in swept) or '–'}.",
+        "",
+        markdown_table(rows, ["job", "status", *swept, *chosen], ["job", "status", *swept, *chosen]),
+    ]
+    md += [f"![sweep over {p}]({f.name})" for k, f in files.items() if k.startswith("plot:") for p in [k[5:]]]
+    if failed:
+        md += ["", "Failed jobs:", *[f"- `{j.name}`: {j.error}" for j in failed]]
+    md += ["", f"Regenerate: `python evaluate.py sweep_dir={root}`"]
+    text = "\n".join(md) + "\n"
+    files["md"] = write_text_atomic(out / "sweep_summary.md", "# warp-lca sweep\n\n" + text)
+    metrics_out = {"sweep/jobs": float(len(jobs)), "sweep/failed": float(len(failed))}
+    summary_rows = [{k: (fmt(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    return ExperimentResult(
+        name="sweep",
+        metrics=metrics_out,
+        markdown=text,
+        files=files,
+        tables={"sweep/summary": (columns, summary_rows)},
+        notes=[f"{j.name}: {j.error}" for j in failed],
+    )

@@ -1,0 +1,91 @@
+"""Regression losses for WARP-CNN state prediction: Laplacian-weighted squared error, MSE and L1.
+
+The Laplacian loss is **the project's definition** (the paper, arXiv 2410.18794, names a
+"Laplacian-inspired" squared error with scale γ = 3 but its exact formula is not available)::
+
+    L_γ(û, u*) = Σ_i w_i (û_i − u*_i)² / Σ_i w_i,      w_i = exp(|u*_i| / (γ λ))
+
+The weight is the inverse of a Laplace density of scale γλ evaluated at the target: the rare
+large states — the ones above the threshold λ, which become active — count against the mass of
+near-zero states that dominate a plain MSE. The weights depend on the target only (no gradient
+flows through them), the sums run over the whole batch, and the loss is normalised by Σ w, so
+its scale is that of an MSE. As γ → ∞ every weight tends to 1 and the loss becomes the MSE.
+
+Overflow guard: the loss is invariant to a common factor in the weights, so they are computed as
+``exp(|u*|/(γλ) − max |u*|/(γλ))`` ≤ 1; the largest weight is exactly 1 and Σ w ≥ 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LOSSES", "build_loss", "l1_loss", "laplacian_loss", "laplacian_weights", "mse_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _check(pred: Tensor, target: Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape "
+                         f"{tuple(target.shape)}")
+
+
+def laplacian_weights(target: Tensor, lam: float, gamma: float = 3.0) -> Tensor:
+    """Weights w_i = exp(|u*_i|/(γλ)) up to a common factor (the largest is 1); no gradient.
+
+    ``gamma = math.inf`` gives all-ones weights (the MSE limit).
+    """
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"the Laplacian loss needs λ > 0 (its scale is γλ), got lam={lam!r}; use loss=mse")
+    if not gamma > 0:
+        raise ValueError(f"gamma (γ) must be > 0 (or inf for the MSE limit), got {gamma!r}")
+    t = target.detach().abs()
+    if math.isinf(gamma):
+        return torch.ones_like(t)
+    z = t / (gamma * lam)
+    return torch.exp(z - z.max())
+
+
+def laplacian_loss(pred: Tensor, target: Tensor, lam: float, gamma: float = 3.0) -> Tensor:
+    """Σ w (û − u*)² / Σ w with w = exp(|u*|/(γλ)) (the project's definition; see the module doc)."""
+    _check(pred, target)
+    w = laplacian_weights(target, lam, gamma).to(pred.dtype)
+    return (w * (pred - target).square()).sum() / w.sum()
+
+
+def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every state entry."""
+    _check(pred, target)
+    return F.mse_loss(pred, target)
+
+
+def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error over every state entry."""
+    _check(pred, target)
+    return F.l1_loss(pred, target)
+
+
+LOSSES = ("laplacian", "mse", "l1")
+
+
+def build_loss(name: str, lam: float | None = None, gamma: float = 3.0) -> LossFn:
+    """The loss ``name`` (``laplacian``, ``mse`` or ``l1``) as a callable ``loss(pred, target)``.
+
+    ``lam`` (λ of the LCA threshold) and ``gamma`` are used by ``laplacian`` only.
+    """
+    if name == "laplacian":
+        if lam is None:
+            raise ValueError("the laplacian loss needs lam (the LCA threshold λ)")
+        laplacian_weights(torch.zeros(1), float(lam), float(gamma))  # validate λ and γ now, not mid-training
+        return functools.partial(laplacian_loss, lam=float(lam), gamma=float(gamma))  # picklable (ddp_spawn)
+    if name == "mse":
+        return mse_loss
+    if name == "l1":
+        return l1_loss
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

@@ -1,0 +1,203 @@
+"""Dictionary learning with LCA codes (the ``dictionary`` stage's LightningModule).
+
+Alternating minimisation of the LCA energy over codes and atoms, one batch at a time:
+
+1. codes: ``a = LCA(x)`` for ``iters`` steps from a cold start, **without autograd** (the codes are
+   constants for the atom update, as in Olshausen & Field / Rozell et al.);
+2. atoms: one optimiser step on ``½‖x − Φa‖² / B`` with respect to Φ;
+3. renormalise every atom to unit ℓ2 norm (the penalty is scale-dependent, so the atom scale
+   must stay fixed), after every optimiser step.
+
+``x`` is the normalised image (``Normalization.apply``: channel mean removed); PSNR and SSIM are
+measured on the [0, 1] pixel scale after undoing it. The module knows nothing of Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from warplca.data.normalization import Normalization
+from warplca.lca import LCA, ConvDictionary
+from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
+from warplca.plotting import atom_grid, image_grid
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DictionaryLearning", "log_image"]
+
+_STAGES = ("train", "val", "test")
+_OPTIMIZERS = ("adam", "sgd")
+
+
+def log_image(loggers: Iterable[Any], tag: str, image: Any, step: int) -> None:
+    """Send an (H, W, 3) float image to every logger that takes images (TensorBoard, wandb).
+
+    Loggers without image support (CSV) are skipped silently.
+    """
+    for lg in loggers:
+        kind = type(lg).__name__
+        try:
+            if kind == "TensorBoardLogger":
+                lg.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+            elif kind == "WandbLogger":
+                lg.log_image(key=tag, images=[image], step=step)
+        except Exception:  # an image is never worth a failed run
+            log.warning("could not log image %s to %s", tag, kind, exc_info=True)
+
+
+class DictionaryLearning(pl.LightningModule):
+    """Learn the atoms of ``dictionary`` from LCA codes.
+
+    Args:
+        dictionary: the atoms to learn (updated in place; unit-norm after every step).
+        lca_settings: keyword arguments of :class:`warplca.LCA` (threshold, lam, tau, …); ``iters``
+            there is ignored in favour of ``iters`` below.
+        normalization: [0, 1] pixels → the space the atoms code in.
+        lr: learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9), or a callable ``params -> Optimizer``
+            (e.g. a ``functools.partial`` of a torch optimiser; ``lr`` is passed unless it fixes one).
+        iters: LCA steps per batch, for training and for the val/test metrics.
+        log_images_every_n_epochs: log the atom grid and a reconstruction grid every n validation
+            epochs (0 disables) to loggers that take images.
+        n_log_images: images in the reconstruction grid.
+    """
+
+    def __init__(self, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
+                 normalization: Normalization, lr: float = 3e-3,
+                 optimizer: str | Callable[..., torch.optim.Optimizer] = "adam", iters: int = 100,
+                 log_images_every_n_epochs: int = 1, n_log_images: int = 16) -> None:
+        super().__init__()
+        if not isinstance(dictionary, ConvDictionary):
+            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
+        if not isinstance(normalization, Normalization):
+            raise ValueError(f"normalization must be a Normalization, got {type(normalization).__name__}")
+        if normalization.channels != dictionary.in_channels:
+            raise ValueError(f"normalization has {normalization.channels} channels but the dictionary "
+                             f"{dictionary.in_channels}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {_OPTIMIZERS} or a callable, got {optimizer!r}")
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ValueError(f"iters must be an integer ≥ 1, got {iters!r}")
+        self.dictionary = dictionary
+        settings = dict(lca_settings)
+        settings["iters"] = iters
+        self.lca = LCA(dictionary, **settings)
+        self.normalization = normalization
+        self.lr = float(lr)
+        self.optimizer_factory = optimizer
+        self.iters = iters
+        self.log_images_every_n_epochs = int(log_images_every_n_epochs)
+        self.n_log_images = int(n_log_images)
+        self.save_hyperparameters({
+            "dictionary": dictionary.config(), "lca": self.lca.settings(),
+            "normalization": normalization.to_dict(),
+            "lr": self.lr, "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+            "iters": iters,
+        })
+        for stage in _STAGES:
+            setattr(self, f"{stage}_recon", reconstruction_metrics())
+            setattr(self, f"{stage}_sparsity", SparsityMetric())
+            setattr(self, f"{stage}_energy", EnergyMetric())
+        self._preview: tuple[Tensor, Tensor] | None = None
+
+    # -- the model ------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> tuple[Tensor, Any]:
+        """LCA-code [0, 1] images; returns (reconstruction on the [0, 1] pixel scale, LCAResult)."""
+        x = self.normalization.apply(images)
+        res = self.lca(x)
+        return self.normalization.invert(res.recon).clamp(0.0, 1.0), res
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = self.normalization.apply(images)
+        res = self.lca(x)  # no autograd: the codes are constants for the atom update
+        if stage == "train":
+            recon = self.dictionary.decode(res.a, size=tuple(x.shape[-2:]))
+            loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]
+        else:
+            recon = res.recon
+            loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]
+        pixels = self.normalization.invert(recon.detach()).clamp(0.0, 1.0)
+        getattr(self, f"{stage}_recon").update(pixels, images)
+        getattr(self, f"{stage}_sparsity").update(res.a)
+        getattr(self, f"{stage}_energy").update(res.energy, x[0].numel())
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=stage == "train", on_step=stage == "train",
+                 on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        if stage == "val" and self._preview is None:
+            n = self.n_log_images
+            self._preview = (images[:n].detach().cpu(), pixels[:n].cpu())
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
+        """The optimiser step, then every atom back to unit norm (keeps λ meaningful); the next LCA
+        run re-checks ‖Φ‖²_op because the weight version changed."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.dictionary.normalize_()
+
+    # -- epoch-level metrics --------------------------------------------------------------------
+    def _log_epoch(self, stage: str) -> None:
+        values: dict[str, Tensor] = {}
+        if getattr(self, f"{stage}_sparsity").update_count == 0:  # all three are updated together
+            return
+        for kind in ("recon", "sparsity", "energy"):
+            metric = getattr(self, f"{stage}_{kind}")
+            values.update({f"{stage}/{k}": v for k, v in metric.compute().items()})
+            metric.reset()
+        prog = {f"{stage}/psnr"} if stage == "val" else set()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name in prog, sync_dist=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._preview = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+        n = self.log_images_every_n_epochs
+        if (n > 0 and self._preview is not None and self.current_epoch % n == 0
+                and self.trainer.is_global_zero and not self.trainer.sanity_checking):
+            self.log_images()
+        self._preview = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def log_images(self) -> None:
+        """Log the atom grid and (originals | reconstructions) of the first val batch."""
+        step = self.global_step
+        log_image(self.loggers, "atoms", atom_grid(self.dictionary.weight), step)
+        if self._preview is not None:
+            images, recon = self._preview
+            both = torch.stack([images, recon], dim=1).flatten(0, 1)  # original, recon, original, …
+            log_image(self.loggers, "reconstructions", image_grid(both, ncol=8), step)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.dictionary.parameters()
+        factory = self.optimizer_factory
+        if isinstance(factory, str):
+            if factory.lower() == "sgd":
+                return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+            return torch.optim.Adam(params, lr=self.lr)
+        keywords = getattr(factory, "keywords", None) or {}
+        return factory(params) if "lr" in keywords else factory(params, lr=self.lr)

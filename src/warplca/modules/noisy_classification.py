@@ -1,0 +1,334 @@
+"""Downstream noisy classification: a frozen front end (pixels, LCA or WARP-LCA codes) + a trained backbone.
+
+The experiment behind PAPER.md claim 6 (DESIGN.md §6.5): train a classifier on **clean** images
+through each front end, then test it on clean and corrupted test sets (Gaussian, shot and impulse
+noise, Gaussian blur at several levels each) and report the accuracy per (corruption, level), the
+mean corruption accuracy (mCA) and the front end's cost in ms per image.
+
+- :class:`NoisyClassification` (LightningModule, plain Python arguments, no Hydra): the front end
+  is frozen (only the backbone is optimised). Training / validation batches are either image batches
+  ``(images, labels)`` — features are computed on the fly — or feature batches
+  ``{"features", "labels"}`` from a cache. Test batches are always images: test dataloader ``j`` is the
+  test set under ``conditions[j]``, so the front end sees the corrupted pixels, as in deployment.
+- :class:`FrontEndDataModule` wraps an image datamodule: it caches the front-end features of the
+  clean train and val splits once (codes of clean images never change, so a 500-step LCA front end
+  costs one pass instead of one per epoch) and serves one corrupted test loader per condition
+  (:class:`~warplca.evaluation.robustness.CorruptedDataset`: deterministic per item and seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from warplca.evaluation.robustness import (
+    CLEAN,
+    CorruptedDataset,
+    condition_name,
+    robustness_conditions,
+)
+from warplca.frontends import FrontEnd
+from warplca.models.classifiers import build_backbone
+
+__all__ = ["FeatureDataset", "FrontEndDataModule", "NoisyClassification", "precompute_features"]
+
+log = logging.getLogger(__name__)
+
+
+def _normalize_conditions(conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None
+                          ) -> list[tuple[str, float]]:
+    if conditions is None or isinstance(conditions, Mapping):
+        return robustness_conditions(conditions)
+    out = []
+    for c in conditions:
+        name, level = c
+        out.append((str(name), float(level)))
+    if not out:
+        raise ValueError("conditions must not be empty")
+    return out
+
+
+class NoisyClassification(pl.LightningModule):
+    """Front end (frozen) + backbone classifier; tested per (corruption, level).
+
+    Args:
+        frontend: a :class:`~warplca.frontends.FrontEnd` (pixels, lca or warp_lca).
+        backbone: a backbone name (``small_cnn``, ``resnet18``; built for the front end's feature shape)
+            or a ready ``nn.Module``.
+        num_classes: number of classes.
+        image_size: side of the (square) input images; sets the feature resolution the backbone sees.
+        backbone_kwargs: extra arguments of a named backbone (e.g. ``width``, ``dropout``).
+        lr, weight_decay: AdamW settings (only the backbone's parameters are optimised).
+        scheduler: ``cosine`` (over ``trainer.max_epochs``) or ``none``.
+        label_smoothing: cross-entropy label smoothing.
+        conditions: test conditions ``[(corruption, level), …]`` (``("clean", 0.0)`` included), or a
+            mapping corruption → levels (clean is prepended); default: all corruptions at
+            ``DEFAULT_LEVELS``. Test dataloader ``j`` must be the test set under ``conditions[j]``
+            (:class:`FrontEndDataModule` builds them).
+
+    After ``trainer.test``, :attr:`robustness_rows` holds one dict per condition with the keys of
+    ``robustness.csv`` (``frontend, corruption, level, accuracy, ms_per_image``).
+    """
+
+    def __init__(self, frontend: FrontEnd, backbone: str | nn.Module = "small_cnn", num_classes: int = 10,
+                 image_size: int = 32, backbone_kwargs: Mapping[str, Any] | None = None, lr: float = 2e-3,
+                 weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0,
+                 conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None = None) -> None:
+        super().__init__()
+        if not isinstance(frontend, FrontEnd):
+            raise ValueError(f"frontend must be a warplca.frontends.FrontEnd, got {type(frontend).__name__}")
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if not lr > 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay ≥ 0, got lr={lr}, weight_decay={weight_decay}")
+        self.conditions = _normalize_conditions(conditions)
+        ignore = ["frontend"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        self.hparams["frontend_kind"] = frontend.kind
+        self.hparams["conditions"] = [list(c) for c in self.conditions]
+        self.frontend = frontend
+        channels, height, _ = frontend.feature_shape(image_size, image_size)
+        self.feature_shape = (channels, height, frontend.feature_shape(image_size, image_size)[2])
+        if isinstance(backbone, nn.Module):
+            self.backbone = backbone
+        else:
+            self.backbone = build_backbone(backbone, channels, num_classes, input_size=height,
+                                           **dict(backbone_kwargs or {}))
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes=num_classes) for _ in self.conditions)
+        self._fe_ms = torch.zeros(2, dtype=torch.float64)  # [sum of ms, images] of the front end in test
+        self.robustness_rows: list[dict[str, Any]] = []
+
+    # -- inference ------------------------------------------------------------------------------
+    @property
+    def frontend_kind(self) -> str:
+        return self.frontend.kind
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits of [0, 1] images (front end, then backbone)."""
+        return self.backbone(self.frontend(images))
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """(features, labels) from a feature batch (dict) or an image batch (tuple)."""
+        if isinstance(batch, Mapping):
+            return batch["features"].to(self.dtype), batch["labels"]
+        images, labels = batch[0], batch[1]
+        return self.frontend(images), labels
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        features, labels = self._unpack(batch)
+        logits = self.backbone(features)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=labels.shape[0])
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        features, labels = self._unpack(batch)
+        logits = self.backbone(features)
+        loss = F.cross_entropy(logits, labels)
+        self.val_acc(logits, labels)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        epochs = getattr(self.trainer, "max_epochs", None) if self._trainer is not None else None
+        if self.hparams.scheduler == "none" or not epochs or epochs < 1:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # -- robustness test ------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        for metric in self.test_acc:
+            metric.reset()
+        self._fe_ms = torch.zeros(2, dtype=torch.float64)
+        self.robustness_rows = []
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx >= len(self.conditions):
+            raise ValueError(f"test dataloader {dataloader_idx} has no condition: the module has "
+                             f"{len(self.conditions)} conditions; build the test loaders with "
+                             "FrontEndDataModule")
+        images, labels = batch[0], batch[1]
+        features, ms = self.frontend.timed(images)
+        self._fe_ms += torch.tensor([ms * images.shape[0], images.shape[0]], dtype=torch.float64)
+        self.test_acc[dataloader_idx].update(self.backbone(features), labels)
+
+    def on_test_epoch_end(self) -> None:
+        fe_ms = self._fe_ms.to(self.device)
+        if self.trainer.world_size > 1:
+            fe_ms = self.all_gather(fe_ms).reshape(-1, 2).sum(0)
+        ms_per_image = float(fe_ms[0] / fe_ms[1].clamp_min(1.0))
+        rows, corrupted = [], []
+        for (corruption, level), metric in zip(self.conditions, self.test_acc, strict=True):
+            if not metric.update_called:
+                continue  # no loader for this condition (e.g. a plain datamodule's single test loader)
+            acc = float(metric.compute())
+            rows.append({"frontend": self.frontend.kind, "corruption": corruption, "level": float(level),
+                         "accuracy": acc, "ms_per_image": ms_per_image})
+            self.log(f"test/acc/{condition_name(corruption, level)}", acc, add_dataloader_idx=False)
+            if corruption != CLEAN:
+                corrupted.append(acc)
+        if corrupted:
+            self.log("test/mca", sum(corrupted) / len(corrupted), add_dataloader_idx=False)
+        self.log("test/ms_per_image", ms_per_image, add_dataloader_idx=False)
+        self.robustness_rows = rows
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the front end's description and the last test's rows with the weights."""
+        checkpoint["frontend_spec"] = self.frontend.spec()
+        checkpoint["robustness_rows"] = [dict(r) for r in self.robustness_rows]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.robustness_rows = [dict(r) for r in checkpoint.get("robustness_rows", [])]
+
+
+# -- features cache -----------------------------------------------------------------------------
+class FeatureDataset(Dataset):
+    """In-memory ``{"features", "labels"}`` items (a front end's features of a fixed image split)."""
+
+    def __init__(self, features: Tensor, labels: Tensor) -> None:
+        if features.shape[0] != labels.shape[0]:
+            raise ValueError(f"{features.shape[0]} feature maps but {labels.shape[0]} labels")
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"features": self.features[index], "labels": self.labels[index]}
+
+
+def precompute_features(frontend: FrontEnd, dataset: Dataset, batch_size: int = 256,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        desc: str = "features") -> FeatureDataset:
+    """Run ``frontend`` once over ``dataset`` ((image, label) items) and keep the features on the CPU."""
+    device = torch.device(device)
+    frontend = frontend.to(device)
+    feats, labels = [], []
+    n = len(dataset)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    done = 0
+    for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        feats.append(frontend(images.to(device)).to("cpu", dtype))
+        labels.append(torch.as_tensor(y, dtype=torch.int64))
+        done += images.shape[0]
+        if len(feats) % 10 == 0 or done == n:
+            log.info("%s: %d/%d images through the %s front end (%.1fs)", desc, done, n, frontend.kind,
+                     time.perf_counter() - start)
+    return FeatureDataset(torch.cat(feats), torch.cat(labels))
+
+
+class FrontEndDataModule(pl.LightningDataModule):
+    """Feature-cached train/val loaders and one corrupted test loader per condition, over an image datamodule.
+
+    Args:
+        datamodule: an image datamodule (``warplca.data``): ``split_dataset(split)`` gives the
+            deterministic split, batches are ``(images in [0, 1], labels)``.
+        frontend: the front end whose features are cached (the module's own front end).
+        conditions: the test conditions, in the module's order.
+        cache: ``True``, ``False`` or ``"auto"`` (cache unless the train loader augments, since the
+            features of augmented images change every epoch).
+        corruption_seed: seed of the corrupted test sets.
+        batch_size: training / test batch size (default: the datamodule's).
+        feature_batch_size: batch size while computing the cache.
+        cache_dtype: dtype the cached features are stored in (``torch.float16`` halves the memory).
+    """
+
+    def __init__(self, datamodule: Any, frontend: FrontEnd,
+                 conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None = None,
+                 cache: bool | str = "auto", corruption_seed: int = 0, batch_size: int | None = None,
+                 feature_batch_size: int = 256, num_workers: int | None = None,
+                 cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        self.dm = datamodule
+        self.frontend = frontend
+        self.conditions = _normalize_conditions(conditions)
+        augments = bool(getattr(datamodule, "crop_is_augmentation", False)
+                        and getattr(datamodule, "crop_size", None) is not None)
+        if cache == "auto":
+            cache = not augments
+        elif cache and augments:
+            raise ValueError("cache=True but the datamodule augments its training images (crop_size is "
+                             "set): cached features would freeze one augmentation; use cache=false or "
+                             "drop crop_size")
+        self.cache = bool(cache)
+        self.corruption_seed = int(corruption_seed)
+        self.batch_size = int(batch_size or getattr(datamodule, "batch_size", 64))
+        self.feature_batch_size = int(feature_batch_size)
+        self.num_workers = int(getattr(datamodule, "num_workers", 0) if num_workers is None else num_workers)
+        self.cache_dtype = cache_dtype
+        self.seed = int(seed)
+        self._cached: dict[str, FeatureDataset] = {}
+        self.cache_seconds = 0.0
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.dm, "num_classes", None)
+
+    def prepare_data(self) -> None:
+        self.dm.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dm.setup(stage)
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def features(self, split: str) -> FeatureDataset:
+        """The cached features of the clean ``split`` (computed on first use, on the trainer's device)."""
+        if split not in self._cached:
+            start = time.perf_counter()
+            self._cached[split] = precompute_features(
+                self.frontend, self.dm.split_dataset(split), self.feature_batch_size, self._device(),
+                self.cache_dtype, desc=f"{split} cache")
+            self.cache_seconds += time.perf_counter() - start
+        return self._cached[split]
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # cached features live in memory: worker processes would only add start-up cost
+        workers = 0 if isinstance(dataset, FeatureDataset) else self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.cache:
+            return self._loader(self.features("train"), shuffle=True)
+        return self.dm.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        if self.cache:
+            return self._loader(self.features("val"), shuffle=False)
+        return self.dm.val_dataloader()
+
+    def test_dataset(self, corruption: str, level: float) -> CorruptedDataset:
+        """The test split under one condition (deterministic per item and ``corruption_seed``)."""
+        return CorruptedDataset(self.dm.split_dataset("test"), corruption, level, self.corruption_seed)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.test_dataset(c, lvl), shuffle=False) for c, lvl in self.conditions]
+
+
+def mean_corruption_accuracy(rows: Sequence[Mapping[str, Any]]) -> float:
+    """Mean accuracy over the corrupted conditions of rows (clean excluded); NaN when there are none."""
+    accs = [float(r["accuracy"]) for r in rows if r["corruption"] != CLEAN]
+    return sum(accs) / len(accs) if accs else math.nan

@@ -1,0 +1,231 @@
+"""``WarpRegression``: train WARP-CNN to regress cold-LCA target states (the "warp" stage's module).
+
+Training batches are ``(images in [0, 1], target states u*)`` from the state-target cache
+(:class:`~warplca.data.target_cache.TargetDataset`); the module normalises the images, predicts
+û = f_θ(x) (with the drive Φᵀx of the frozen dictionary when the predictor uses it) and minimises
+the configured loss (``laplacian`` by default, see :mod:`warplca.losses`).
+
+Validation measures what the warm start is for. Besides the state MSE and R² of û against u*, for
+every k in ``eval_iters`` it runs k LCA steps from û (**warm**) and from 0 (**cold**, the same LCA
+settings) and logs energy, PSNR, SSIM (on [0, 1] pixels, ``data_range=1.0``) and sparsity, as
+``val/warm_k{k}/<metric>`` and ``val/cold_k{k}/<metric>`` plus ``val/energy_ratio_k{k}`` = warm / cold
+energy (< 1: the warm start is ahead). LCA runs are chained (k₁ steps, then k₂ − k₁ more from there),
+so validation costs max(eval_iters) steps per batch. The validation set is fixed, so the cold numbers
+are computed in the first full validation epoch only, kept (also in checkpoints) and re-logged.
+All metrics are torchmetrics objects (one per start / k), so they sync under DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torchmetrics import MeanSquaredError, R2Score
+
+from warplca.bundle import WarpLCA
+from warplca.data.normalization import Normalization
+from warplca.lca.dictionary import ConvDictionary
+from warplca.lca.solver import LCA, LCAResult
+from warplca.losses import build_loss
+from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
+
+__all__ = ["WarpRegression"]
+
+SCHEDULERS = (None, "none", "cosine")
+
+
+class WarpRegression(pl.LightningModule):
+    """WARP-CNN state regression against cached cold-LCA targets.
+
+    Args:
+        predictor: the state predictor (:class:`~warplca.models.WarpCNN`); the only trained part.
+        dictionary: the fixed dictionary the targets were computed with (frozen here).
+        lca_settings: :meth:`LCA.settings` of those targets (threshold, λ, τ, …), also used by validation.
+        normalization: [0, 1] pixels ↔ coded space (a :class:`Normalization` or its ``to_dict()``).
+        loss: ``laplacian`` | ``mse`` | ``l1``; ``gamma`` is the Laplacian scale γ (weights exp(|u*|/(γλ))).
+        lr, weight_decay: AdamW settings; ``scheduler``: ``cosine`` (over ``max_epochs``) or None.
+        eval_iters: LCA budgets k at which validation compares warm and cold starts.
+        lca_eval_every_n_epochs: run those LCA comparisons every n-th validation epoch and on the last
+            epoch (they cost max(eval_iters) LCA steps per batch); state MSE / R² are logged every time.
+    """
+
+    def __init__(self, predictor: nn.Module, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
+                 normalization: Normalization | Mapping[str, Any] | None = None, loss: str = "laplacian",
+                 gamma: float | None = 3.0, lr: float = 1e-3, weight_decay: float = 0.0,
+                 eval_iters: Sequence[int] = (0, 10, 100), scheduler: str | None = "cosine",
+                 lca_eval_every_n_epochs: int = 1) -> None:
+        super().__init__()
+        if isinstance(normalization, Mapping):
+            normalization = Normalization.from_dict(normalization)
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        iters = sorted({int(k) for k in eval_iters})
+        if any(k < 0 for k in iters):
+            raise ValueError(f"eval_iters must be integers ≥ 0, got {list(eval_iters)}")
+        if not (lr > 0 and weight_decay >= 0):
+            raise ValueError(f"need lr > 0 and weight_decay ≥ 0, got lr={lr}, weight_decay={weight_decay}")
+        self.predictor = predictor
+        self.dictionary = dictionary.requires_grad_(False)
+        self.lca = LCA(self.dictionary, **dict(lca_settings))
+        self.normalization = normalization
+        self.loss_name = loss
+        self.gamma = 3.0 if gamma is None else float(gamma)
+        self.loss_fn = build_loss(loss, lam=self.lca.lam, gamma=self.gamma)
+        self.lr, self.weight_decay, self.scheduler = float(lr), float(weight_decay), scheduler
+        self.eval_iters = iters
+        if int(lca_eval_every_n_epochs) < 1:
+            raise ValueError(f"lca_eval_every_n_epochs must be ≥ 1, got {lca_eval_every_n_epochs!r}")
+        self.lca_eval_every_n_epochs = int(lca_eval_every_n_epochs)
+        config = predictor.config() if hasattr(predictor, "config") else {"class": type(predictor).__name__}
+        self.save_hyperparameters({
+            "predictor": config, "dictionary": dictionary.config(),
+            "dictionary_fingerprint": dictionary.fingerprint(),
+            "lca_settings": self.lca.settings(),
+            "normalization": None if normalization is None else normalization.to_dict(),
+            "loss": loss, "gamma": self.gamma, "lr": self.lr, "weight_decay": self.weight_decay,
+            "eval_iters": iters, "scheduler": scheduler,
+            "lca_eval_every_n_epochs": self.lca_eval_every_n_epochs,
+        })
+
+        self.val_state_mse = MeanSquaredError()
+        self.val_state_r2 = R2Score()
+        self.val_lca = nn.ModuleDict({
+            f"{start}_k{k}": nn.ModuleDict({"energy": EnergyMetric(), "sparsity": SparsityMetric(),
+                                            "recon": reconstruction_metrics()})
+            for start in ("warm", "cold") for k in iters
+        })
+        #: cold-start validation numbers, computed once (the validation set is fixed)
+        self.cold_values: dict[str, float] | None = None
+
+    # -- model ----------------------------------------------------------------------------------
+    def preprocess(self, images: Tensor) -> Tensor:
+        return images if self.normalization is None else self.normalization.apply(images)
+
+    def postprocess(self, recon: Tensor) -> Tensor:
+        out = recon if self.normalization is None else self.normalization.invert(recon)
+        return out.clamp(0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predicted states for images ``x`` in the coded space."""
+        drive = None
+        if getattr(self.predictor, "use_drive", False):
+            with torch.no_grad():
+                drive = self.dictionary.encode(x)
+        return self.predictor(x, drive)
+
+    def bundle(self) -> WarpLCA:
+        """The trained WARP-LCA (a copy: dictionary, predictor, LCA settings, normalisation)."""
+        dictionary = copy.deepcopy(self.dictionary).cpu()
+        predictor = copy.deepcopy(self.predictor).cpu()
+        return WarpLCA(dictionary, predictor, LCA(dictionary, **self.lca.settings()), self.normalization)
+
+    # -- training -------------------------------------------------------------------------------
+    def _batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        images = batch[0]
+        states = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) and batch[1].dim() == 4 else None
+        return images, states
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, states = self._batch(batch)
+        if states is None:
+            raise ValueError("WarpRegression trains on (images, target states) batches from a TargetDataset")
+        pred = self(self.preprocess(images))
+        loss = self.loss_fn(pred.float(), states.float())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.predictor.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if self.scheduler == "cosine" and epochs is not None and epochs > 0:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return opt
+
+    # -- validation -----------------------------------------------------------------------------
+    def _lca_chain(self, x: Tensor, u0: Tensor | None, start: str, images: Tensor) -> None:
+        """Run LCA through the budgets in ``eval_iters`` from ``u0`` and update that start's metrics."""
+        u, done = u0, 0
+        numel = x[0].numel()
+        for k in self.eval_iters:
+            res: LCAResult = self.lca(x, iters=k - done, u0=u)
+            u, done = res.u.contiguous(), k
+            m = self.val_lca[f"{start}_k{k}"]
+            assert res.energy is not None
+            m["energy"].update(res.energy, numel)
+            m["sparsity"].update(res.a)
+            m["recon"].update(self.postprocess(res.recon), images.clamp(0.0, 1.0))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, states = self._batch(batch)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            images = images.float()
+            x = self.preprocess(images)
+            pred = self(x).float()
+            if states is not None:
+                states = states.float()
+                self.val_state_mse.update(pred.flatten(), states.flatten())
+                self.val_state_r2.update(pred.flatten(), states.flatten())
+                self.log("val/loss", self.loss_fn(pred, states), on_epoch=True, sync_dist=True,
+                         batch_size=images.shape[0])
+            if not self._lca_epoch():
+                return
+            with torch.no_grad():
+                self._lca_chain(x, pred.detach(), "warm", images)
+                if self.cold_values is None:
+                    self._lca_chain(x, None, "cold", images)
+
+    def _lca_epoch(self) -> bool:
+        """Whether this validation pass runs the warm/cold LCA comparisons."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return True  # trainer.validate() and the sanity check: always
+        epoch = self.current_epoch + 1
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+        return last or epoch % self.lca_eval_every_n_epochs == 0
+
+    def _compute(self, start: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in self.eval_iters:
+            m = self.val_lca[f"{start}_k{k}"]
+            values = {**m["energy"].compute(), **m["sparsity"].compute(), **m["recon"].compute()}
+            out.update({f"val/{start}_k{k}/{name}": float(v) for name, v in values.items()})
+            for metric in m.values():
+                metric.reset()
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        values: dict[str, float] = {}
+        if self.val_state_mse.update_count:
+            values["val/state_mse"] = float(self.val_state_mse.compute())
+            values["val/state_r2"] = float(self.val_state_r2.compute())
+        self.val_state_mse.reset()
+        self.val_state_r2.reset()
+        if not self.val_lca[f"warm_k{self.eval_iters[0]}"]["energy"].update_count:
+            return
+        values.update(self._compute("warm"))
+        cold = self.cold_values
+        if cold is None:
+            cold = self._compute("cold")
+            if not self.trainer.sanity_checking:
+                self.cold_values = cold
+        values.update(cold)
+        for k in self.eval_iters:
+            c = values.get(f"val/cold_k{k}/energy", math.nan)
+            w = values.get(f"val/warm_k{k}/energy", math.nan)
+            values[f"val/energy_ratio_k{k}"] = w / c if c else math.nan
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == f"val/energy_ratio_k{self.eval_iters[-1]}")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["warp_cold_values"] = self.cold_values
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.cold_values = checkpoint.get("warp_cold_values")

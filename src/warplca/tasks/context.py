@@ -1,0 +1,285 @@
+"""``RunContext``: what a pipeline stage gets — the config, the run directory and builders.
+
+One context is made per ``train.py`` invocation and handed to every stage's ``run(ctx)``. It owns
+the run directory (``cfg.paths.output_dir``, i.e. Hydra's output dir), builds the datamodule once,
+gives each stage fresh loggers (file loggers write to ``<logger>/<stage>/``; wandb gets one run per
+stage, grouped by the run directory) and a Trainer whose ``ModelCheckpoint`` writes
+``checkpoints/<stage>/last.ckpt``, loads artifacts of earlier stages (``dictionary.pt``) and merges
+stage metrics into ``metrics.json``.
+
+Trainer keyword precedence (lowest first): ``model.<stage>.trainer`` (the stage's defaults, e.g.
+``max_epochs``) < keys the ``trainer`` group sets to a non-null value (debug configs, CLI
+``trainer.max_epochs=2``) < keyword overrides passed by the stage code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
+
+from warplca.lca import LCA, ConvDictionary
+from warplca.lca.dictionary import FORMAT as DICTIONARY_FORMAT
+from warplca.serialization import load_checked
+from warplca.tasks.utils import close_wandb, instantiate_callbacks, instantiate_loggers, to_container
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LCA_KEYS", "RunContext"]
+
+#: the ``lca`` group keys passed to :class:`warplca.LCA`
+LCA_KEYS = ("threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "check_every", "backend")
+
+
+@dataclass
+class RunContext:
+    """The run's config and directory plus lazily built, cached shared objects (see module doc)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    _datamodule: Any = field(default=None, init=False, repr=False)
+    _dictionary: ConvDictionary | None = field(default=None, init=False, repr=False)
+    _dictionary_meta: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).expanduser().resolve()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RunContext:
+        """The context of a composed train config; the run directory is ``cfg.paths.output_dir``."""
+        out = OmegaConf.select(cfg, "paths.output_dir")
+        if out is None:
+            raise ValueError("cfg.paths.output_dir is not set (compose the config with the paths group)")
+        return cls(cfg=cfg, run_dir=Path(out))
+
+    # -- the run directory ----------------------------------------------------------------------
+    def artifact(self, name: str | os.PathLike) -> Path:
+        """Path of an artifact in the run directory (``dictionary.pt``, ``targets/``, …)."""
+        return self.run_dir / name
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """True on the process that writes files (global rank 0; always true without DDP)."""
+        return rank_zero_only.rank == 0
+
+    @property
+    def force(self) -> bool:
+        return bool(self.cfg.get("force", False))
+
+    def barrier(self) -> None:
+        """Wait for all ranks when a process group is up (``strategy=ddp``); a no-op otherwise."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def datamodule(self) -> Any:
+        """The datamodule of ``cfg.data`` (instantiated once, then cached)."""
+        if self._datamodule is None:
+            if self.cfg.get("data") is None:
+                raise ValueError("no data config: choose one with data=<name> (e.g. data=natural)")
+            self._datamodule = instantiate(self.cfg.data)
+        return self._datamodule
+
+    # -- loggers, callbacks, trainer ------------------------------------------------------------
+    def loggers(self, stage: str) -> list[Logger]:
+        """Fresh Lightning loggers of ``cfg.logger`` for ``stage`` (files under ``<logger>/<stage>/``)."""
+        loggers = instantiate_loggers(self.cfg.get("logger"), version=stage,
+                                      run_name=f"{self.run_dir.name}/{stage}",
+                                      run_group=f"{self.cfg.get('task_name', 'train')}/{self.run_dir.name}")
+        hparams = self.config_dict()
+        for lg in loggers:
+            lg.log_hyperparams(hparams)
+        return loggers
+
+    def trainer_kwargs(self, stage: str, **overrides: Any) -> dict[str, Any]:
+        """Trainer keyword arguments for ``stage`` (see the module doc for the precedence)."""
+        base = to_container(self.cfg.get("trainer")) or {}
+        stage_defaults = to_container(OmegaConf.select(self.cfg, f"model.{stage}.trainer")) or {}
+        kwargs: dict[str, Any] = dict(stage_defaults)
+        kwargs.update({k: v for k, v in base.items() if v is not None})
+        kwargs.update(overrides)
+        kwargs.setdefault("_target_", "pytorch_lightning.Trainer")
+        kwargs.setdefault("default_root_dir", str(self.run_dir))
+        return kwargs
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.run_dir / "checkpoints" / stage
+
+    def last_checkpoint(self, stage: str) -> Path | None:
+        """``checkpoints/<stage>/last.ckpt`` if it exists (a resumable, interrupted stage)."""
+        path = self.checkpoint_dir(stage) / "last.ckpt"
+        return path if path.is_file() else None
+
+    def trainer(self, stage: str, **overrides: Any) -> pl.Trainer:
+        """A Trainer for ``stage``: ``cfg.trainer`` + stage defaults + callbacks + fresh loggers.
+
+        A ``ModelCheckpoint(dirpath=checkpoints/<stage>, save_last=True)`` is added when the callbacks
+        config has none (unless checkpointing is disabled). Pass ``logger=False`` or ``callbacks=[...]``
+        to replace those.
+        """
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        kwargs = self.trainer_kwargs(stage, **overrides)
+        extra_callbacks = list(kwargs.pop("callbacks", None) or [])
+        logger = kwargs.pop("logger", None)
+        ckpt_dir = self.checkpoint_dir(stage)
+        callbacks = instantiate_callbacks(self.cfg.get("callbacks"), checkpoint_dir=str(ckpt_dir))
+        callbacks += extra_callbacks
+        has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        if kwargs.get("enable_checkpointing", True) and not has_ckpt:
+            callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+        if logger is None:
+            loggers = self.loggers(stage)
+            if not loggers:
+                callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+            logger = loggers or False
+        return instantiate(OmegaConf.create(kwargs), callbacks=callbacks, logger=logger, _convert_="all")
+
+    def finish_loggers(self) -> None:
+        """Close what a stage's loggers left open (the wandb run), so the next stage starts clean."""
+        close_wandb()
+
+    # -- metrics --------------------------------------------------------------------------------
+    def log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
+        """Merge ``metrics`` into ``metrics.json`` under ``stage`` (atomic write; rank 0 only).
+
+        The file is ``{"<stage>": {"<key>": value, …}, …}``; tensors become floats.
+        """
+        if not self.is_rank_zero or not metrics:
+            return
+        path = self.run_dir / "metrics.json"
+        data = self.read_metrics()
+        entry = data.setdefault(stage, {})
+        entry.update({k: _plain(v) for k, v in metrics.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=2, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_metrics(self) -> dict[str, Any]:
+        """Contents of ``metrics.json`` (empty when absent)."""
+        path = self.run_dir / "metrics.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start afresh") from exc
+
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved run config as plain Python (without the ``hydra`` node), for loggers."""
+        keys = [k for k in self.cfg if k != "hydra"]
+        container = OmegaConf.to_container(OmegaConf.masked_copy(self.cfg, keys), resolve=True)
+        assert isinstance(container, dict)
+        return container
+
+    # -- artifacts of earlier stages ------------------------------------------------------------
+    def dictionary_file(self) -> Path:
+        """``cfg.dictionary_path`` when given, else ``<run_dir>/dictionary.pt``."""
+        given = self.cfg.get("dictionary_path")
+        return Path(given).expanduser() if given else self.artifact("dictionary.pt")
+
+    def set_dictionary(self, dictionary: ConvDictionary, meta: dict[str, Any] | None = None) -> None:
+        """Hand a freshly trained dictionary (and its save meta) to later stages of this run."""
+        self._dictionary = dictionary
+        self._dictionary_meta = dict(meta or {})
+
+    def dictionary(self) -> ConvDictionary:
+        """The run's dictionary: in memory if trained in this run, else read from :meth:`dictionary_file`."""
+        if self._dictionary is None:
+            path = self.dictionary_file()
+            if not path.is_file():
+                hint = ("check dictionary_path" if self.cfg.get("dictionary_path") else
+                        "run the dictionary stage first (stages=[dictionary,...]) "
+                        "or pass dictionary_path=<file>")
+                raise FileNotFoundError(f"no dictionary at {path}: {hint}")
+            payload = load_checked(path, DICTIONARY_FORMAT)
+            self._dictionary = ConvDictionary.from_payload(payload)
+            self._dictionary_meta = dict(payload.get("meta") or {})
+            log.info("loaded dictionary %s from %s", self._dictionary.extra_repr(), path)
+        return self._dictionary
+
+    def dictionary_meta(self) -> dict[str, Any]:
+        """The meta saved with the dictionary (``normalization``, ``data``, ``lca``, …)."""
+        self.dictionary()
+        return dict(self._dictionary_meta or {})
+
+    def normalization(self) -> Any:
+        """The normalisation the dictionary codes in: from its meta if there is a dictionary, else the
+        datamodule's (fitted on the train split)."""
+        from warplca.data import Normalization
+
+        has_dictionary = self._dictionary is not None or self.dictionary_file().is_file()
+        if has_dictionary:
+            norm = self.dictionary_meta().get("normalization")
+            if norm is not None:
+                return Normalization.from_dict(norm)
+            log.warning("dictionary %s has no normalization in its meta; using the datamodule's",
+                        self.dictionary_file())
+        return self.datamodule.normalization
+
+    def lca_settings(self, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments of :class:`warplca.LCA` from ``cfg.lca`` (unknown keys refused)."""
+        conf = to_container(self.cfg.get("lca")) or {}
+        unknown = sorted(set(conf) - set(LCA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown lca config keys {unknown}; known: {list(LCA_KEYS)}")
+        conf.update(overrides)
+        return conf
+
+    def lca(self, dictionary: ConvDictionary | None = None, **overrides: Any) -> LCA:
+        """An :class:`warplca.LCA` on ``dictionary`` (default: the run's) with the ``lca`` settings."""
+        settings = self.lca_settings(**overrides)
+        try:
+            return LCA(dictionary if dictionary is not None else self.dictionary(), **settings)
+        except ValueError as exc:
+            raise ValueError(f"invalid lca config {settings}: {exc}") from exc
+
+    def stage_config(self, stage: str) -> DictConfig | None:
+        """``cfg.model.<stage>`` without its ``trainer`` key (the LightningModule's own config)."""
+        node = OmegaConf.select(self.cfg, f"model.{stage}")
+        if node is None:
+            return None
+        node = OmegaConf.masked_copy(node, [k for k in node if k != "trainer"])  # type: ignore[union-attr]
+        return node
+
+    def module(self, stage: str, **kwargs: Any) -> pl.LightningModule:
+        """Instantiate ``cfg.model.<stage>`` (minus ``trainer``) with the objects in ``kwargs``."""
+        node = self.stage_config(stage)
+        if node is None or "_target_" not in node:
+            raise ValueError(f"cfg.model.{stage} has no _target_ (choose a model@model.{stage} config)")
+        # objects go to the partial, not through instantiate (Hydra would turn dataclasses into configs)
+        factory = instantiate(node, _convert_="all", _partial_=True)
+        return factory(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

@@ -1,0 +1,241 @@
+"""Stage "classify": noisy classification with pixel, cold-LCA and WARP-LCA front ends (PAPER.md claim 6).
+
+For each front end in ``model.classify.frontends`` (default ``[pixels, lca, warp_lca]``) a classifier
+(:class:`~warplca.modules.noisy_classification.NoisyClassification`, backbone ``model.classify.backbone``)
+is trained on the **clean** training split — the front-end features of the clean train/val images
+are computed once and cached — and tested on the clean test split and under every corruption and
+level of ``model.classify.corruptions``.
+
+- ``lca`` runs cold LCA for ``lca_iters_cold`` steps (≥ 500), ``warp_lca`` runs WARP-LCA for
+  ``lca_iters_warm`` steps (≤ 20); both use the WARP-LCA bundle's dictionary, LCA settings and
+  normalisation (``warp_lca.pt`` / ``warp_path``), so they differ only in the start. Without a
+  bundle (``frontends=[pixels,lca]``) the run's dictionary and ``lca`` settings are used.
+- Writes ``classifier_<frontend>.ckpt`` per front end (its test rows inside, so a re-run skips
+  finished front ends), ``classifier.ckpt`` (a copy of ``main_frontend``'s), ``robustness.csv``
+  (its artifact: ``frontend, corruption, level, accuracy, ms_per_image``), ``robustness.png`` and
+  ``robustness.md``.
+- Returns (and logs to ``metrics.json`` under ``classify``) per front end ``<fe>/clean``,
+  ``<fe>/mca``, ``<fe>/ms_per_image``, ``<fe>/val_acc``, ``<fe>/acc/<corruption>@<level>``, plus the
+  comparisons ``warp_minus_lca/mca``, ``warp_minus_pixels/mca`` and ``cost_ratio/lca_over_warp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from warplca.evaluation.robustness import (
+    condition_name,
+    robustness_conditions,
+    robustness_markdown,
+    robustness_summary,
+    save_robustness_plot,
+    write_robustness_csv,
+)
+from warplca.frontends import FRONTENDS, FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
+from warplca.modules.noisy_classification import FrontEndDataModule, NoisyClassification
+from warplca.tasks.context import RunContext
+from warplca.tasks.utils import to_container
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "STAGE_KEYS", "build_frontends", "run", "settings"]
+
+ARTIFACT = "robustness.csv"
+
+#: ``model.classify`` keys the stage uses itself (the others are NoisyClassification's arguments)
+STAGE_KEYS = ("frontends", "lca_iters_cold", "lca_iters_warm", "corruptions", "corruption_seed",
+              "cache_features", "cache_dtype", "batch_size", "feature_batch_size", "epochs",
+              "main_frontend", "trainer")
+_MODULE_TARGET = "warplca.modules.noisy_classification.NoisyClassification"
+_DEFAULTS: dict[str, Any] = {"frontends": ["pixels", "lca", "warp_lca"], "lca_iters_cold": 1000,
+                             "lca_iters_warm": 20, "corruptions": None, "corruption_seed": 0,
+                             "cache_features": "auto", "cache_dtype": "float32", "batch_size": None,
+                             "feature_batch_size": 256, "main_frontend": "warp_lca"}
+
+
+def settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(stage settings, module keyword arguments) from ``model.classify``, validated."""
+    node = to_container(ctx.stage_config("classify")) or {}
+    stage = {k: node.pop(k, _DEFAULTS.get(k)) for k in STAGE_KEYS if k != "trainer"}
+    node.pop("trainer", None)
+    node.setdefault("_target_", _MODULE_TARGET)
+    kinds = list(stage["frontends"] or [])
+    unknown = [k for k in kinds if k not in FRONTENDS]
+    if not kinds or unknown:
+        raise ValueError(f"model.classify.frontends must be a non-empty subset of {sorted(FRONTENDS)}, "
+                         f"got {kinds}")
+    cold, warm = int(stage["lca_iters_cold"]), int(stage["lca_iters_warm"])
+    if cold < 1 or warm < 0:
+        raise ValueError(f"need lca_iters_cold ≥ 1 and lca_iters_warm ≥ 0, got {cold}, {warm}")
+    if cold < 500 or warm > 20:
+        log.warning("classify: lca_iters_cold=%d, lca_iters_warm=%d: the experiment's protocol is cold ≥ 500 "
+                    "and warm ≤ 20 iterations", cold, warm)
+    if stage["cache_dtype"] not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"model.classify.cache_dtype must be float32, float16 or bfloat16, "
+                         f"got {stage['cache_dtype']!r}")
+    stage["frontends"] = kinds
+    stage["conditions"] = robustness_conditions(stage["corruptions"])
+    return stage, node
+
+
+def _bundle(ctx: RunContext, needed: bool) -> Any:
+    """The run's WARP-LCA bundle (``warp_path`` or ``warp_lca.pt``), or None when not needed and absent."""
+    from warplca.bundle import WarpLCA
+
+    given = ctx.cfg.get("warp_path")
+    path = Path(given).expanduser() if given else ctx.artifact("warp_lca.pt")
+    if not path.is_file():
+        if needed:
+            raise FileNotFoundError(f"classify: no WARP-LCA bundle at {path}; run the warp stage first "
+                                    "(stages=[dictionary,targets,warp,classify]), pass warp_path=<file>, "
+                                    "or drop warp_lca from model.classify.frontends")
+        return None
+    return WarpLCA.load(path)
+
+
+def build_frontends(ctx: RunContext, stage: dict[str, Any]) -> dict[str, FrontEnd]:
+    """The front ends to compare. ``lca`` and ``warp_lca`` share the bundle's dictionary, settings and
+    normalisation when there is a bundle, so cold and warm codes differ only in the start."""
+    kinds = stage["frontends"]
+    bundle = _bundle(ctx, needed="warp_lca" in kinds)
+    if bundle is not None:
+        dictionary, lca_settings, norm = bundle.dictionary, bundle.lca.settings(), bundle.normalization
+    elif "lca" in kinds:
+        dictionary, lca_settings, norm = ctx.dictionary(), ctx.lca_settings(), ctx.normalization()
+    else:
+        dictionary, lca_settings, norm = None, None, ctx.datamodule.normalization
+    channels = int(ctx.datamodule.channels)
+    out: dict[str, FrontEnd] = {}
+    for kind in kinds:
+        if kind == "pixels":
+            out[kind] = PixelFrontEnd(channels, norm)
+        elif kind == "lca":
+            out[kind] = LCAFrontEnd(dictionary, lca_settings, int(stage["lca_iters_cold"]), norm)
+        else:
+            out[kind] = WarpLCAFrontEnd(bundle, int(stage["lca_iters_warm"]))
+    return out
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The robustness rows stored in a finished ``classifier_<fe>.ckpt`` (None if unreadable)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated file: redo that front end
+        log.warning("classify: cannot read %s (%s); retraining", path, exc)
+        return None
+    rows = ckpt.get("robustness_rows") if isinstance(ckpt, dict) else None
+    return list(rows) if rows else None
+
+
+def _set_checkpoint_dir(trainer: Any, directory: Path) -> None:
+    """Point the trainer's ModelCheckpoint(s) at a per-front-end directory (checkpoints/classify/<fe>)."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None) is not None:
+            cb.dirpath = str(directory)
+
+
+def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, Any],
+               module_conf: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Train, test and save the classifier of one front end; returns its rows and extra metrics."""
+    dm = ctx.datamodule
+    num_classes = getattr(dm, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"classify needs a labelled dataset (data=digits, cifar10, ...); "
+                         f"'{getattr(dm, 'name', type(dm).__name__)}' has no classes")
+    dm.setup("test")
+    image_size = int(dm.split_dataset("test")[0][0].shape[-1])
+    conditions = stage["conditions"]
+    module: NoisyClassification = instantiate(OmegaConf.create(module_conf), _convert_="all",
+                                              frontend=frontend, num_classes=int(num_classes),
+                                              image_size=image_size, conditions=conditions)
+    fdm = FrontEndDataModule(dm, frontend, conditions, cache=stage["cache_features"],
+                             corruption_seed=int(stage["corruption_seed"]), batch_size=stage["batch_size"],
+                             feature_batch_size=int(stage["feature_batch_size"]),
+                             cache_dtype=getattr(torch, stage["cache_dtype"]),
+                             seed=int(ctx.cfg.get("seed") or 0))
+    loggers = ctx.loggers(f"classify/{kind}")
+    trainer = ctx.trainer("classify", logger=loggers) if loggers else ctx.trainer("classify")
+    ckpt_dir = ctx.checkpoint_dir("classify") / kind
+    _set_checkpoint_dir(trainer, ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.is_file() and ctx.cfg.get("resume", True) and not ctx.force else None
+    if resume is not None:
+        log.info("classify/%s: resuming from %s", kind, resume)
+    log.info("classify/%s: training %s on %s features %s", kind, type(module.backbone).__name__, kind,
+             module.feature_shape)
+    trainer.fit(module, datamodule=fdm, ckpt_path=str(resume) if resume is not None else None)
+    val_acc = trainer.callback_metrics.get("val/acc")
+    trainer.test(module, datamodule=fdm, verbose=False)
+    rows = list(module.robustness_rows)
+    path = ctx.artifact(f"classifier_{kind}.ckpt")
+    module.robustness_rows = rows  # stored in the checkpoint by NoisyClassification.on_save_checkpoint
+    trainer.save_checkpoint(path)
+    extra = {"cache_s": float(fdm.cache_seconds), "epochs": float(trainer.current_epoch)}
+    if val_acc is not None:
+        extra["val_acc"] = float(val_acc)
+    log.info("classify/%s: clean %.4f, saved %s", kind, rows[0]["accuracy"] if rows else float("nan"), path)
+    return rows, extra
+
+
+def _metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in rows:
+        out[f"{r['frontend']}/acc/{condition_name(r['corruption'], r['level'])}"] = float(r["accuracy"])
+    for fe, s in robustness_summary(rows).items():
+        out[f"{fe}/clean"] = s["clean"]
+        out[f"{fe}/mca"] = s["mca"]
+        out[f"{fe}/ms_per_image"] = s["ms_per_image"]
+    return out
+
+
+def _comparisons(metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "warp_lca/mca" in metrics and "lca/mca" in metrics:
+        out["warp_minus_lca/mca"] = metrics["warp_lca/mca"] - metrics["lca/mca"]
+        out["warp_minus_lca/clean"] = metrics["warp_lca/clean"] - metrics["lca/clean"]
+        if metrics["warp_lca/ms_per_image"] > 0:
+            out["cost_ratio/lca_over_warp"] = metrics["lca/ms_per_image"] / metrics["warp_lca/ms_per_image"]
+    if "warp_lca/mca" in metrics and "pixels/mca" in metrics:
+        out["warp_minus_pixels/mca"] = metrics["warp_lca/mca"] - metrics["pixels/mca"]
+    return out
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    """Train and test one classifier per front end; write the robustness table, plot and markdown."""
+    stage, module_conf = settings(ctx)
+    frontends = build_frontends(ctx, stage)
+    all_rows: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    for kind, frontend in frontends.items():
+        path = ctx.artifact(f"classifier_{kind}.ckpt")
+        rows = _load_rows(path) if path.is_file() and not ctx.force else None
+        if rows is not None:
+            log.info("classify/%s: %s exists, reusing its results (force=true to retrain)", kind, path.name)
+            extra: dict[str, float] = {}
+        else:
+            rows, extra = _train_one(ctx, kind, frontend, stage, module_conf)
+            ctx.finish_loggers()
+        all_rows += rows
+        mine = {**_metrics(rows), **{f"{kind}/{k}": v for k, v in extra.items()}}
+        metrics.update(mine)
+        ctx.log_metrics("classify", mine)
+    metrics.update(_comparisons(metrics))
+    if ctx.is_rank_zero:
+        main = stage["main_frontend"] if stage["main_frontend"] in frontends else None
+        if main is None:  # the best by mean corruption accuracy
+            main = max(frontends, key=lambda k: metrics.get(f"{k}/mca", float("-inf")))
+        shutil.copyfile(ctx.artifact(f"classifier_{main}.ckpt"), ctx.artifact("classifier.ckpt"))
+        save_robustness_plot(all_rows, ctx.artifact("robustness.png"))
+        md = robustness_markdown(all_rows)
+        ctx.artifact("robustness.md").write_text(md)
+        write_robustness_csv(all_rows, ctx.artifact(ARTIFACT))  # the artifact: last
+        log.info("classify: wrote %s\n%s", ctx.artifact(ARTIFACT), md)
+    ctx.barrier()
+    return metrics

@@ -1,0 +1,130 @@
+"""Stage ``dictionary``: learn the atoms on the configured data and save ``dictionary.pt``.
+
+Trains :class:`~warplca.modules.dictionary_learning.DictionaryLearning` (resuming from
+``checkpoints/dictionary/last.ckpt`` when an earlier invocation was interrupted), tests it, and
+compares it with a random unit-norm dictionary of the same geometry at the same λ and LCA budget
+on the test split (``random/test/*`` and ``test/psnr_gain_db``). Writes ``dictionary.pt`` (atoms,
+geometry, and meta: normalisation, data and LCA config, test metrics), ``atoms.png`` and
+``reconstructions.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from warplca.lca import LCA, ConvDictionary, random_dictionary_like
+from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
+from warplca.plotting import atom_grid, image_grid, save_png
+from warplca.tasks.context import RunContext
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "dictionary.pt"
+
+__all__ = ["ARTIFACT", "build_dictionary", "evaluate_dictionary", "run"]
+
+
+def build_dictionary(ctx: RunContext) -> ConvDictionary:
+    """The initial (random) dictionary of ``cfg.dictionary`` for the data's channel count."""
+    conf = ctx.cfg.get("dictionary")
+    if conf is None:
+        raise ValueError("no dictionary config: choose one with dictionary=<name> (cifar, small, tiny)")
+    channels = ctx.datamodule.channels
+    dictionary = instantiate(conf, in_channels=channels) if "_target_" in conf else ConvDictionary(
+        in_channels=channels, **OmegaConf.to_container(conf, resolve=True))  # type: ignore[arg-type]
+    if not isinstance(dictionary, ConvDictionary):
+        raise ValueError(f"cfg.dictionary must build a ConvDictionary, got {type(dictionary).__name__}")
+    return dictionary
+
+
+@torch.no_grad()
+def evaluate_dictionary(dictionary: ConvDictionary, lca_settings: dict[str, Any], normalization: Any,
+                        loader: Any, iters: int, max_batches: int | None = None) -> dict[str, float]:
+    """PSNR/SSIM (pixel scale), sparsity and energy of LCA codes of ``loader``'s images.
+
+    The same metrics the module logs, without Lightning: for baselines (the random dictionary).
+    """
+    lca = LCA(dictionary, **{**lca_settings, "iters": iters})
+    recon_m, sparsity, energy = reconstruction_metrics(), SparsityMetric(), EnergyMetric()
+    device = dictionary.weight.device
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+        x = normalization.apply(images)
+        res = lca(x)
+        recon_m.update(normalization.invert(res.recon).clamp(0.0, 1.0), images)
+        sparsity.update(res.a)
+        energy.update(res.energy, x[0].numel())
+    out = {**recon_m.compute(), **sparsity.compute(), **energy.compute()}
+    return {k: float(v) for k, v in out.items()}
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    """Train, test, compare with a random dictionary, save ``dictionary.pt``; returns test metrics."""
+    cfg = ctx.cfg
+    dm = ctx.datamodule
+    normalization = dm.normalization
+    dictionary = build_dictionary(ctx)
+    lca_settings = ctx.lca_settings()
+    try:
+        LCA(dictionary, **lca_settings)  # validate λ, τ, … before any training
+    except ValueError as exc:
+        raise ValueError(f"invalid lca config {lca_settings}: {exc}") from exc
+    module = ctx.module("dictionary", dictionary=dictionary, lca_settings=lca_settings,
+                        normalization=normalization)
+    initial = dictionary.weight.detach().clone()
+
+    ckpt = None
+    if cfg.get("resume", True) and not ctx.force:
+        ckpt = ctx.last_checkpoint("dictionary")
+        if ckpt is not None:
+            log.info("resuming the dictionary stage from %s", ckpt)
+    trainer = ctx.trainer("dictionary")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+    results = trainer.test(module, datamodule=dm, verbose=False)
+    metrics: dict[str, float] = {k: float(v) for k, v in (results[0] if results else {}).items()
+                                 if k.startswith("test/") and k != "test/loss"}
+
+    learned = module.dictionary.cpu().normalize_()
+    learned.weight.requires_grad_(False)
+    iters = int(module.iters)
+    n_batches = trainer.num_test_batches[0] if trainer.num_test_batches else None
+    max_batches = None if n_batches is None or n_batches == float("inf") else int(n_batches)
+    random = random_dictionary_like(learned, seed=int(cfg.get("seed") or 0) + 1)
+    baseline = evaluate_dictionary(random, lca_settings, normalization, dm.test_dataloader(), iters,
+                                   max_batches)
+    metrics.update({f"random/test/{k}": v for k, v in baseline.items()})
+    if "test/psnr" in metrics:
+        metrics["test/psnr_gain_db"] = metrics["test/psnr"] - baseline["psnr"]
+    metrics["eval_iters"] = float(iters)
+    metrics["epochs"] = float(trainer.current_epoch)
+    metrics["global_step"] = float(trainer.global_step)
+    metrics["atom_change"] = float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean())
+
+    meta = {
+        "normalization": normalization.to_dict(),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "lca": {k: v for k, v in lca_settings.items()},
+        "train": {"iters": iters, "epochs": int(trainer.current_epoch),
+                  "global_step": int(trainer.global_step), "lr": float(module.lr)},
+        "metrics": dict(metrics),
+    }
+    if ctx.is_rank_zero:
+        path = learned.save(ctx.artifact(ARTIFACT), **meta)
+        save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"))
+        images = next(iter(dm.test_dataloader()))[0][:16]
+        with torch.no_grad():
+            recon, _ = module.cpu()(images)
+        save_png(image_grid(torch.stack([images, recon], 1).flatten(0, 1), ncol=8),
+                 ctx.artifact("reconstructions.png"))
+        log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f)",
+                 path, metrics.get("test/psnr", float("nan")), baseline["psnr"],
+                 metrics.get("test/l0_per_image", float("nan")), baseline["l0_per_image"])
+    ctx.set_dictionary(learned, meta)
+    return metrics

@@ -1,0 +1,130 @@
+"""Stage "report": the convergence evaluation of the run's WARP-LCA bundle, ending the main job.
+
+Loads ``warp_lca.pt`` (or ``warp_path``), runs cold LCA and WARP-LCA on the test split of the run's
+data (``eval.*`` settings when the config has an ``eval`` node, else
+:data:`warplca.tasks.evaluate.DEFAULTS`: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
+``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact, written last) into the run
+directory, logs them to the run's loggers and **prints the cold LCA vs WARP-LCA table** at 1, 10, 100
+and 1000 iterations (energy, PSNR, SSIM, ℓ0, ms per image with the predictor included for WARP-LCA)
+plus iterations-to-match. Metrics are returned as ``convergence/…`` (``report/convergence/…`` in
+``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from warplca.evaluation.common import describe_model, load_model, resolve_device
+from warplca.evaluation.report import fmt, log_to_loggers, markdown_table, write_report_section
+from warplca.tasks.context import RunContext
+from warplca.tasks.evaluate import convergence_settings, eval_images, robustness_result, run_convergence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "run"]
+
+ARTIFACT = "report.md"
+_STAGE_KEYS = ("dictionary", "targets", "warp", "classify")
+
+
+def _device(ctx: RunContext) -> Any:
+    """The report runs where the trainer would: cpu for ``trainer.accelerator=cpu``, else auto."""
+    trainer = ctx.cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto") if hasattr(trainer, "get") else "auto")
+    return resolve_device("cpu" if accelerator == "cpu" else "auto")
+
+
+def _bundle_path(ctx: RunContext) -> Path:
+    given = ctx.cfg.get("warp_path")
+    path = Path(given).expanduser() if given else ctx.artifact("warp_lca.pt")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"report: no WARP-LCA bundle at {path}; run the warp stage first "
+            "(stages=[dictionary,targets,warp,report]) or pass warp_path=<file>"
+        )
+    return path
+
+
+def pipeline_section(ctx: RunContext) -> str:
+    """report.md section: the other stages' metrics from metrics.json (what the run trained)."""
+    data = ctx.read_metrics()
+    rows = []
+    for stage in _STAGE_KEYS:
+        for key, value in sorted((data.get(stage) or {}).items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append({"stage": stage, "metric": key, "value": float(value)})
+    if not rows:
+        return ""
+    return "## Pipeline\n\nMetrics of the training stages (`metrics.json`):\n\n" + markdown_table(
+        rows, ["stage", "metric", "value"]
+    )
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    """Evaluate convergence on the test split, write the report and print the closing table."""
+    if not ctx.is_rank_zero:
+        return {}
+    settings = convergence_settings(ctx.cfg)
+    device = _device(ctx)
+    model = load_model(_bundle_path(ctx), device)
+    dm = ctx.datamodule
+    split = str(settings["split"])
+    images = eval_images(dm, model, split, settings.get("n_images"))
+    name = f"{getattr(dm, 'name', 'data')}/{split}"
+    log.info(
+        "report: cold LCA vs WARP-LCA on %d %s images, T=%s",
+        images.shape[0],
+        name,
+        settings.get("iters") or model.lca.iters,
+    )
+    result = run_convergence(
+        model,
+        images,
+        ctx.run_dir,
+        settings,
+        name=name,
+        show_progress=bool(ctx.cfg.get("progress", True)),
+        device=device,
+    )
+
+    loggers = ctx.loggers("report")
+    images_out = {f"report/{k}": p for k, p in result.files.items() if p.suffix == ".png"}
+    log_to_loggers(
+        loggers,
+        {f"report/{k}": v for k, v in result.metrics.items()},
+        images=images_out,
+        tables={f"report/{k}": v for k, v in result.tables.items()},
+        text={"report/convergence": result.markdown},
+    )
+    for lg in loggers:
+        if hasattr(lg, "finalize"):
+            lg.finalize("success")
+
+    info = describe_model(model)
+    pipeline = pipeline_section(ctx)
+    if pipeline:
+        write_report_section(ctx.run_dir, "pipeline", pipeline)
+    if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: add its table
+        robust = robustness_result(ctx.run_dir, ctx.run_dir)
+        write_report_section(ctx.run_dir, "robustness", robust.markdown)
+        result.metrics.update(robust.metrics)
+    write_report_section(ctx.run_dir, "convergence", result.markdown)  # the artifact: last
+
+    total = int(result.metrics["convergence/T"])
+    print(
+        f"\nCold LCA vs WARP-LCA — {images.shape[0]} {name} images, {info['threshold']} threshold, "
+        f"λ = {fmt(info['lam'])}, T = {total}",
+        flush=True,
+    )
+    from warplca.evaluation.convergence import table_markdown
+
+    print(table_markdown(result.table, result.match), flush=True)
+    ratio = result.metrics.get("convergence/energy_ratio@T", math.nan)
+    print(
+        f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(ratio, 6)}.  Report: {ctx.artifact(ARTIFACT)}",
+        flush=True,
+    )
+    return dict(result.metrics)

@@ -1,0 +1,106 @@
+"""Stage "warp": train WARP-CNN on the cached targets and save the WARP-LCA bundle ``warp_lca.pt``.
+
+Reads the ``targets`` stage's caches (refused, naming the differing keys, when they no longer match
+the config), builds the predictor from the ``predictor`` group, the loss from the ``loss`` group and
+:class:`~warplca.modules.warp_regression.WarpRegression` from ``model.warp`` (its keys other than
+``batch_size``, ``num_workers``, ``epochs`` and ``trainer`` are the module's arguments), fits it with
+the run's Trainer (resuming ``checkpoints/warp/last.ckpt`` unless ``resume=false`` or ``force=true``)
+and writes the bundle (dictionary, predictor, LCA settings, normalisation) atomically on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
+from warplca.tasks import stage_targets
+from warplca.tasks.context import RunContext
+from warplca.tasks.utils import to_container
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "DATA_KEYS", "build_predictor", "run"]
+
+ARTIFACT = "warp_lca.pt"
+
+#: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
+DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer")
+_MODULE_TARGET = "warplca.modules.warp_regression.WarpRegression"
+
+
+def build_predictor(ctx: RunContext, dictionary: Any) -> Any:
+    """The ``predictor`` group's network, sized for ``dictionary`` (in_channels, n_atoms, stride)."""
+    conf = OmegaConf.select(ctx.cfg, "model.warp.predictor") or ctx.cfg.get("predictor")
+    if conf is None:
+        raise ValueError("no predictor config: choose one with predictor=small|medium|large")
+    conf = OmegaConf.create(to_container(conf))
+    if "_target_" not in conf:
+        conf["_target_"] = "warplca.models.WarpCNN"
+    return instantiate(conf, in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
+                       stride=dictionary.stride)
+
+
+def _loss_config(ctx: RunContext) -> dict[str, Any]:
+    conf = to_container(OmegaConf.select(ctx.cfg, "model.warp.loss") or ctx.cfg.get("loss")) or {}
+    return {"loss": conf.get("name", "laplacian"), "gamma": conf.get("gamma", 3.0)}
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    tconf = stage_targets.settings(ctx)
+    dictionary = ctx.dictionary()
+    lca = ctx.lca(dictionary)
+    norm = ctx.normalization()
+    dm = ctx.datamodule
+
+    sets: dict[str, TargetDataset] = {}
+    for split in ("train", "val"):
+        if split not in tconf["splits"]:
+            continue
+        manifest = stage_targets.expected(ctx, split, dictionary, lca, norm, tconf)
+        try:
+            cache = TargetCache.open(stage_targets.cache_dir(ctx, split), manifest)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}: run the targets stage first (stages=[targets,warp])") from exc
+        sets[split] = TargetDataset(cache, dm.split_dataset(split))
+
+    node = to_container(ctx.stage_config("warp")) or {}
+    data = {k: node.pop(k) for k in DATA_KEYS if k in node}
+    node.pop("predictor", None)
+    node.pop("loss", None)
+    node.setdefault("_target_", _MODULE_TARGET)
+    predictor = build_predictor(ctx, dictionary)
+    n_params = sum(p.numel() for p in predictor.parameters())
+    module = instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
+                         lca_settings=lca.settings(), normalization=norm, **_loss_config(ctx))
+    datamodule = TargetDataModule(sets["train"], sets.get("val"), batch_size=int(data.get("batch_size", 64)),
+                                  num_workers=int(data.get("num_workers", 0)),
+                                  seed=int(ctx.cfg.get("seed") or 0))
+
+    overrides: dict[str, Any] = {}
+    if "val" not in sets:
+        overrides.update(limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = ctx.trainer("warp", **overrides)
+    ckpt = None if ctx.force or not ctx.cfg.get("resume", True) else ctx.last_checkpoint("warp")
+    if ckpt is not None:
+        log.info("warp: resuming from %s", ckpt)
+    log.info("warp: training %s (%d parameters) on %d cached targets", type(predictor).__name__, n_params,
+             len(sets["train"]))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+
+    metrics: dict[str, float] = {"predictor_params": float(n_params)}
+    for name, value in trainer.callback_metrics.items():
+        if name.startswith(("val/", "train/loss")) and not name.endswith(("_step", "_epoch")):
+            metrics[name] = float(value)
+    if ctx.is_rank_zero:
+        bundle = module.bundle()
+        bundle.save(ctx.artifact(ARTIFACT), target_iters=int(tconf["iters"]),
+                    dataset=str(getattr(dm, "name", "")), predictor_params=n_params,
+                    epochs=int(trainer.current_epoch),
+                    metrics={k: v for k, v in metrics.items() if k.startswith("val/")})
+        log.info("warp: saved %s", ctx.artifact(ARTIFACT))
+    ctx.barrier()
+    return metrics

@@ -1,0 +1,297 @@
+"""Hydra configs: every group option composes and instantiates; bad overrides fail naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from warplca.lca import LCA, ConvDictionary
+from warplca.tasks import stages as stages_mod
+from warplca.tasks.context import RunContext
+from warplca.tasks.stages import STAGE_ORDER, StageNotAvailableError, load_stage, resolve_stages, stage_done
+from warplca.tasks.train import train, validate_config
+from warplca.tasks.utils import flatten_metrics, get_metric_value
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_train_config_top_level(make_cfg, tmp_path) -> None:
+    cfg = make_cfg(tiny=False)
+    for key in ("stages", "seed", "force", "resume", "dictionary_path", "warp_path", "run_dir", "task_name"):
+        assert key in cfg, key
+    assert list(cfg.stages) == ["dictionary", "targets", "warp", "report"]
+    assert cfg.force is False and cfg.dictionary_path is None
+    assert cfg.paths.output_dir == str((tmp_path / "run").resolve())
+    assert cfg.dictionary.n_atoms == 64 and cfg.dictionary.kernel_size == 9 and cfg.dictionary.stride == 2
+    assert set(cfg.lca) >= {"threshold", "lam", "tau", "iters", "nonneg", "theta", "tol"}
+    assert cfg.lca.threshold == "hard" and cfg.lca.tau == "auto" and cfg.lca.iters == 1000
+    assert "_target_" in cfg.model.dictionary
+    assert cfg.trainer.accelerator == "cpu"
+    assert "wandb" not in cfg.logger and "csv" in cfg.logger
+    # `lca.lam=0.5` style overrides work on every lca option
+    assert make_cfg("lca=soft", "lca.lam=0.25", tiny=False).lca.lam == 0.25
+
+
+def test_run_dir_override_sets_the_hydra_run_dir(make_cfg) -> None:
+    cfg = make_cfg("run_dir=/some/where", tiny=False)
+    assert cfg.hydra.run.dir  # composed; the CLI test checks that it is used
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "default.yaml"), resolve=False)
+    assert raw["run"]["dir"] == "${run_dir}"
+
+
+@pytest.mark.parametrize("group", ["data", "dictionary", "lca", "trainer", "logger", "callbacks", "debug",
+                                   "experiment", "paths", "hydra", "predictor", "loss"])
+def test_every_group_option_composes(make_cfg, group) -> None:
+    if not (CONF / group).is_dir():
+        pytest.skip(f"no conf/{group}/")
+    for option in options(group):
+        assert make_cfg(f"{group}={option}") is not None, f"{group}={option}"
+
+
+def test_model_options_compose(make_cfg) -> None:
+    for stage in ("dictionary", "warp", "classify"):
+        for option in options("model"):
+            assert make_cfg(f"model@model.{stage}={option}", tiny=False) is not None
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options_instantiate_or_fail_cleanly_offline(make_cfg, option, tmp_path) -> None:
+    from warplca.data import DatasetNotFoundError
+
+    cfg = make_cfg(f"data={option}", f"paths.data_dir={tmp_path / 'nodata'}")
+    ctx = RunContext.from_config(cfg)
+    dm = ctx.datamodule
+    assert isinstance(dm, pl.LightningDataModule)
+    try:
+        images, labels = next(iter(dm.train_dataloader()))
+    except DatasetNotFoundError as exc:
+        assert "nodata" in str(exc)  # names the directory
+        pytest.skip(f"{option}: no files offline ({exc})")
+    assert images.dtype == torch.float32 and images.dim() == 4 and images.shape[1] == dm.channels
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("option", options("dictionary"))
+def test_dictionary_options_instantiate(make_cfg, option) -> None:
+    from warplca.tasks.stage_dictionary import build_dictionary
+
+    ctx = RunContext.from_config(make_cfg(f"dictionary={option}"))
+    d = build_dictionary(ctx)
+    assert isinstance(d, ConvDictionary) and d.in_channels == 3
+    assert torch.allclose(d.weight.flatten(1).norm(dim=1), torch.ones(d.n_atoms), atol=1e-5)
+
+
+@pytest.mark.parametrize("option", options("lca"))
+def test_lca_options_instantiate(make_cfg, option) -> None:
+    cfg = make_cfg(f"lca={option}")
+    assert set(cfg.lca) == {"threshold", "lam", "tau", "iters", "nonneg", "theta", "tol"}
+    ctx = RunContext.from_config(cfg)
+    lca = ctx.lca(ConvDictionary(8, 3, 5, 2))
+    assert isinstance(lca, LCA) and lca.threshold.name == option and lca.lam == cfg.lca.lam
+    res = lca(torch.rand(2, 3, 16, 16) - 0.5, iters=5)
+    assert torch.isfinite(res.energy).all()
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_instantiate(make_cfg, option) -> None:
+    cfg = make_cfg(f"trainer={option}", "logger=csv")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    trainer = RunContext.from_config(cfg).trainer("dictionary")
+    assert isinstance(trainer, pl.Trainer)
+    assert trainer.max_epochs == 1  # the stage default (model.dictionary.trainer) applies
+    if option == "ddp_cpu":
+        assert trainer.num_devices == 2
+        assert type(trainer.strategy).__name__ == "DDPStrategy"
+        assert trainer.strategy._start_method == "spawn"
+        assert trainer.strategy.process_group_backend == "gloo"
+
+
+def test_trainer_precedence(make_cfg, tmp_path) -> None:
+    ctx = RunContext.from_config(make_cfg("model.dictionary.trainer.max_epochs=7"))
+    assert ctx.trainer_kwargs("dictionary")["max_epochs"] == 7
+    ctx = RunContext.from_config(make_cfg("model.dictionary.trainer.max_epochs=7", "trainer.max_epochs=2"))
+    assert ctx.trainer_kwargs("dictionary")["max_epochs"] == 2
+    assert ctx.trainer_kwargs("dictionary", max_epochs=3)["max_epochs"] == 3
+    trainer = ctx.trainer("dictionary")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpts = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(ckpts) == 1 and Path(ckpts[0].dirpath) == ctx.run_dir / "checkpoints" / "dictionary"
+    assert ckpts[0].save_last
+    assert Path(trainer.default_root_dir) == ctx.run_dir
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options_instantiate(make_cfg, option, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    ctx = RunContext.from_config(make_cfg(f"logger={option}"))
+    loggers = ctx.loggers("dictionary")
+    names = {type(lg).__name__ for lg in loggers}
+    expected = {"csv": {"CSVLogger"}, "tensorboard": {"TensorBoardLogger"}, "wandb": {"WandbLogger"},
+                "many": {"CSVLogger", "TensorBoardLogger", "WandbLogger"}, "none": set()}[option]
+    assert names == expected
+    for lg in loggers:
+        if type(lg).__name__ in ("CSVLogger", "TensorBoardLogger"):
+            assert str(lg.version) == "dictionary"  # one sub-directory per stage
+        lg.finalize("success")
+    ctx.finish_loggers()
+    raw = OmegaConf.load(CONF / "logger" / f"{option}.yaml")
+    if "wandb" in raw:
+        assert "mode" not in raw.wandb and "offline" not in raw.wandb  # wandb reads WANDB_MODE
+
+
+@pytest.mark.parametrize("override", ["logger=none", "~logger"])
+def test_no_logger(make_cfg, override) -> None:
+    ctx = RunContext.from_config(make_cfg(override))
+    assert ctx.loggers("dictionary") == []
+    trainer = ctx.trainer("dictionary")
+    assert trainer.logger is None
+    assert not any(type(c).__name__ == "LearningRateMonitor" for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callbacks_options(make_cfg, option) -> None:
+    trainer = RunContext.from_config(make_cfg(f"callbacks={option}")).trainer("dictionary")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    assert sum(isinstance(c, ModelCheckpoint) for c in trainer.callbacks) == 1
+
+
+@pytest.mark.parametrize("option", [o for o in options("debug") if o != "default"])
+def test_debug_options_force_cpu_no_loggers(make_cfg, option) -> None:
+    cfg = make_cfg("trainer=ddp_cpu", "logger=many", f"debug={option}")
+    assert cfg.logger is None and cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 1
+    assert cfg.trainer.strategy == "auto" and cfg.data.num_workers == 0
+    trainer = RunContext.from_config(cfg).trainer("dictionary")
+    assert trainer.num_devices == 1 and trainer.logger is None
+
+
+def test_experiment_quickstart(make_cfg) -> None:
+    cfg = make_cfg("experiment=quickstart", tiny=False)
+    assert cfg.task_name == "quickstart" and list(cfg.stages) == ["dictionary", "targets", "warp", "report"]
+    assert cfg.data._target_.endswith("NaturalDataModule") and cfg.dictionary.n_atoms == 64
+
+
+# -- bad overrides ----------------------------------------------------------------------------------
+def test_unknown_dataset_names_the_group(make_cfg) -> None:
+    with pytest.raises(HydraException, match="data/nope"):
+        make_cfg("data=nope")
+
+
+def test_negative_lambda_names_the_key(make_cfg) -> None:
+    cfg = make_cfg("lca.lam=-1")
+    with pytest.raises(ValueError, match=r"lca\.lam=-1"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match=r"lca\.lam=-1"):
+        train(cfg)  # fails before any training
+    assert not (Path(cfg.paths.output_dir) / "dictionary.pt").exists()
+
+
+def test_bad_tau_and_unknown_lca_key(make_cfg) -> None:
+    with pytest.raises(ValueError, match=r"lca\.tau"):
+        validate_config(make_cfg("lca.tau=-3"))
+    with pytest.raises(ValueError, match="unknown lca config keys"):
+        validate_config(make_cfg("+lca.lamda=1"))
+
+
+def test_missing_cifar_directory_is_named(make_cfg, tmp_path) -> None:
+    from warplca.data import DatasetNotFoundError
+
+    missing = tmp_path / "no_cifar_here"
+    cfg = make_cfg("data=cifar10", f"paths.data_dir={missing}")
+    with pytest.raises(DatasetNotFoundError, match="no_cifar_here"):
+        train(cfg)
+
+
+def test_missing_dictionary_path(make_cfg, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="dictionary_path"):
+        validate_config(make_cfg(f"dictionary_path={tmp_path / 'nope.pt'}"))
+
+
+# -- stages and the run context ---------------------------------------------------------------------
+def test_stage_names() -> None:
+    assert STAGE_ORDER == ("dictionary", "targets", "warp", "classify", "report")
+    assert resolve_stages(["report", "dictionary", "report"]) == ["dictionary", "report"]
+    assert resolve_stages("[warp,dictionary]") == ["dictionary", "warp"]
+    with pytest.raises(ValueError, match="valid stages") as info:
+        resolve_stages(["dictionary", "bogus"])
+    assert "bogus" in str(info.value) and "targets" in str(info.value)
+
+
+def test_missing_stage_module_is_reported(monkeypatch) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name: str, *args, **kwargs):
+        if name == "warplca.tasks.stage_classify":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(stages_mod.importlib, "import_module", fake)
+    with pytest.raises(StageNotAvailableError, match="stage classify is not available"):
+        load_stage("classify")
+    assert load_stage("dictionary").ARTIFACT == "dictionary.pt"
+
+
+def test_skip_rules(make_cfg, tmp_path) -> None:
+    module = load_stage("dictionary")
+    ctx = RunContext.from_config(make_cfg())
+    assert stage_done(ctx, module) is None
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.artifact("dictionary.pt").write_bytes(b"x")
+    assert "dictionary.pt exists" in stage_done(ctx, module)
+    assert stage_done(RunContext.from_config(make_cfg("force=true")), module) is None
+    other = tmp_path / "given.pt"
+    other.write_bytes(b"x")
+    msg = stage_done(RunContext.from_config(make_cfg(f"dictionary_path={other}", "force=true")), module)
+    assert msg is not None and "dictionary_path" in msg
+
+
+def test_log_metrics_merges_atomically(make_cfg) -> None:
+    ctx = RunContext.from_config(make_cfg())
+    ctx.log_metrics("dictionary", {"test/psnr": torch.tensor(20.5), "n": 3})
+    ctx.log_metrics("warp", {"mse": 0.1})
+    ctx.log_metrics("dictionary", {"test/ssim": 0.7})
+    data = json.loads((ctx.run_dir / "metrics.json").read_text())
+    assert data == {"dictionary": {"test/psnr": 20.5, "n": 3, "test/ssim": 0.7}, "warp": {"mse": 0.1}}
+    assert not list(ctx.run_dir.glob(".metrics.*"))
+    flat = flatten_metrics(data)
+    assert flat["dictionary/test/psnr"] == 20.5
+    assert get_metric_value(flat, "warp/mse") == 0.1
+    assert get_metric_value(flat, None) is None
+    with pytest.raises(KeyError, match="available"):
+        get_metric_value(flat, "warp/nope")
+
+
+def test_missing_dictionary_suggests_the_stage(make_cfg) -> None:
+    ctx = RunContext.from_config(make_cfg())
+    with pytest.raises(FileNotFoundError, match=r"dictionary\.pt.*stages=\[dictionary"):
+        ctx.dictionary()
+
+
+def test_dictionary_and_normalization_round_trip(make_cfg) -> None:
+    from warplca.data import Normalization
+
+    ctx = RunContext.from_config(make_cfg())
+    assert ctx.normalization() == ctx.datamodule.normalization  # no dictionary yet: the data's
+    d = ConvDictionary(8, 3, 5, 2, seed=3)
+    norm = Normalization(mean=(0.1, 0.2, 0.3), scale=2.0)
+    d.save(ctx.artifact("dictionary.pt"), normalization=norm.to_dict())
+    fresh = RunContext.from_config(ctx.cfg)
+    assert torch.equal(fresh.dictionary().weight, d.weight)
+    assert fresh.normalization() == norm
+    assert fresh.lca().lam == ctx.cfg.lca.lam
