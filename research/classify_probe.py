@@ -80,10 +80,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--frontends", default="pixels,warp_lca,lca")
     p.add_argument("--levels", default="4")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--noise-aug", type=float, default=0.0, help="max σ of noise added to WARP-CNN inputs")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -112,7 +113,8 @@ def main() -> None:
         t = time.time()
         u_star = torch.cat([lca(xn[i : i + 256], iters=args.target_iters).u for i in range(0, len(xn), 256)])
         torch.save(u_star, tpath)
-        log.info("targets %.1fs; active frac %.4f", time.time() - t, float((lca.threshold(u_star) != 0).float().mean()))
+        active = float((lca.threshold(u_star) != 0).float().mean())
+        log.info("targets %.1fs; active frac %.4f", time.time() - t, active)
 
     # 3. WARP-CNN
     wpath = out / "warp_lca.pt"
@@ -166,11 +168,13 @@ def main() -> None:
         pl.seed_everything(0, verbose=False)
         fe = build_frontend(kind, in_channels=1, dictionary=D, lca_settings=lca, bundle=bundle,
                             iters=args.cold_iters if kind == "lca" else args.warm_iters, normalization=norm)
+        kw = {"width": args.width} if args.backbone == "small_cnn" else None
         module = NoisyClassification(fe, args.backbone, 10, image_size=args.size, conditions=conditions,
-                                     backbone_kwargs={"width": args.width} if args.backbone == "small_cnn" else None)
+                                     backbone_kwargs=kw)
         fdm = FrontEndDataModule(dm, fe, conditions, batch_size=64, feature_batch_size=256)
-        trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
         trainer.fit(module, datamodule=fdm)
         tf = time.time() - t
         trainer.test(module, datamodule=fdm, verbose=False)

@@ -35,6 +35,16 @@ from warplca.modules.noisy_classification import FrontEndDataModule, NoisyClassi
 NORM = Normalization(mean=(0.3,), scale=1.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared, busy CPU extra OpenMP threads
+    only spin (a 2-thread step measured ~30x slower than a 1-thread one under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _dictionary(channels: int = 1) -> ConvDictionary:
     return ConvDictionary(n_atoms=8, in_channels=channels, kernel_size=5, stride=2, seed=3)
 
@@ -124,7 +134,8 @@ def test_frontend_errors_are_clear() -> None:
 @pytest.mark.parametrize(("channels", "size"), [(3, 32), (64, 16)])
 def test_resnet18_stem_is_adapted(channels: int, size: int) -> None:
     net = resnet18_classifier(channels, 10, input_size=size)
-    assert net.conv1.in_channels == channels and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert net.conv1.in_channels == channels
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, nn.Identity)
     net.eval()
     assert net(torch.randn(2, channels, size, size)).shape == (2, 10)
@@ -226,9 +237,9 @@ def test_module_trains_only_the_backbone_and_tests_every_condition(tmp_path: Pat
     conditions = {"gaussian_noise": [0.1, 0.3], "impulse_noise": [0.05], "gaussian_blur": [1.0]}
     fe = LCAFrontEnd(_dictionary(), {"lam": 0.3, "tau": "auto"}, iters=3, normalization=dm.normalization)
     module = NoisyClassification(fe, "small_cnn", 10, image_size=16, backbone_kwargs={"width": 8},
-                                 conditions=conditions, lr=5e-3)
+                                 conditions=conditions, lr=2e-3)
     fdm = FrontEndDataModule(dm, fe, module.conditions)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_test_batches=2)
     before = fe.dictionary.weight.clone()
     trainer.fit(module, datamodule=fdm)
@@ -242,8 +253,9 @@ def test_module_trains_only_the_backbone_and_tests_every_condition(tmp_path: Pat
     rows = module.robustness_rows
     assert [(r["corruption"], r["level"]) for r in rows] == module.conditions
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms_per_image"] > 0 for r in rows)
-    assert rows[0]["accuracy"] > 0.3  # learned something in two epochs on 3-step codes
-    assert "test/mca" in trainer.callback_metrics and "test/acc/gaussian_noise@0.3" in trainer.callback_metrics
+    assert rows[0]["accuracy"] > 0.3  # learned something in four epochs on 3-step codes
+    logged = trainer.callback_metrics
+    assert "test/mca" in logged and "test/acc/gaussian_noise@0.3" in logged
     # the checkpoint restores the classifier (front end passed back in) and its rows
     path = tmp_path / "c.ckpt"
     trainer.save_checkpoint(path)

@@ -490,6 +490,17 @@ def test_report_stage_prints_the_table(
     run = tmp_path / "run"
     run.mkdir()
     make_bundle(run / "warp_lca.pt")
+    from warplca.evaluation.robustness import write_robustness_csv
+
+    (run / "metrics.json").write_text(json.dumps({"dictionary": {"test/psnr": 20.0}}))
+
+    write_robustness_csv(
+        [
+            {"frontend": "pixels", "corruption": c, "level": lv, "accuracy": a, "ms_per_image": 1.0}
+            for c, lv, a in (("clean", 0.0, 0.9), ("gaussian_noise", 0.1, 0.5))
+        ],
+        run / "robustness.csv",
+    )
     cfg = make_cfg(
         "stages=[report]",
         "+eval.n_images=4",
@@ -506,6 +517,11 @@ def test_report_stage_prints_the_table(
     assert "Cold LCA vs WARP-LCA" in out and "| iterations | method" in out
     assert "| 1          | LCA (cold)" in out and "WARP-LCA" in out and "Iterations-to-match" in out
     assert (run / "report.md").is_file() and (run / "convergence.png").is_file()
+    report = (run / "report.md").read_text()
+    assert (
+        report.index("## Convergence") < report.index("## Noisy classification") < report.index("## Pipeline")
+    )
+    assert metrics["report/robustness/pixels/mca"] == pytest.approx(0.5)
     assert metrics["report/convergence/T"] == T
     data = json.loads((run / "metrics.json").read_text())
     assert data["report"]["convergence/n_images"] == 4

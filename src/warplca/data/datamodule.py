@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from warplca.data.normalization import Normalization
+from warplca.data.resumable import ResumableDataLoader
 
 __all__ = [
     "SPLITS",
@@ -242,12 +243,21 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        if shuffle:
+            # order = f(seed, epoch), resumable mid-epoch from a checkpoint (see warplca.data.resumable)
+            return ResumableDataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                order="shuffle",
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=self.pin_memory,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from warplca.data.normalization import Normalization
+from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA
 
@@ -124,8 +126,12 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                     normalization: Normalization | None, *, dataset: str, split: str, count: int,
                     image_shape: Sequence[int], chunk_size: int,
                     dataset_config: Mapping[str, Any] | None = None,
-                    fingerprint: str | None = None) -> dict[str, Any]:
+                    fingerprint: str | None = None, solver: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest that identifies a target cache (builders write it; readers compare against it).
+
+    ``solver`` names how the target states are computed: ``{"name": "cold"}`` (the default: cold LCA
+    for ``target_iters`` steps) or ``{"name": "continuation", "start_factor", "stages", "anneal_frac"}``
+    (λ-continuation, :mod:`warplca.lca.continuation`).
 
     ``lca_settings`` is :meth:`LCA.settings`; its ``iters`` is ignored (``target_iters`` counts).
     ``dataset_config`` is filtered of keys that do not change the images (:data:`VOLATILE_DATA_KEYS`).
@@ -153,6 +159,7 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
         "theta": s.get("theta", 0.5),
         "tol": s.get("tol"),
         "target_iters": target_iters,
+        "solver": normalize_solver(solver),
         "normalization": None if normalization is None else normalization.to_dict(),
         "dataset": dataset,
         "dataset_config": config,
@@ -166,6 +173,24 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
         "n_chunks": math.ceil(count / chunk_size),
     }
     return _jsonable(manifest)
+
+
+def normalize_solver(solver: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Canonical target-solver description: ``{"name": "cold"}`` or continuation with all parameters."""
+    if solver is None or solver == "cold":
+        return {"name": "cold"}
+    if isinstance(solver, str):
+        solver = {"name": solver}
+    spec = dict(solver)
+    name = spec.pop("name", "cold")
+    if name == "cold":
+        if spec:
+            raise ValueError(f"the cold target solver takes no parameters, got {sorted(spec)}")
+        return {"name": "cold"}
+    if name != "continuation":
+        raise ValueError(f"targets.solver must be 'cold' or 'continuation', got {name!r}")
+    params = asdict(Continuation(**spec))  # validates the parameters
+    return {"name": "continuation", **params}
 
 
 def manifest_diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -527,6 +552,9 @@ class TargetBuilder(pl.LightningModule):
         settings = {k: v for k, v in dict(lca_settings).items() if k != "iters"}
         self.target_iters = int(manifest["target_iters"])
         self.lca = LCA(self.dictionary, iters=self.target_iters, **settings)
+        solver = dict(manifest.get("solver") or {"name": "cold"})
+        self.continuation = (Continuation(**{k: v for k, v in solver.items() if k != "name"})
+                             if solver.get("name") == "continuation" else None)
         self.normalization = normalization
         self.manifest = _jsonable(dict(manifest))
         if int(batch_size) < 1:
@@ -613,7 +641,10 @@ class TargetBuilder(pl.LightningModule):
                 x = sub.to(torch.float32)
                 if self.normalization is not None:
                     x = self.normalization.apply(x)
-                res = self.lca(x, iters=self.target_iters)
+                if self.continuation is None:
+                    res = self.lca(x, iters=self.target_iters)
+                else:
+                    res = solve_continuation(self.lca, x, self.target_iters, self.continuation)
                 out.append(res.u.contiguous())
                 energy += float(res.energy.double().sum()) if res.energy is not None else math.nan
                 l0 += float(torch.count_nonzero(res.a))
@@ -660,7 +691,7 @@ def build_target_cache(directory: str | os.PathLike, dataset: Dataset, dictionar
                        split: str = "train", dataset_config: Mapping[str, Any] | None = None,
                        chunk_size: int = 512, batch_size: int = 128, limit: int | None = None,
                        num_workers: int = 0, trainer: pl.Trainer | None = None,
-                       overwrite: bool = False) -> TargetCache:
+                       overwrite: bool = False, solver: Mapping[str, Any] | str | None = None) -> TargetCache:
     """Build (or resume, or reuse) the state-target cache of ``dataset`` in ``directory``; returns it open.
 
     ``limit`` caches only the first ``limit`` items. ``trainer`` defaults to a CPU trainer without
@@ -671,7 +702,7 @@ def build_target_cache(directory: str | os.PathLike, dataset: Dataset, dictionar
     settings = lca.settings() if isinstance(lca, LCA) else dict(lca)
     manifest = expected_manifest(dataset, dictionary, settings, target_iters, normalization,
                                  dataset_name=dataset_name, split=split, dataset_config=dataset_config,
-                                 chunk_size=chunk_size, limit=limit)
+                                 chunk_size=chunk_size, limit=limit, solver=solver)
     directory = Path(directory)
     if not overwrite:
         try:
@@ -690,7 +721,7 @@ def build_target_cache(directory: str | os.PathLike, dataset: Dataset, dictionar
 def expected_manifest(dataset: Dataset, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                       target_iters: int, normalization: Normalization | None, *, dataset_name: str,
                       split: str, dataset_config: Mapping[str, Any] | None = None, chunk_size: int = 512,
-                      limit: int | None = None) -> dict[str, Any]:
+                      limit: int | None = None, solver: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
     """:func:`target_manifest` for a dataset object (count, image shape and fingerprint read from it)."""
     n = len(dataset)  # type: ignore[arg-type]
     count = n if limit is None else min(n, int(limit))
@@ -699,7 +730,8 @@ def expected_manifest(dataset: Dataset, dictionary: ConvDictionary, lca_settings
     shape = tuple(_image(dataset[0]).shape)
     return target_manifest(dictionary, lca_settings, target_iters, normalization, dataset=dataset_name,
                            split=split, count=count, image_shape=shape, chunk_size=chunk_size,
-                           dataset_config=dataset_config, fingerprint=data_fingerprint(dataset, count))
+                           dataset_config=dataset_config, fingerprint=data_fingerprint(dataset, count),
+                           solver=solver)
 
 
 # -------------------------------------------------------------------------------------------------

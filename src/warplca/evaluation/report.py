@@ -312,6 +312,9 @@ def _as_image(value: Any) -> np.ndarray:
 
 # -- README results page --------------------------------------------------------------------------------
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+_SECTION = re.compile(r"<!-- warplca:([\w.-]+) -->\n(.*?)<!-- /warplca:\1 -->", re.DOTALL)
+#: section order of the results page (others follow in report order)
+SECTION_ORDER = ("convergence", "thresholds", "denoise", "ood", "robustness", "sweep", "pipeline")
 
 
 def write_results_page(
@@ -338,9 +341,10 @@ def write_results_page(
             f"(python evaluate.py run_dir={out_dir} eval=convergence)"
         )
     figures = Path(figures_dir) if figures_dir is not None else page.parent / "figures"
-    body = report.read_text(encoding="utf-8")
-    body = body.replace(_HEADER, "", 1)
-    body = re.sub(r"<!-- /?warplca:[^>]*-->\n?", "", body)
+    text = report.read_text(encoding="utf-8")
+    sections = {m.group(1): m.group(2).strip() for m in _SECTION.finditer(text)}
+    order = [n for n in SECTION_ORDER if n in sections] + [n for n in sections if n not in SECTION_ORDER]
+    body = "\n\n".join(sections[n] for n in order) if sections else text.replace(_HEADER, "", 1)
 
     def relink(m: re.Match[str]) -> str:
         src = out_dir / m.group(2)
@@ -366,4 +370,4 @@ def write_results_page(
         f"Source run: `{out_dir}`.",
         "",
     ]
-    return write_text_atomic(page, "\n".join(head) + body.strip() + "\n")
+    return write_text_atomic(page, "\n".join(head) + "\n" + body.strip() + "\n")

@@ -24,6 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def conv_layout(weight: Tensor) -> torch.memory_format:
+    """Memory layout for the solver's tensors: NHWC ("channels_last") where oneDNN / cuDNN have
+    fast kernels for it (CUDA; CPU float32 / float16 / bfloat16), NCHW for CPU float64, whose only
+    NHWC convolution is a slow reference path (~15× slower)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float64:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 def code_size(size: int, stride: int) -> int:
     """Code-grid length ⌈size / stride⌉."""
     return -(-size // stride)
@@ -117,8 +126,7 @@ class PolyphaseOperator:
         self.enc_pad = (c_lo, max(0, wc + kq - 2 - c_hi), r_lo, max(0, hc + kq - 2 - r_hi))
         self.img_pad = (p - s * c_lo, s * (c_hi + 1) - p - width, p - s * r_lo, s * (r_hi + 1) - p - height)
         self.mask = self._mask(weight, channels)
-        # NHWC ("channels_last") is the fast layout for oneDNN / cuDNN convolutions.
-        fmt = torch.channels_last
+        self.layout = fmt = conv_layout(weight)
         self.w_enc = self.w_enc.contiguous(memory_format=fmt)
         self.w_dec = self.w_dec.contiguous(memory_format=fmt)
         if self.mask is not None:
@@ -143,7 +151,7 @@ class PolyphaseOperator:
     def pixels(self, x: Tensor) -> Tensor:
         """Image (B, C, H, W) → masked space-to-depth tensor X̃."""
         xt = F.pixel_unshuffle(F.pad(x, self.img_pad), self.stride)
-        return xt.contiguous(memory_format=torch.channels_last)
+        return xt.contiguous(memory_format=self.layout)
 
     def image(self, xt: Tensor) -> Tensor:
         """Space-to-depth tensor → image (B, C, H, W)."""
@@ -186,7 +194,7 @@ class CircularPolyphaseOperator:
         wpad = F.pad(weight, (0, kq * s - k, 0, kq * s - k))
         w_enc = wpad.reshape(n_atoms, channels, kq, s, kq, s).permute(0, 1, 3, 5, 2, 4)
         w_enc = w_enc.reshape(n_atoms, channels * s * s, kq, kq)
-        fmt = torch.channels_last
+        self.layout = fmt = conv_layout(weight)
         self.w_enc = w_enc.contiguous(memory_format=fmt)
         self.w_dec = w_enc.transpose(0, 1).flip(2, 3).contiguous(memory_format=fmt)
         self.mask = None
@@ -194,25 +202,25 @@ class CircularPolyphaseOperator:
     def pixels(self, x: Tensor) -> Tensor:
         """Image (B, C, H, W) → space-to-depth tensor of the image rolled by p."""
         rolled = torch.roll(x, shifts=(self.pad, self.pad), dims=(-2, -1))
-        return F.pixel_unshuffle(rolled, self.stride).contiguous(memory_format=torch.channels_last)
+        return F.pixel_unshuffle(rolled, self.stride).contiguous(memory_format=self.layout)
 
     def image(self, xt: Tensor) -> Tensor:
         return torch.roll(F.pixel_shuffle(xt, self.stride), shifts=(-self.pad, -self.pad), dims=(-2, -1))
 
     def decode(self, a: Tensor) -> Tensor:
         q = self.kq - 1
-        return F.conv2d(_wrap(a, (q, 0, q, 0)), self.w_dec)
+        return F.conv2d(_wrap(a, (q, 0, q, 0), self.layout), self.w_dec)
 
     def encode(self, xt: Tensor) -> Tensor:
         q = self.kq - 1
-        return F.conv2d(_wrap(xt, (0, q, 0, q)), self.w_enc)
+        return F.conv2d(_wrap(xt, (0, q, 0, q), self.layout), self.w_enc)
 
 
-def _wrap(t: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
-    """Circular padding (left, right, top, bottom) that keeps the memory layout."""
+def _wrap(t: Tensor, pad: tuple[int, int, int, int], layout: torch.memory_format) -> Tensor:
+    """Circular padding (left, right, top, bottom) in the given memory layout."""
     if not any(pad):
         return t
-    return F.pad(t, pad, mode="circular").contiguous(memory_format=torch.channels_last)
+    return F.pad(t, pad, mode="circular").contiguous(memory_format=layout)
 
 
 def _conv_padded(x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> Tensor:

@@ -9,14 +9,23 @@ exact at the borders)::
 started from u₀ = 0 (cold) or from a given state (warm start: WARP-LCA's predicted states).
 The energy E(a) = ½‖x − Φa‖² + Σ P_λ(a) (per image) is what the dynamics minimise; the trace
 records it, ℓ0 and the MSE after every step without a host sync inside the loop.
+
+The solver always runs in float32 (or the input's dtype): an enclosing ``torch.autocast`` region
+(``trainer.precision=bf16-mixed`` for the networks) is switched off inside it, because bf16 states
+would change the fixed points and the reported energies. ``compile=True`` runs the Euler step through
+``torch.compile`` (fused elementwise work around the two convolutions; worth it on GPUs); it is off by
+default, and where compilation is unavailable the solver warns once and runs eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +35,8 @@ from warplca.lca.operator import Operator, make_operator
 from warplca.lca.thresholds import Threshold, count_active, get_threshold
 
 TRACE_KEYS = ("energy", "l0", "mse")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,11 +77,14 @@ class LCA:
         tol: optional early stop when max over the batch of ‖Δu‖/‖u‖ < tol (checked every
             ``check_every`` steps: the only host syncs in the loop).
         backend: ``polyphase`` (fast, default) or ``direct`` (conv_transpose2d) for zero padding.
+        compile: run the Euler step through ``torch.compile`` when no trace, tolerance or gradient is
+            asked for (off by default; falls back to eager execution, with a warning, where it fails).
     """
 
     def __init__(self, dictionary: ConvDictionary, threshold: str = "hard", lam: float = 1.0,
                  tau: float | str = 100.0, iters: int = 1000, nonneg: bool = False, theta: float = 0.5,
-                 tol: float | None = None, check_every: int = 10, backend: str = "polyphase") -> None:
+                 tol: float | None = None, check_every: int = 10, backend: str = "polyphase",
+                 compile: bool = False) -> None:
         if not isinstance(dictionary, ConvDictionary):
             raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
         self.dictionary = dictionary
@@ -91,6 +105,9 @@ class LCA:
         if backend not in ("polyphase", "direct"):
             raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
         self.backend = backend
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        self.compile = compile
         if tau != "auto":
             # Fail early on a clearly unstable τ; the image size is only known at call time, where
             # the exact check (and the τ < L warning) runs again.
@@ -106,7 +123,8 @@ class LCA:
         """The solver's settings, as plain values (saved in bundles and cache manifests)."""
         t = self.threshold
         return {"threshold": t.name, "lam": t.lam, "tau": self.tau_setting, "iters": self.iters,
-                "nonneg": t.nonneg, "theta": t.theta, "tol": self.tol, "backend": self.backend}
+                "nonneg": t.nonneg, "theta": t.theta, "tol": self.tol, "backend": self.backend,
+                "compile": self.compile}
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -187,7 +205,8 @@ class LCA:
         if self.tau_setting != "auto":
             self.check_tau(tau, height, width)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx:
+        # LCA stays in full precision under an enclosing autocast (bf16-mixed networks)
+        with ctx, torch.autocast(device_type=x.device.type, enabled=False):
             return self._run(x, iters, u0, trace, tau, grad)
 
     def _run(self, x: Tensor, iters: int, u0: Tensor | None, trace: bool, tau: float, grad: bool) -> LCAResult:
@@ -199,14 +218,19 @@ class LCA:
         batch = x.shape[0]
         numel = x[0].numel()
         shape = (batch, *d.code_shape(*x.shape[-2:]))
-        # NHWC ("channels_last") throughout: the fast layout of the convolutions, one pass to set up.
+        # The operator's layout throughout (NHWC where convolutions are fastest in it).
+        layout = getattr(op, "layout", torch.contiguous_format)
         if u0 is None:
-            u = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+            u = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
         else:
-            u = u0.clone(memory_format=torch.channels_last)
+            u = u0.clone(memory_format=layout)
         record = torch.empty((iters + 1, 3, batch), dtype=x.dtype, device=x.device) if trace else None
         check = self.tol is not None
         steps = iters
+        compiled = _compiled_step() if (self.compile and record is None and not check and not grad) else None
+        if compiled is not None:
+            u = _run_compiled(compiled, u, xt, op, thr, eta, iters)
+            iters = 0  # the loop below is done
         for step in range(iters):
             a = thr(u)
             resid = xt - op.decode(a)
@@ -246,6 +270,54 @@ class LCA:
     def states_to_codes(self, u: Tensor) -> Tensor:
         """Activations T_λ(u) of given states."""
         return self.threshold(u)
+
+
+def _euler_step(u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float) -> Tensor:
+    """One LCA step u + η(Φᵀ(x − Φa) + a − u), a = T_λ(u), out of place (the compiled form)."""
+    a = thr(u)
+    drive = op.encode(xt - op.decode(a)) + a
+    return u + eta * (drive - u)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_step() -> Callable[..., Tensor] | None:
+    """``torch.compile(_euler_step)``, created once per process; None once compilation has failed."""
+    if _COMPILED.get("failed"):
+        return None
+    fn = _COMPILED.get("fn")
+    if fn is None:
+        try:
+            fn = torch.compile(_euler_step)
+        except Exception as exc:  # no compiler support in this build / platform
+            _compile_failed(exc)
+            return None
+        _COMPILED["fn"] = fn
+    return fn
+
+
+def _compile_failed(exc: BaseException) -> None:
+    _COMPILED["failed"] = True
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    warnings.warn(f"LCA(compile=True): torch.compile is not available here ({type(exc).__name__}: {msg}); "
+                  f"running the solver eagerly", RuntimeWarning, stacklevel=4)
+
+
+def _run_compiled(fn: Callable[..., Tensor], u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float,
+                  iters: int) -> Tensor:
+    """``iters`` compiled steps; if the first one fails to compile, warn once and finish eagerly."""
+    for step in range(iters):
+        if step == 0:
+            try:
+                u = fn(u, xt, op, thr, eta)
+            except Exception as exc:  # compilation happens on the first call
+                _compile_failed(exc)
+                fn = _euler_step
+                u = fn(u, xt, op, thr, eta)
+            continue
+        u = fn(u, xt, op, thr, eta)
+    return u
 
 
 def _operator(d: ConvDictionary, weight: Tensor, height: int, width: int, backend: str) -> Operator:

@@ -19,7 +19,6 @@ mean corruption accuracy (mCA) and the front end's cost in ms per image.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,8 +96,8 @@ class NoisyClassification(pl.LightningModule):
         self.hparams["frontend_kind"] = frontend.kind
         self.hparams["conditions"] = [list(c) for c in self.conditions]
         self.frontend = frontend
-        channels, height, _ = frontend.feature_shape(image_size, image_size)
-        self.feature_shape = (channels, height, frontend.feature_shape(image_size, image_size)[2])
+        self.feature_shape = frontend.feature_shape(image_size, image_size)
+        channels, height = self.feature_shape[:2]
         if isinstance(backbone, nn.Module):
             self.backbone = backbone
         else:
@@ -247,7 +246,9 @@ class FrontEndDataModule(pl.LightningDataModule):
         cache: ``True``, ``False`` or ``"auto"`` (cache unless the train loader augments, since the
             features of augmented images change every epoch).
         corruption_seed: seed of the corrupted test sets.
-        batch_size: training / test batch size (default: the datamodule's).
+        batch_size: training batch size (default: the datamodule's).
+        test_batch_size: batch size of the corrupted test loaders (default: ``batch_size``); larger
+            batches make the front end's cost per image (``ms_per_image``) lower on GPUs.
         feature_batch_size: batch size while computing the cache.
         cache_dtype: dtype the cached features are stored in (``torch.float16`` halves the memory).
     """
@@ -255,6 +256,7 @@ class FrontEndDataModule(pl.LightningDataModule):
     def __init__(self, datamodule: Any, frontend: FrontEnd,
                  conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None = None,
                  cache: bool | str = "auto", corruption_seed: int = 0, batch_size: int | None = None,
+                 test_batch_size: int | None = None,
                  feature_batch_size: int = 256, num_workers: int | None = None,
                  cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
         super().__init__()
@@ -272,6 +274,7 @@ class FrontEndDataModule(pl.LightningDataModule):
         self.cache = bool(cache)
         self.corruption_seed = int(corruption_seed)
         self.batch_size = int(batch_size or getattr(datamodule, "batch_size", 64))
+        self.test_batch_size = int(test_batch_size or self.batch_size)
         self.feature_batch_size = int(feature_batch_size)
         self.num_workers = int(getattr(datamodule, "num_workers", 0) if num_workers is None else num_workers)
         self.cache_dtype = cache_dtype
@@ -303,12 +306,12 @@ class FrontEndDataModule(pl.LightningDataModule):
             self.cache_seconds += time.perf_counter() - start
         return self._cached[split]
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         # cached features live in memory: worker processes would only add start-up cost
         workers = 0 if isinstance(dataset, FeatureDataset) else self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=workers, persistent_workers=workers > 0)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          generator=generator, num_workers=workers)
 
     def train_dataloader(self) -> DataLoader:
         if self.cache:
@@ -325,10 +328,6 @@ class FrontEndDataModule(pl.LightningDataModule):
         return CorruptedDataset(self.dm.split_dataset("test"), corruption, level, self.corruption_seed)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.test_dataset(c, lvl), shuffle=False) for c, lvl in self.conditions]
+        return [self._loader(self.test_dataset(c, lvl), shuffle=False, batch_size=self.test_batch_size)
+                for c, lvl in self.conditions]
 
-
-def mean_corruption_accuracy(rows: Sequence[Mapping[str, Any]]) -> float:
-    """Mean accuracy over the corrupted conditions of rows (clean excluded); NaN when there are none."""
-    accs = [float(r["accuracy"]) for r in rows if r["corruption"] != CLEAN]
-    return sum(accs) / len(accs) if accs else math.nan

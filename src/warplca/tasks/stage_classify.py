@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,13 @@ ARTIFACT = "robustness.csv"
 
 #: ``model.classify`` keys the stage uses itself (the others are NoisyClassification's arguments)
 STAGE_KEYS = ("frontends", "lca_iters_cold", "lca_iters_warm", "corruptions", "corruption_seed",
-              "cache_features", "cache_dtype", "batch_size", "feature_batch_size", "epochs",
-              "main_frontend", "trainer")
+              "cache_features", "cache_dtype", "batch_size", "test_batch_size", "feature_batch_size",
+              "epochs", "main_frontend", "trainer")
 _MODULE_TARGET = "warplca.modules.noisy_classification.NoisyClassification"
 _DEFAULTS: dict[str, Any] = {"frontends": ["pixels", "lca", "warp_lca"], "lca_iters_cold": 1000,
                              "lca_iters_warm": 20, "corruptions": None, "corruption_seed": 0,
                              "cache_features": "auto", "cache_dtype": "float32", "batch_size": None,
+                             "test_batch_size": None,
                              "feature_batch_size": 256, "main_frontend": "warp_lca"}
 
 
@@ -157,6 +159,7 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
                                               image_size=image_size, conditions=conditions)
     fdm = FrontEndDataModule(dm, frontend, conditions, cache=stage["cache_features"],
                              corruption_seed=int(stage["corruption_seed"]), batch_size=stage["batch_size"],
+                             test_batch_size=stage["test_batch_size"],
                              feature_batch_size=int(stage["feature_batch_size"]),
                              cache_dtype=getattr(torch, stage["cache_dtype"]),
                              seed=int(ctx.cfg.get("seed") or 0))
@@ -170,7 +173,9 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
         log.info("classify/%s: resuming from %s", kind, resume)
     log.info("classify/%s: training %s on %s features %s", kind, type(module.backbone).__name__, kind,
              module.feature_shape)
-    trainer.fit(module, datamodule=fdm, ckpt_path=str(resume) if resume is not None else None)
+    with warnings.catch_warnings():  # the frozen front end is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=fdm, ckpt_path=str(resume) if resume is not None else None)
     val_acc = trainer.callback_metrics.get("val/acc")
     trainer.test(module, datamodule=fdm, verbose=False)
     rows = list(module.robustness_rows)

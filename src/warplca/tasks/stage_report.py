@@ -3,7 +3,8 @@
 Loads ``warp_lca.pt`` (or ``warp_path``), runs cold LCA and WARP-LCA on the test split of the run's
 data (``eval.*`` settings when the config has an ``eval`` node, else
 :data:`warplca.tasks.evaluate.DEFAULTS`: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
-``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact, written last) into the run
+``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact: the convergence section, then
+the classify stage's robustness table if there is one and the training stages' metrics) into the run
 directory, logs them to the run's loggers and **prints the cold LCA vs WARP-LCA table** at 1, 10, 100
 and 1000 iterations (energy, PSNR, SSIM, ℓ0, ms per image with the predictor included for WARP-LCA)
 plus iterations-to-match. Metrics are returned as ``convergence/…`` (``report/convergence/…`` in
@@ -58,8 +59,11 @@ def pipeline_section(ctx: RunContext) -> str:
                 rows.append({"stage": stage, "metric": key, "value": float(value)})
     if not rows:
         return ""
-    return "## Pipeline\n\nMetrics of the training stages (`metrics.json`):\n\n" + markdown_table(
-        rows, ["stage", "metric", "value"]
+    table = markdown_table(rows, ["stage", "metric", "value"])
+    return (
+        "## Pipeline\n\n<details><summary>Metrics of the training stages (metrics.json)</summary>\n\n"
+        + table
+        + "\n</details>\n"
     )
 
 
@@ -90,29 +94,32 @@ def run(ctx: RunContext) -> dict[str, float]:
         device=device,
     )
 
+    extra = None
+    if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: report its table too
+        extra = robustness_result(ctx.run_dir, ctx.run_dir)
+        result.metrics.update(extra.metrics)
+
     loggers = ctx.loggers("report")
-    images_out = {f"report/{k}": p for k, p in result.files.items() if p.suffix == ".png"}
+    files = {**result.files, **({f"robustness_{k}": p for k, p in extra.files.items()} if extra else {})}
     log_to_loggers(
         loggers,
         {f"report/{k}": v for k, v in result.metrics.items()},
-        images=images_out,
-        tables={f"report/{k}": v for k, v in result.tables.items()},
+        images={f"report/{k}": p for k, p in files.items() if p.suffix == ".png"},
+        tables={f"report/{k}": v for k, v in {**result.tables, **(extra.tables if extra else {})}.items()},
         text={"report/convergence": result.markdown},
     )
     for lg in loggers:
         if hasattr(lg, "finalize"):
             lg.finalize("success")
 
-    info = describe_model(model)
+    write_report_section(ctx.run_dir, "convergence", result.markdown)  # report.md (the artifact) exists now
+    if extra is not None:
+        write_report_section(ctx.run_dir, "robustness", extra.markdown)
     pipeline = pipeline_section(ctx)
     if pipeline:
         write_report_section(ctx.run_dir, "pipeline", pipeline)
-    if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: add its table
-        robust = robustness_result(ctx.run_dir, ctx.run_dir)
-        write_report_section(ctx.run_dir, "robustness", robust.markdown)
-        result.metrics.update(robust.metrics)
-    write_report_section(ctx.run_dir, "convergence", result.markdown)  # the artifact: last
 
+    info = describe_model(model)
     total = int(result.metrics["convergence/T"])
     print(
         f"\nCold LCA vs WARP-LCA — {images.shape[0]} {name} images, {info['threshold']} threshold, "

@@ -40,7 +40,14 @@ ARTIFACT = "targets/COMPLETE"
 
 #: the ``targets`` config keys and their defaults
 DEFAULTS: dict[str, Any] = {"iters": 200, "splits": ["train", "val"], "batch_size": 128, "chunk_size": 256,
-                            "limit": None, "num_workers": 0}
+                            "limit": None, "num_workers": 0, "solver": "cold", "continuation": None}
+
+
+def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
+    """The target solver of the ``targets`` config: ``cold`` or continuation with its parameters."""
+    if conf["solver"] == "continuation":
+        return {"name": "continuation", **(conf.get("continuation") or {})}
+    return str(conf["solver"])
 
 
 def settings(ctx: RunContext) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def expected(ctx: RunContext, split: str, dictionary: ConvDictionary, lca: LCA, 
     return expected_manifest(dm.split_dataset(split), dictionary, lca.settings(), int(conf["iters"]),
                              normalization, dataset_name=str(getattr(dm, "name", type(dm).__name__)),
                              split=split, dataset_config=_dataset_config(ctx),
-                             chunk_size=int(conf["chunk_size"]), limit=conf["limit"])
+                             chunk_size=int(conf["chunk_size"]), limit=conf["limit"], solver=solver_spec(conf))
 
 
 def is_done(ctx: RunContext) -> bool:
@@ -116,7 +123,8 @@ def run(ctx: RunContext) -> dict[str, float]:
             cache_dir(ctx, split), dm.split_dataset(split), dictionary, lca, int(conf["iters"]), norm,
             dataset_name=manifest["dataset"], split=split, dataset_config=_dataset_config(ctx),
             chunk_size=int(conf["chunk_size"]), batch_size=int(conf["batch_size"]), limit=conf["limit"],
-            num_workers=int(conf["num_workers"]), trainer=trainer, overwrite=ctx.force)
+            num_workers=int(conf["num_workers"]), trainer=trainer, overwrite=ctx.force,
+            solver=solver_spec(conf))
         stats = cache.stats()
         summary[split] = {**stats, "shape": list(cache.shape)}
         metrics.update({f"{split}/count": float(cache.count), f"{split}/energy": stats["energy"],

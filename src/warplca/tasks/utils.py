@@ -75,7 +75,7 @@ def instantiate_loggers(group: Any, version: str | None = None, run_name: str | 
     """Lightning loggers from a ``logger`` group (dict name -> config).
 
     ``version`` becomes the sub-directory of file loggers (CSV / TensorBoard) whose config leaves it
-    null, so each pipeline stage writes its own ``metrics.csv``; wandb runs get ``run_name``,
+    null, so each pipeline stage writes its own ``metrics.csv`` (``<version>_1``, … on a rerun); wandb runs get ``run_name``,
     ``run_group`` and ``job_type=version`` unless the config sets them.
     """
     loggers: list[Logger] = []
@@ -90,12 +90,25 @@ def instantiate_loggers(group: Any, version: str | None = None, run_name: str | 
             if conf.get("job_type") is None and version is not None:
                 kwargs["job_type"] = version
         elif "version" in conf and conf.get("version") is None and version is not None:
-            kwargs["version"] = version
+            kwargs["version"] = _fresh_version(conf.get("save_dir"), conf.get("name"), version)
         try:
             loggers.append(instantiate(conf, **kwargs))
         except Exception as exc:
             raise RuntimeError(f"could not instantiate logger '{name}' ({conf['_target_']}): {exc}") from exc
     return loggers
+
+
+def _fresh_version(save_dir: Any, name: Any, version: str) -> str:
+    """``version``, or ``version_1``, ``version_2``, … when a previous invocation (a resumed or forced
+    stage) already wrote ``<save_dir>/<name>/<version>``: file loggers never overwrite old logs."""
+    if not save_dir:
+        return version
+    base = Path(str(save_dir)) / str(name or "")
+    candidate, n = version, 0
+    while (base / candidate).exists():
+        n += 1
+        candidate = f"{version}_{n}"
+    return candidate
 
 
 def instantiate_callbacks(group: Any, checkpoint_dir: str | None = None) -> list[Callback]:

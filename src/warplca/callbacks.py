@@ -1,0 +1,267 @@
+"""Lightning callbacks for reliability and the GPU path: non-finite batch guard, RNG state, channels_last.
+
+- :class:`NonFiniteGuard` — NaN/Inf in a batch (or in the gradients it produced) stops the run with an
+  error naming the batch index, or, with ``skip=True`` (``skip_nonfinite_batches=true``), skips that
+  batch's update with a warning. Never silent. Under DDP all ranks take the same decision.
+- :class:`RNGState` — saves the python / numpy / torch (and CUDA) RNG states in every checkpoint and
+  restores them on resume, so a resumed run continues the same random streams.
+- :class:`ChannelsLast` — converts the LightningModule to ``torch.channels_last`` (NHWC) before fitting:
+  the fast layout of cuDNN convolutions, on by default for CUDA only.
+
+:func:`ensure_guard` adds a :class:`NonFiniteGuard` to a callback list that has none (the run context
+does this for every stage, so ``callbacks=none`` cannot switch the guard off).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning import Callback
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChannelsLast", "NonFiniteBatchError", "NonFiniteGuard", "RNGState", "ensure_guard",
+           "first_nonfinite"]
+
+#: the step methods the guard can skip (``predict_step`` is never skipped: a cache must be complete)
+_STEPS = {"train": "training_step", "val": "validation_step", "test": "test_step"}
+_MARK = "_warplca_nonfinite_guard"
+
+
+class NonFiniteBatchError(RuntimeError):
+    """A batch (or the gradients it produced) contains NaN or Inf values."""
+
+
+def first_nonfinite(batch: Any, path: str = "batch") -> tuple[str, Tensor] | None:
+    """The first floating-point tensor in a (nested) batch with NaN/Inf values, with its position."""
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() or batch.is_complex():
+            if not bool(torch.isfinite(batch).all()):
+                return path, batch
+        return None
+    if isinstance(batch, dict):
+        items: Sequence[tuple[str, Any]] = [(f"{path}[{k!r}]", v) for k, v in batch.items()]
+    elif isinstance(batch, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        return None
+    for sub, value in items:
+        found = first_nonfinite(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(where: str, t: Tensor) -> str:
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return f"{where} (shape {tuple(t.shape)}, {t.dtype}) has {nan} NaN and {inf} Inf values"
+
+
+class NonFiniteGuard(Callback):
+    """Stop on (default) or skip (``skip=True``) batches with NaN/Inf inputs or gradients.
+
+    Inputs are checked at the start of every train / validation / test / predict batch; gradients after
+    the backward pass (post all-reduce under DDP, so every rank sees the same thing). A bad training
+    batch raises :class:`NonFiniteBatchError` naming the stage, epoch and batch index; with ``skip``
+    its training step is not run (or its gradients are dropped, so the optimiser leaves the weights
+    alone), a warning names it, and ``skipped`` records ``(stage, epoch, batch_idx)``. Predict batches
+    (target caches) are never skipped. Under DDP the decision is all-reduced, so all ranks skip or stop
+    together (one tiny collective per batch; none on one process).
+
+    Args:
+        skip: skip bad batches instead of stopping the run.
+        check_gradients: also check the gradients before every optimiser step.
+    """
+
+    def __init__(self, skip: bool = False, check_gradients: bool = True) -> None:
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be True or False, got {skip!r}")
+        self.skip = skip
+        self.check_gradients = bool(check_gradients)
+        self.skipped: list[tuple[str, int, int]] = []
+        self._skip_now = False
+        self._batch: tuple[str, int, int] = ("train", 0, 0)
+
+    # -- wrapping the step methods so a skipped batch does not run at all -----------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.skip:
+            return
+        for name in _STEPS.values():
+            current = getattr(pl_module, name, None)
+            if current is None or getattr(current, _MARK, False):
+                continue
+            setattr(pl_module, name, self._wrap(current))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name in _STEPS.values():
+            if getattr(pl_module.__dict__.get(name), _MARK, False):
+                delattr(pl_module, name)
+
+    def _wrap(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(step)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self._skip_now:
+                return None  # no forward, no backward, no optimiser update
+            return step(*args, **kwargs)
+
+        setattr(guarded, _MARK, True)
+        return guarded
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _decide(self, trainer: pl.Trainer, bad: bool) -> bool:
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+        return bad
+
+    def _check_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int, stage: str) -> None:
+        found = first_nonfinite(batch)
+        self._batch = (stage, int(trainer.current_epoch), int(batch_idx))
+        bad = self._decide(trainer, found is not None)
+        self._skip_now = False
+        if not bad:
+            return
+        rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+        what = _describe(*found) if found is not None else "another rank's batch has NaN/Inf values"
+        where = f"{stage} batch {batch_idx} of epoch {trainer.current_epoch}{rank}"
+        if self.skip and stage in _STEPS:
+            self._skip_now = True
+            self.skipped.append(self._batch)
+            log.warning("skipping %s: %s (skip_nonfinite_batches=true)", where, what)
+            return
+        hint = "" if stage == "predict" else "; set skip_nonfinite_batches=true to skip such batches instead"
+        raise NonFiniteBatchError(f"non-finite input in {where}: {what}{hint}")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._check_batch(trainer, batch, batch_idx, "train")
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_batch(trainer, batch, batch_idx, "val")
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_batch(trainer, batch, batch_idx, "test")
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_batch(trainer, batch, batch_idx, "predict")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._skip_now = False
+
+    # -- gradients ------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self.check_gradients:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if bool(finite):  # gradients are identical on all ranks after the all-reduce: no collective
+            return
+        stage, epoch, idx = self._batch
+        where = f"train batch {idx} of epoch {epoch}"
+        if self.skip:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # optimisers leave parameters without gradients untouched
+            self.skipped.append(("train", epoch, idx))
+            log.warning("skipping the update of %s: its gradients have NaN/Inf values "
+                        "(skip_nonfinite_batches=true)", where)
+            return
+        raise NonFiniteBatchError(f"non-finite gradients after {where} (the loss or the model produced NaN/Inf; "
+                                  f"inputs were finite); set skip_nonfinite_batches=true to skip such updates")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = sum(1 for s, e, _ in self.skipped if s == "train" and e == trainer.current_epoch)
+        if n:
+            log.warning("epoch %d: skipped %d training batch(es) with NaN/Inf values", trainer.current_epoch, n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": [list(s) for s in self.skipped]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = [tuple(s) for s in state_dict.get("skipped", [])]  # type: ignore[misc]
+
+
+def ensure_guard(callbacks: list[Callback], skip: bool = False) -> list[Callback]:
+    """``callbacks`` with a :class:`NonFiniteGuard` appended when it has none (``skip`` sets its mode)."""
+    if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+        callbacks.append(NonFiniteGuard(skip=skip))
+    return callbacks
+
+
+class RNGState(Callback):
+    """Save the global RNG states (python, numpy, torch, CUDA) in checkpoints; restore them on resume.
+
+    Lightning does not checkpoint them, so without this a resumed run draws different random numbers
+    (augmentation, dropout, re-drawn dead atoms) than the uninterrupted run would have. The states are
+    stored as tensors and plain lists, so checkpoints stay loadable with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": _plain_python_state(random.getstate()),
+            "numpy": [str(np_state[0]), torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        try:
+            if "python" in state_dict:
+                version, internal, gauss = state_dict["python"]
+                random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+            if "numpy" in state_dict:
+                name, keys, pos, has_gauss, cached = state_dict["numpy"]
+                np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                                     float(cached)))
+            if "torch" in state_dict:
+                torch.set_rng_state(state_dict["torch"])
+            cuda = state_dict.get("cuda")
+            if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            log.warning("could not restore the RNG states from the checkpoint (%s); continuing with the "
+                        "current ones", exc)
+
+
+def _plain_python_state(state: tuple) -> list[Any]:
+    version, internal, gauss = state
+    return [int(version), [int(v) for v in internal], gauss]
+
+
+class ChannelsLast(Callback):
+    """Convert the LightningModule's 4-D weights to ``torch.channels_last`` before it runs.
+
+    Convolutions pick the NHWC path when their weight is channels_last, so inputs need no conversion.
+    ``enabled="auto"`` (default) converts on CUDA devices only (on CPU, NCHW is as fast or faster).
+    """
+
+    def __init__(self, enabled: bool | str = "auto") -> None:
+        if enabled not in (True, False, "auto"):
+            raise ValueError(f"enabled must be true, false or 'auto', got {enabled!r}")
+        self.enabled = enabled
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        on = self.enabled is True or (self.enabled == "auto" and trainer.strategy.root_device.type == "cuda")
+        if on:
+            pl_module.to(memory_format=torch.channels_last)

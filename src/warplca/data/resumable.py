@@ -1,0 +1,190 @@
+"""Training loaders whose order is a function of (seed, epoch) and that resume in the middle of an epoch.
+
+Two properties a crash-safe, scalable training run needs from its training loader:
+
+- **deterministic order**: epoch e visits the items in ``randperm(n)`` drawn from a generator seeded with
+  (seed, e) — the same order whether the run is fresh, resumed, or started from epoch e, and independent of
+  the global RNG (nothing else in the run changes it);
+- **mid-epoch resume**: the loader is *stateful* in Lightning's sense (``state_dict``/``load_state_dict``).
+  Lightning stores its state (epoch, batches yielded so far) in every checkpoint; after ``fit(ckpt_path=…)``
+  the next pass skips the batches already trained on — by index, without loading them — so a run killed
+  mid-epoch and resumed sees exactly the batches the uninterrupted run would have seen.
+
+Under DDP the sampler shards the epoch's permutation itself (Lightning keeps it: it is a
+``DistributedSampler``): rank r takes items r, r + W, r + 2W, … of the permutation, so with a per-process
+``batch_size`` B on W processes step t trains on exactly the items of step t of a one-process run with
+batch B·W — the **global batch** is ``batch_size × devices × num_nodes``, and gradients (averaged by DDP)
+and synced metrics match the one-process run up to float rounding. When W does not divide n, the
+permutation is padded by repeating its start, like ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EpochSampler", "ResumableDataLoader"]
+
+_ORDERS = ("shuffle", "sequential")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of ``epoch``'s permutation (distinct, reproducible per (seed, epoch))."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1)
+
+
+class EpochSampler(DistributedSampler):
+    """Indices 0..n−1, permuted per epoch from (seed, epoch) (``shuffle=True``) or in order, and sharded
+    across DDP ranks: rank r of W takes positions r, r + W, r + 2W, … of the epoch's order (padded by
+    repeating its start, like ``DistributedSampler``, when W does not divide n).
+
+    It is a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it in its own (which
+    would re-shuffle with another seed); the world size and rank are read from ``torch.distributed``
+    when iterating (or given). ``set_epoch(e)`` — which Lightning calls every epoch — picks the order.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
+                 rank: int | None = None, drop_last: bool = False) -> None:
+        # no DistributedSampler.__init__: the process group does not exist yet when loaders are built
+        if int(n) < 0:
+            raise ValueError(f"n must be ≥ 0, got {n}")
+        self.n, self.seed, self.shuffle, self.drop_last = int(n), int(seed), bool(shuffle), bool(drop_last)
+        self._replicas, self._rank = num_replicas, rank
+        self.epoch = 0
+
+    @property  # type: ignore[override]
+    def num_replicas(self) -> int:
+        if self._replicas is not None:
+            return int(self._replicas)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
+
+    @property  # type: ignore[override]
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> list[int]:
+        """The current epoch's index order over all ranks (before sharding)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __len__(self) -> int:
+        w = self.num_replicas
+        return self.n // w if self.drop_last else -(-self.n // w)
+
+    def __iter__(self) -> Iterator[int]:
+        order, w = self.order(), self.num_replicas
+        total = len(self) * w
+        if total > len(order) and order:
+            order = (order * -(-total // len(order)))[:total]
+        return iter(order[self.rank:total:w])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` with a (seed, epoch)-determined order that can resume mid-epoch (see module doc).
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: items per batch *per process*.
+        seed: seed of the per-epoch permutations (and of the worker base seeds).
+        order: ``shuffle`` (a new permutation every epoch) or ``sequential``.
+        sampler: only for Lightning, which passes its distributed sampler when it re-creates the loader.
+        **kwargs: the other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, …).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 1, seed: int = 0, order: str = "shuffle",
+                 sampler: Sampler | None = None, **kwargs: Any) -> None:
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        if not isinstance(dataset, Sized):
+            raise ValueError("ResumableDataLoader needs a map-style dataset with a length")
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: nothing to train on")
+        if sampler is None:
+            sampler = EpochSampler(len(dataset), seed, shuffle=order == "shuffle")
+        kwargs.pop("shuffle", None)  # Lightning passes shuffle=False with its own sampler
+        kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))  # never the global RNG
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.seed, self.order = int(seed), order
+        self._yielded = 0
+        self._resume: dict[str, int] | None = None
+
+    # -- Lightning's stateful-loader protocol -------------------------------------------------------
+    def _epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches", "length"}``: where in which epoch the loader stands (saved in checkpoints)."""
+        return {"epoch": self._epoch(), "batches": int(self._yielded), "length": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next pass over epoch ``state["epoch"]`` skips its first ``state["batches"]`` batches."""
+        length, batches = int(state.get("length", -1)), int(state.get("batches", 0))
+        if length != len(self):
+            log.warning("the checkpoint's training loader had %d batches, this one has %d: not skipping any "
+                        "(the data or batch size changed)", length, len(self))
+            return
+        epoch = int(state.get("epoch", 0))
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)  # Lightning creates the first iterator before its set_epoch call
+        self._resume = {"epoch": epoch, "batches": batches} if 0 < batches < len(self) else None
+
+    # -- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _ResumingIterator(self)
+
+    def _inner_iter(self) -> Iterator[Any]:
+        """The iterator of one pass, skipping the batches a restored state says were done."""
+        resume, self._resume = self._resume, None
+        skip = 0
+        if resume is not None and resume["epoch"] == self._epoch():
+            skip = resume["batches"]
+        self._yielded = skip
+        if skip == 0:
+            return super().__iter__()
+        log.info("training loader: resuming epoch %d after %d of %d batches", self._epoch(), skip, len(self))
+        remaining = list(self.batch_sampler)[skip:]  # indices only: nothing is loaded for skipped batches
+        rest = DataLoader(self.dataset, batch_sampler=remaining, num_workers=self.num_workers,
+                          collate_fn=self.collate_fn, pin_memory=self.pin_memory, timeout=self.timeout,
+                          worker_init_fn=self.worker_init_fn, multiprocessing_context=self.multiprocessing_context,
+                          generator=self.generator, prefetch_factor=self.prefetch_factor,
+                          persistent_workers=False)
+        return iter(rest)
+
+
+class _ResumingIterator:
+    """Counts the batches of one pass (for ``state_dict``); built lazily so ``set_epoch`` applies first."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.inner: Iterator[Any] | None = None
+
+    def __iter__(self) -> _ResumingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.inner is None:
+            self.inner = self.loader._inner_iter()
+        batch = next(self.inner)
+        self.loader._yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)

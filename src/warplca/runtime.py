@@ -1,0 +1,131 @@
+"""Process-level facts a task needs: its job directory, its rank, whether it runs inside a sweep, and
+how a failed sweep job is recorded.
+
+Hydra's basic launcher stops a multirun at the first exception, losing every job after it. The task
+wrapper (:func:`warplca.tasks.utils.task_wrapper`) therefore catches a job's exception when the job is
+part of a multirun, logs it, writes a ``FAILED`` marker into the job directory (:func:`record_failure`:
+the error on the first line, then the traceback) and returns :data:`FAILED_METRICS`, so the sweep goes
+on and the optimised metric of that job is NaN. ``python evaluate.py sweep_dir=…`` lists such a job as
+a failed row. A single run (no ``-m``) re-raises as usual (non-zero exit); ``+fail_fast=true`` makes a
+sweep stop at its first failure too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FAILED", "FAILED_KEY", "FAILED_METRICS", "clear_failure", "continue_on_failure", "global_rank",
+           "is_multirun", "job_dir", "read_failure", "record_failure"]
+
+#: the marker file of a failed job (first line: ``<ExceptionType>: <message>``; then the traceback)
+FAILED = "FAILED"
+#: the metric a failed job returns (``get_metric_value`` turns it into NaN for sweepers)
+FAILED_KEY = "job/failed"
+FAILED_METRICS: dict[str, float] = {FAILED_KEY: 1.0}
+
+
+def global_rank() -> int:
+    """This process's global rank (0 without DDP): Lightning's, which follows the launcher's environment
+    (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) and is set exactly once the strategy is up."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def is_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m`` / ``hydra.mode=MULTIRUN``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def job_dir(cfg: Any) -> Path | None:
+    """The job's output directory: ``cfg.paths.output_dir``, else Hydra's runtime output dir."""
+    try:
+        from omegaconf import OmegaConf
+
+        out = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+        if out:
+            return Path(str(out))
+    except Exception:
+        pass
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        pass
+    return None
+
+
+def continue_on_failure(cfg: Any) -> bool:
+    """A failing job is recorded and the task returns (instead of raising) inside a multirun, unless
+    ``fail_fast`` is set."""
+    fail_fast = False
+    try:
+        fail_fast = bool(cfg.get("fail_fast", False))
+    except Exception:
+        pass
+    return is_multirun() and not fail_fast
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_failure(directory: str | os.PathLike | None, exc: BaseException) -> Path | None:
+    """Write ``<directory>/FAILED`` (error line + traceback) on rank 0; returns its path (None elsewhere)."""
+    if directory is None or global_rank() != 0:
+        return None
+    summary = f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0] if str(exc).strip() \
+        else type(exc).__name__
+    body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    path = Path(directory) / FAILED
+    try:
+        _write_atomic(path, f"{summary}\n\nfailed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{body}")
+    except OSError:
+        log.warning("could not write the failure marker %s", path, exc_info=True)
+        return None
+    return path
+
+
+def clear_failure(directory: str | os.PathLike | None) -> None:
+    """Remove a stale ``FAILED`` marker when a job (re)starts in ``directory`` (rank 0 only)."""
+    if directory is None or global_rank() != 0:
+        return
+    (Path(directory) / FAILED).unlink(missing_ok=True)
+
+
+def read_failure(directory: str | os.PathLike) -> str | None:
+    """The first line of ``<directory>/FAILED`` (the error), or None if the job did not fail."""
+    path = Path(directory) / FAILED
+    if not path.is_file():
+        return None
+    try:
+        with path.open() as fh:
+            return fh.readline().strip() or "failed"
+    except OSError:
+        return "failed"
