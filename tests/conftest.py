@@ -29,6 +29,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "data.n_test=32",
     "data.batch_size=32",
     "model.dictionary.iters=10",
+    "model.dictionary.test_iters=10",
     "model.dictionary.trainer.max_epochs=1",
     "lca.iters=20",
 )

@@ -85,7 +85,8 @@ def ref_penalty(name: str, lam: float, theta: float = 0.5) -> Callable:
         if name == "soft":
             return float(lam * mag.sum())
         if name == "cel0":
-            return float(np.where(mag <= lam, theta * lam * mag - theta * mag**2 / 2, theta * lam**2 / 2).sum())
+            inner = theta * lam * mag - theta * mag**2 / 2
+            return float(np.where(mag <= lam, inner, theta * lam**2 / 2).sum())
         raise AssertionError(name)
 
     return fn
@@ -109,8 +110,9 @@ def ref_lca(mat: np.ndarray, x: np.ndarray, thr: Callable, pen: Callable, eta: f
     return u, rows
 
 
-def setup(stride: int, height: int, width: int, padding_mode: str = "zeros", k: int = 5, n_atoms: int = 4,
-          channels: int = 2, batch: int = 2, seed: int = 0) -> tuple[ConvDictionary, torch.Tensor, np.ndarray]:
+def setup(stride: int, height: int, width: int, padding_mode: str = "zeros", k: int = 5,
+          n_atoms: int = 4, channels: int = 2, batch: int = 2,
+          seed: int = 0) -> tuple[ConvDictionary, torch.Tensor, np.ndarray]:
     d = ConvDictionary(n_atoms, channels, k, stride, padding_mode=padding_mode, seed=seed).double()
     gen = torch.Generator().manual_seed(seed + 100)
     x = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
@@ -148,7 +150,8 @@ def test_trajectory_matches_dense_reference(stride: int, height: int, width: int
 
 
 @pytest.mark.parametrize(("threshold", "nonneg", "theta"),
-                         [("hard", True, 0.5), ("soft", True, 0.5), ("cel0", False, 0.3), ("cel0", True, 0.7)])
+                         [("hard", True, 0.5), ("soft", True, 0.5), ("cel0", False, 0.3),
+                          ("cel0", True, 0.7)])
 def test_trajectory_other_thresholds(threshold: str, nonneg: bool, theta: float) -> None:
     d, x, mat = setup(2, 9, 7, k=3, n_atoms=5)
     lam, iters = 0.4, 10
@@ -180,6 +183,36 @@ def test_warm_start_trajectory_and_energy_function() -> None:
     expected = [0.5 * np.sum((x[b].numpy().ravel() - mat @ a[b].numpy().ravel()) ** 2)
                 + pen(a[b].numpy()) for b in range(2)]
     np.testing.assert_allclose(lca.energy(x, a).numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("stride", "channels", "height", "width", "padding_mode"), [
+    (1, 1, 8, 8, "zeros"), (1, 1, 7, 9, "zeros"), (1, 1, 8, 12, "circular"), (1, 3, 8, 10, "zeros"),
+    (2, 1, 8, 8, "zeros"), (2, 3, 9, 8, "circular")])
+def test_float32_solver_matches_float64(stride: int, channels: int, height: int, width: int,
+                                        padding_mode: str) -> None:
+    """float32 runs other code paths (NHWC, conv2d decode, interleaved code grids at stride 1);
+    the float64 ones are pinned to the dense reference above."""
+    d64, x64, _ = setup(stride, height, width, padding_mode, k=5, n_atoms=3, channels=channels, seed=4)
+    d32 = ConvDictionary.from_weights(d64.weight.detach().float(), stride=stride, padding_mode=padding_mode,
+                                      normalize=False)
+    x32 = x64.float()
+    u0 = 0.5 * torch.randn(2, *d64.code_shape(height, width), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(8))
+    tau = 1.2 * d64.operator_norm(height, width)
+    kwargs = {"threshold": "soft", "lam": 0.3, "tau": tau}
+    r64 = LCA(d64, **kwargs)(x64, iters=20, u0=u0, trace=True)
+    r32 = LCA(d32, **kwargs)(x32, iters=20, u0=u0.float(), trace=True)
+    torch.testing.assert_close(r32.u.double(), r64.u, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r32.recon.double(), r64.recon, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r32.trace["energy"].double(), r64.trace["energy"], rtol=1e-5, atol=1e-5)
+    # gradients through the float32 paths agree with the float64 ones (checked by finite differences)
+    grads = []
+    for d, x, u in ((d64, x64, u0), (d32, x32, u0.float())):
+        d.weight.grad = None
+        res = LCA(d, **kwargs)(x, iters=5, u0=u, grad=True)
+        (res.recon.square().sum() + res.u.sum()).backward()
+        grads.append(d.weight.grad.double())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
 
 
 # -- optimality and descent --------------------------------------------------------------------------
@@ -296,7 +329,8 @@ def test_grad_matches_finite_differences() -> None:
     d, x, _ = setup(2, 7, 7, k=3, n_atoms=3, channels=1, batch=2, seed=2)
     tau = 2.0 * d.operator_norm(7, 7)
     lca = LCA(d, threshold="soft", lam=0.3, tau=tau)
-    probe = torch.randn(2, *d.code_shape(7, 7), dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    probe = torch.randn(2, *d.code_shape(7, 7), dtype=torch.float64, generator=gen)
 
     def loss() -> torch.Tensor:
         res = lca(x, iters=6, grad=True)

@@ -43,7 +43,8 @@ def ref_penalty(name: str, a: np.ndarray, lam: float, theta: float, nonneg: bool
     return p
 
 
-def brute_prox(name: str, u: np.ndarray, lam: float, theta: float, nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+def brute_prox(name: str, u: np.ndarray, lam: float, theta: float,
+               nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
     """Grid argmin and grid minimum of ½(a − u)² + P(a) for every u."""
     pen = ref_penalty(name, A_GRID, lam, theta, nonneg)
     obj = 0.5 * (A_GRID[None, :] - u[:, None]) ** 2 + pen[None, :]

@@ -66,7 +66,17 @@ class WarpLCA(nn.Module):
 
     # -- pixels <-> coded space -----------------------------------------------------------------
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0, 1] images (B, C, H, W) → the normalised space the model codes in."""
+        """[0, 1] images (B, C, H, W) → the normalised space the model codes in.
+
+        Images outside [0, 1] (e.g. 0–255 pixels, or already normalised ones) are refused: coding them
+        would silently give meaningless states and energies.
+        """
+        if isinstance(images, Tensor) and images.is_floating_point() and images.numel():
+            lo, hi = torch.aminmax(images.detach())
+            if bool(lo < -1e-6) or bool(hi > 1 + 1e-6):
+                raise ValueError(f"preprocess expects images in [0, 1], got values in [{float(lo):.4g}, "
+                                 f"{float(hi):.4g}] (uint8 pixels: divide by 255; normalised images: pass "
+                                 f"them to the model directly)")
         return images if self.normalization is None else self.normalization.apply(images)
 
     def postprocess(self, recon: Tensor) -> Tensor:

@@ -7,9 +7,14 @@
   restores them on resume, so a resumed run continues the same random streams.
 - :class:`ChannelsLast` — converts the LightningModule to ``torch.channels_last`` (NHWC) before fitting:
   the fast layout of cuDNN convolutions, on by default for CUDA only.
+- :class:`SyncEpochMetrics` — works around a DDP deadlock in Lightning's progress bars (Lightning issue
+  #21264): at the end of a training epoch the bar, on rank 0 only, computes the epoch values of metrics
+  logged with ``sync_dist=True`` — a collective the other ranks never join. This callback computes them
+  on every rank first, so the bar reads cached values.
 
-:func:`ensure_guard` adds a :class:`NonFiniteGuard` to a callback list that has none (the run context
-does this for every stage, so ``callbacks=none`` cannot switch the guard off).
+:func:`ensure_default_callbacks` adds a :class:`NonFiniteGuard` and a :class:`SyncEpochMetrics` to a
+callback list that lacks them (the run context does this for every stage, so ``callbacks=none`` cannot
+switch them off).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelsLast", "NonFiniteBatchError", "NonFiniteGuard", "RNGState", "ensure_guard",
-           "first_nonfinite"]
+__all__ = ["ChannelsLast", "NonFiniteBatchError", "NonFiniteGuard", "RNGState", "SyncEpochMetrics",
+           "ensure_default_callbacks", "first_nonfinite"]
 
 #: the step methods the guard can skip (``predict_step`` is never skipped: a cache must be complete)
 _STEPS = {"train": "training_step", "val": "validation_step", "test": "test_step"}
@@ -43,10 +48,8 @@ class NonFiniteBatchError(RuntimeError):
 def first_nonfinite(batch: Any, path: str = "batch") -> tuple[str, Tensor] | None:
     """The first floating-point tensor in a (nested) batch with NaN/Inf values, with its position."""
     if isinstance(batch, Tensor):
-        if batch.is_floating_point() or batch.is_complex():
-            if not bool(torch.isfinite(batch).all()):
-                return path, batch
-        return None
+        inexact = batch.is_floating_point() or batch.is_complex()
+        return (path, batch) if inexact and not bool(torch.isfinite(batch).all()) else None
     if isinstance(batch, dict):
         items: Sequence[tuple[str, Any]] = [(f"{path}[{k!r}]", v) for k, v in batch.items()]
     elif isinstance(batch, (list, tuple)):
@@ -72,10 +75,14 @@ class NonFiniteGuard(Callback):
     Inputs are checked at the start of every train / validation / test / predict batch; gradients after
     the backward pass (post all-reduce under DDP, so every rank sees the same thing). A bad training
     batch raises :class:`NonFiniteBatchError` naming the stage, epoch and batch index; with ``skip``
-    its training step is not run (or its gradients are dropped, so the optimiser leaves the weights
-    alone), a warning names it, and ``skipped`` records ``(stage, epoch, batch_idx)``. Predict batches
-    (target caches) are never skipped. Under DDP the decision is all-reduced, so all ranks skip or stop
-    together (one tiny collective per batch; none on one process).
+    its update is skipped, a warning names it, and ``skipped`` records ``(stage, epoch, batch_idx)``.
+    Predict batches (target caches) are never skipped. Under DDP the decision is all-reduced, so all
+    ranks skip or stop together (one tiny collective per batch; none on one process).
+
+    How a training batch is skipped: on one process its ``training_step`` is not run at all. Under DDP
+    Lightning forbids skipping the step, so every rank runs it — the bad rank with its NaN/Inf entries
+    replaced by 0 — and the gradients are dropped before the optimiser step, which then leaves the
+    weights (and its own state) untouched; that batch's loss and training metrics still count.
 
     Args:
         skip: skip bad batches instead of stopping the run.
@@ -89,6 +96,7 @@ class NonFiniteGuard(Callback):
         self.check_gradients = bool(check_gradients)
         self.skipped: list[tuple[str, int, int]] = []
         self._skip_now = False
+        self._drop_update = False
         self._batch: tuple[str, int, int] = ("train", 0, 0)
 
     # -- wrapping the step methods so a skipped batch does not run at all -----------------------
@@ -133,7 +141,11 @@ class NonFiniteGuard(Callback):
         what = _describe(*found) if found is not None else "another rank's batch has NaN/Inf values"
         where = f"{stage} batch {batch_idx} of epoch {trainer.current_epoch}{rank}"
         if self.skip and stage in _STEPS:
-            self._skip_now = True
+            if stage == "train" and trainer.world_size > 1:  # DDP: run the step, drop its update
+                _zero_nonfinite(batch)
+                self._drop_update = True
+            else:
+                self._skip_now = True
             self.skipped.append(self._batch)
             log.warning("skipping %s: %s (skip_nonfinite_batches=true)", where, what)
             return
@@ -159,11 +171,15 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._skip_now = False
+        self._drop_update = False
 
     # -- gradients ------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if not self.check_gradients:
+            return
+        if self._drop_update:  # a skipped batch under DDP (decided on all ranks at its start)
+            _drop_gradients(optimizer)
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -174,20 +190,22 @@ class NonFiniteGuard(Callback):
         stage, epoch, idx = self._batch
         where = f"train batch {idx} of epoch {epoch}"
         if self.skip:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None  # optimisers leave parameters without gradients untouched
+            _drop_gradients(optimizer)
             self.skipped.append(("train", epoch, idx))
             log.warning("skipping the update of %s: its gradients have NaN/Inf values "
                         "(skip_nonfinite_batches=true)", where)
             return
-        raise NonFiniteBatchError(f"non-finite gradients after {where} (the loss or the model produced NaN/Inf; "
-                                  f"inputs were finite); set skip_nonfinite_batches=true to skip such updates")
+        raise NonFiniteBatchError(f"non-finite gradients after {where} (the loss or the model produced "
+                                  f"NaN/Inf; inputs were finite); set skip_nonfinite_batches=true to skip "
+                                  f"such updates")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = sum(1 for s, e, _ in self.skipped if s == "train" and e == trainer.current_epoch)
+        if self.skip:  # the same count on every rank (the decisions are all-reduced)
+            pl_module.log("train/skipped_batches", float(n), on_epoch=True, logger=True)
         if n:
-            log.warning("epoch %d: skipped %d training batch(es) with NaN/Inf values", trainer.current_epoch, n)
+            log.warning("epoch %d: skipped %d training batch(es) with NaN/Inf values",
+                        trainer.current_epoch, n)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": [list(s) for s in self.skipped]}
@@ -196,11 +214,49 @@ class NonFiniteGuard(Callback):
         self.skipped = [tuple(s) for s in state_dict.get("skipped", [])]  # type: ignore[misc]
 
 
-def ensure_guard(callbacks: list[Callback], skip: bool = False) -> list[Callback]:
-    """``callbacks`` with a :class:`NonFiniteGuard` appended when it has none (``skip`` sets its mode)."""
+def _zero_nonfinite(batch: Any) -> None:
+    """Replace NaN/Inf entries of every floating-point tensor in a (nested) batch by 0, in place."""
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point():
+            torch.nan_to_num_(batch, nan=0.0, posinf=0.0, neginf=0.0)
+    elif isinstance(batch, dict):
+        for v in batch.values():
+            _zero_nonfinite(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            _zero_nonfinite(v)
+
+
+def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Set every gradient to None: optimisers skip parameters without one (no step, no state change)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def ensure_default_callbacks(callbacks: list[Callback], skip_nonfinite: bool = False) -> list[Callback]:
+    """``callbacks`` plus a :class:`NonFiniteGuard` (mode ``skip_nonfinite``) and a
+    :class:`SyncEpochMetrics` where it has none (in place; returned for convenience)."""
     if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
-        callbacks.append(NonFiniteGuard(skip=skip))
+        callbacks.append(NonFiniteGuard(skip=skip_nonfinite))
+    if not any(isinstance(c, SyncEpochMetrics) for c in callbacks):
+        callbacks.append(SyncEpochMetrics())
     return callbacks
+
+
+class SyncEpochMetrics(Callback):
+    """Compute the epoch-level logged metrics on every rank before the progress bar reads them on rank 0.
+
+    Under DDP, Lightning's progress bars (TQDM and Rich) fetch ``trainer.progress_bar_metrics`` in
+    ``on_train_epoch_end`` on rank 0 only; for values logged with ``sync_dist=True`` that starts an
+    all-reduce the other ranks never join, and the run hangs (Lightning issue #21264). Callbacks run
+    before the bar, so computing the same values here on all ranks fills the cache the bar then reads.
+    A no-op on one process.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            trainer.progress_bar_metrics  # noqa: B018 - the access computes (and caches) on every rank
 
 
 class RNGState(Callback):

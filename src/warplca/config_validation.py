@@ -23,8 +23,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ __all__ = [
 _MISSING = object()
 
 #: Lightning precision flags (``trainer.precision``)
-PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
-              "transformer-engine", "transformer-engine-float16")
+PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "16-mixed", "bf16-true",
+              "bf16-mixed", "transformer-engine", "transformer-engine-float16")
 #: ``trainer.accelerator`` names besides Lightning's registry
 ACCELERATOR_ALIASES = ("auto", "gpu")
 #: strategies that re-launch the script once per rank (``trainer.strategy``)
@@ -128,8 +128,8 @@ class _Checker:
         return value if isinstance(value, DictConfig) else None
 
     # -- typed checks (each returns the value when valid, else None) ----------------------------
-    def integer(self, key: str, minimum: int | None = None, *, optional: bool = False, allow: Iterable[Any] = (),
-                why: str = "") -> int | None:
+    def integer(self, key: str, minimum: int | None = None, *, optional: bool = False,
+                allow: Iterable[Any] = (), why: str = "") -> int | None:
         if not self.has(key):
             return None
         v = self.get(key)
@@ -143,8 +143,9 @@ class _Checker:
             return None
         return int(v)
 
-    def number(self, key: str, minimum: float | None = None, *, strict: bool = False, maximum: float | None = None,
-               max_strict: bool = False, optional: bool = False, why: str = "") -> float | None:
+    def number(self, key: str, minimum: float | None = None, *, strict: bool = False,
+               maximum: float | None = None, max_strict: bool = False, optional: bool = False,
+               why: str = "") -> float | None:
         if not self.has(key):
             return None
         v = self.get(key)
@@ -185,7 +186,8 @@ class _Checker:
         opts = list(options)
         if v not in opts:
             known = ", ".join(_show(o) for o in opts)
-            self.bad(key, v, f"unknown {what or 'value'}; known: {known}" + (" (or null)" if optional else ""))
+            tail = " (or null)" if optional else ""
+            self.bad(key, v, f"unknown {what or 'value'}; known: {known}{tail}")
             return None
         return v
 
@@ -236,7 +238,8 @@ class _Checker:
         target = node.get("_target_")
         obj = _locate(str(target))
         if obj is None:
-            self.bad(f"{key}._target_", target, "cannot be imported (check the spelling and installed extras)")
+            self.bad(f"{key}._target_", target,
+                     "cannot be imported (check the spelling and installed extras)")
             return None
         if base is not None and not (inspect.isclass(obj) and issubclass(obj, base)):
             self.bad(f"{key}._target_", target, f"must be a {base.__name__} subclass")
@@ -259,7 +262,7 @@ class _Checker:
         return obj
 
 
-@lru_cache(maxsize=None)
+@cache
 def _locate(path: str) -> Any:
     from hydra.utils import get_method
 
@@ -367,7 +370,8 @@ def _check_lca(c: _Checker) -> None:
     c.number("lca.lam", 0, why="the threshold λ")
     tau = c.get("lca.tau", "auto")
     if tau is not _MISSING and tau != "auto" and not (_is_number(tau) and tau > 0):
-        c.bad("lca.tau", tau, "must be a number > 0 or 'auto' (τ = ‖Φ‖²_op, the largest step with energy descent)")
+        c.bad("lca.tau", tau,
+              "must be a number > 0 or 'auto' (τ = ‖Φ‖²_op, the largest step with energy descent)")
     c.integer("lca.iters", 0)
     c.boolean("lca.nonneg")
     if threshold == "cel0":
@@ -399,7 +403,8 @@ def _check_trainer(c: _Checker, key: str, *, multirun: bool = False) -> None:
     if devices not in (None, _MISSING, "auto", -1) and not (
             (_is_int(devices) and devices >= 1)
             or (isinstance(devices, (ListConfig, list)) and all(_is_int(d) and d >= 0 for d in devices))
-            or (isinstance(devices, str) and all(p.strip().isdigit() for p in devices.split(",") if p.strip()))):
+            or (isinstance(devices, str)
+                and all(p.strip().isdigit() for p in devices.split(",") if p.strip()))):
         c.bad(f"{key}.devices", devices, "must be an integer ≥ 1, -1 (all), 'auto' or a list of device ids")
     c.integer(f"{key}.num_nodes", 1)
     prec = c.get(f"{key}.precision")
@@ -435,12 +440,13 @@ def _check_trainer(c: _Checker, key: str, *, multirun: bool = False) -> None:
     for b in ("deterministic", "enable_progress_bar", "enable_checkpointing", "enable_model_summary",
               "sync_batchnorm", "benchmark", "inference_mode", "use_distributed_sampler", "detect_anomaly"):
         v = c.get(f"{key}.{b}") if c.has(f"{key}.{b}") else None
-        if v not in (None, _MISSING) and not isinstance(v, bool) and not (b == "deterministic" and v == "warn"):
+        warn_ok = b == "deterministic" and v == "warn"
+        if v not in (None, _MISSING) and not isinstance(v, bool) and not warn_ok:
             c.bad(f"{key}.{b}", v, "must be true or false" + (" (or 'warn')" if b == "deterministic" else ""))
     if multirun and _relaunches_script(strategy, c.get(f"{key}.devices"), c.get(f"{key}.num_nodes", 1)):
         c.bad(f"{key}.strategy", strategy if isinstance(strategy, str) else "ddp",
-              "re-launches the script once per rank, and inside a Hydra multirun (-m) with the basic launcher "
-              "every rank would start its own sweep; use trainer=ddp_cpu (ddp_spawn) or "
+              "re-launches the script once per rank, and inside a Hydra multirun (-m) with the basic "
+              "launcher every rank would start its own sweep; use trainer=ddp_cpu (ddp_spawn) or "
               "trainer.strategy=ddp_spawn, launch one process per job (hydra/launcher=slurm), or run the "
               "jobs one by one")
 
@@ -507,8 +513,8 @@ def _check_model_dictionary(c: _Checker) -> None:
     c.integer(f"{key}.iters", 1, why="LCA steps per batch")
     opt = c.get(f"{key}.optimizer")
     if isinstance(opt, str) and opt.lower() not in ("adam", "sgd"):
-        c.bad(f"{key}.optimizer", opt, "unknown optimizer; known: adam, sgd (or a `_partial_: true` torch.optim "
-                                      "config)")
+        c.bad(f"{key}.optimizer", opt,
+              "unknown optimizer; known: adam, sgd (or a `_partial_: true` torch.optim config)")
     c.integer(f"{key}.log_images_every_n_epochs", 0)
     c.integer(f"{key}.n_log_images", 0)
     _check_trainer(c, f"{key}.trainer")
@@ -572,7 +578,8 @@ def _check_model_classify(c: _Checker) -> None:
     c.integer(f"{key}.feature_batch_size", 1)
     main = c.get(f"{key}.main_frontend")
     if main not in (None, _MISSING) and fronts is not None and main not in fronts:
-        c.bad(f"{key}.main_frontend", main, f"must be one of model.classify.frontends {list(fronts)} (or null)")
+        c.bad(f"{key}.main_frontend", main,
+              f"must be one of model.classify.frontends {list(fronts)} (or null)")
     c.integer(f"{key}.epochs", 1)
     _check_trainer(c, f"{key}.trainer")
 
@@ -677,8 +684,8 @@ def _check_artifacts(c: _Checker) -> None:
     if channels is not None and channels != dictionary.in_channels:
         target = _show(c.get("data._target_")).rsplit(".", 1)[-1]
         c.note("data", f"{target} yields {channels}-channel images but {source} has "
-                       f"{dictionary.in_channels}-channel atoms (use matching data, e.g. data.grayscale=true / "
-                       f"data.rgb=true, or another dictionary)")
+                       f"{dictionary.in_channels}-channel atoms (use matching data, e.g. "
+                       f"data.grayscale=true / data.rgb=true, or another dictionary)")
     _check_tau_against(c, dictionary, source)
 
 
@@ -713,8 +720,9 @@ def _check_tau_initial(c: _Checker) -> None:
     h, w = _image_size(c.cfg)
     lip = dictionary.operator_norm(h, w)
     if tau <= lip / 2:
-        c.bad("lca.tau", tau, f"unstable already for the initial dictionary: LCA needs τ > L/2 = {lip / 2:.4g} "
-                              f"(L = ‖Φ‖²_op = {lip:.4g} on {h}×{w} images); use tau=auto (τ = L)")
+        c.bad("lca.tau", tau, f"unstable already for the initial dictionary: LCA needs τ > L/2 = "
+                              f"{lip / 2:.4g} (L = ‖Φ‖²_op = {lip:.4g} on {h}×{w} images); "
+                              f"use tau=auto (τ = L)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -748,7 +756,7 @@ def check_train_config(cfg: DictConfig) -> list[tuple[str, str]]:
         stages = [s.strip() for s in stages.strip("[]").split(",") if s.strip()]
     if stages not in (None, _MISSING):
         if not isinstance(stages, (ListConfig, list)):
-            c.bad("stages", stages, f"must be a list of stages, e.g. stages=[dictionary,targets]")
+            c.bad("stages", stages, "must be a list of stages, e.g. stages=[dictionary,targets]")
         else:
             unknown = [str(s) for s in stages if str(s) not in STAGE_ORDER]
             if unknown:
@@ -787,8 +795,8 @@ def check_eval_config(cfg: DictConfig) -> list[tuple[str, str]]:
     c = _Checker(cfg)
     run_dir, bundle, sweep = c.get("run_dir"), c.get("bundle"), c.get("sweep_dir")
     if all(v in (None, "", _MISSING) for v in (run_dir, bundle, sweep)):
-        c.note("run_dir", "is required: evaluate.py run_dir=<training run directory> (or bundle=<warp_lca.pt>, "
-                          "or sweep_dir=<multirun directory> for a sweep summary)")
+        c.note("run_dir", "is required: evaluate.py run_dir=<training run directory> (or "
+                          "bundle=<warp_lca.pt>, or sweep_dir=<multirun directory> for a sweep summary)")
     for key, kind in (("run_dir", "dir"), ("sweep_dir", "dir"), ("bundle", "file")):
         v = c.get(key)
         if v in (None, "", _MISSING):
@@ -804,7 +812,8 @@ def check_eval_config(cfg: DictConfig) -> list[tuple[str, str]]:
 
         modes = c.sequence("eval.modes")
         if modes is not None and any(m not in MODES for m in modes):
-            c.bad("eval.modes", modes, f"unknown eval mode(s); choose from {list(MODES)} (eval=all runs each one)")
+            c.bad("eval.modes", modes,
+                  f"unknown eval mode(s); choose from {list(MODES)} (eval=all runs each one)")
         c.choice("eval.split", SPLITS, what="split")
         c.integer("eval.n_images", 1, optional=True)
         c.integer("eval.batch_size", 1)
@@ -817,8 +826,9 @@ def check_eval_config(cfg: DictConfig) -> list[tuple[str, str]]:
             c.bad("eval.denoise.sigmas", sig, "must be noise levels in (0, 1] (σ on the [0, 1] pixel scale)")
         c.integer("eval.ood.n_images", 1, optional=True)
     device = c.get("device")
-    if device not in (None, _MISSING) and not (isinstance(device, str) and (
-            device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()))):
+    known_device = isinstance(device, str) and (
+        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()))
+    if device not in (None, _MISSING) and not known_device:
         c.bad("device", device, "must be auto, cpu, cuda, cuda:<n> or mps")
     if device == "cuda" or (isinstance(device, str) and device.startswith("cuda:")):
         import torch
@@ -867,7 +877,3 @@ def validate_eval_config(cfg: DictConfig) -> None:
 def describe(problems: Iterable[tuple[str, str]]) -> str:
     """The problems as the indented lines :class:`ConfigError` shows."""
     return "\n".join(f"  {m}" for _, m in problems)
-
-
-def _unused(_: Mapping[str, Any]) -> None:  # pragma: no cover - keeps the typing import used
-    return None

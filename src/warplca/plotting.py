@@ -76,8 +76,10 @@ def image_grid(images: Tensor | np.ndarray, ncol: int | None = None, pad: int = 
     return _tile(tiles, ncol, pad, pad_value=1.0)
 
 
-def save_png(image: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+def save_png(image: Any, path: str | os.PathLike, dpi: int = 120, upscale: int = 1) -> Path:
     """Write an (H, W, 3) / (H, W) array (float in [0, 1] or uint8) or a matplotlib Figure to ``path``.
+
+    ``upscale`` repeats every pixel n×n times (nearest neighbour), so small grids stay legible.
 
     The file is written to a temporary name and renamed, so readers never see a partial PNG.
     """
@@ -99,6 +101,8 @@ def save_png(image: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
                 arr = np.clip(arr.astype(np.float32), 0.0, 1.0)
             if arr.ndim not in (2, 3):
                 raise ValueError(f"save_png expects an (H, W) or (H, W, 3) array, got shape {arr.shape}")
+            if upscale > 1:
+                arr = np.repeat(np.repeat(arr, int(upscale), axis=0), int(upscale), axis=1)
             if arr.ndim == 2:
                 mpimg.imsave(tmp, arr, cmap="gray", vmin=0, vmax=255 if arr.dtype == np.uint8 else 1)
             else:

@@ -12,6 +12,7 @@ sweep stop at its first failure too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -22,8 +23,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAILED", "FAILED_KEY", "FAILED_METRICS", "clear_failure", "continue_on_failure", "global_rank",
-           "is_multirun", "job_dir", "read_failure", "record_failure"]
+__all__ = ["FAILED", "FAILED_KEY", "FAILED_METRICS", "check_checkpoint", "clear_failure",
+           "continue_on_failure", "global_rank", "is_multirun", "job_dir", "read_failure", "record_failure"]
 
 #: the marker file of a failed job (first line: ``<ExceptionType>: <message>``; then the traceback)
 FAILED = "FAILED"
@@ -75,10 +76,8 @@ def continue_on_failure(cfg: Any) -> bool:
     """A failing job is recorded and the task returns (instead of raising) inside a multirun, unless
     ``fail_fast`` is set."""
     fail_fast = False
-    try:
+    with contextlib.suppress(Exception):
         fail_fast = bool(cfg.get("fail_fast", False))
-    except Exception:
-        pass
     return is_multirun() and not fail_fast
 
 
@@ -129,3 +128,31 @@ def read_failure(directory: str | os.PathLike) -> str | None:
             return fh.readline().strip() or "failed"
     except OSError:
         return "failed"
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is a readable Lightning checkpoint; else a ValueError naming the file and the fix.
+
+    Lightning writes checkpoints atomically, so a truncated one means a disk or copy problem; a foreign one
+    (another artifact renamed ``last.ckpt``) would otherwise fail deep inside ``fit`` without naming it.
+    """
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    fix = "delete it to restart the stage from scratch, or pass resume=false"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable checkpoint (the file is empty); {fix}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt: no zip directory); {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt: {exc}); {fix}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a Lightning checkpoint (found {found!r}); {fix}")
+    return path

@@ -125,6 +125,12 @@ class ArrayImageDataset(Dataset):
             torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         )
         self.grayscale = grayscale
+        if len(self.indices) and (images.dtype.kind == "f" if isinstance(images, np.ndarray)
+                                  else isinstance(images, Tensor) and images.is_floating_point()):
+            lo, hi = float(images.min()), float(images.max())  # uint8 is [0, 255] -> [0, 1] by construction
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+                raise ValueError(f"float images must be finite and in [0, 1], got values in "
+                                 f"[{lo:.4g}, {hi:.4g}] (pass uint8 images, or divide by 255)")
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -131,11 +131,11 @@ class ResumableDataLoader(DataLoader):
         return int(getattr(self.sampler, "epoch", 0))
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches", "length"}``: where in which epoch the loader stands (saved in checkpoints)."""
+        """``{"epoch", "batches", "length"}``: where the loader stands in which epoch (in checkpoints)."""
         return {"epoch": self._epoch(), "batches": int(self._yielded), "length": len(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next pass over epoch ``state["epoch"]`` skips its first ``state["batches"]`` batches."""
+        """Resume: the next pass over epoch ``state["epoch"]`` skips its first ``state["batches"]``."""
         length, batches = int(state.get("length", -1)), int(state.get("batches", 0))
         if length != len(self):
             log.warning("the checkpoint's training loader had %d batches, this one has %d: not skipping any "
@@ -163,7 +163,8 @@ class ResumableDataLoader(DataLoader):
         remaining = list(self.batch_sampler)[skip:]  # indices only: nothing is loaded for skipped batches
         rest = DataLoader(self.dataset, batch_sampler=remaining, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory, timeout=self.timeout,
-                          worker_init_fn=self.worker_init_fn, multiprocessing_context=self.multiprocessing_context,
+                          worker_init_fn=self.worker_init_fn,
+                          multiprocessing_context=self.multiprocessing_context,
                           generator=self.generator, prefetch_factor=self.prefetch_factor,
                           persistent_workers=False)
         return iter(rest)

@@ -5,8 +5,9 @@ point, each with ``.hydra/overrides.yaml`` (what was swept) and, when it finishe
 :func:`summarize_sweep` reads them all into ``sweep_summary.csv`` (one row per job: status, the
 overridden values, every metric flattened as ``stage/key``), draws ``sweep_<param>.png`` for every
 parameter that varies (selected metrics against that parameter, one line per combination of the other
-swept parameters) and writes ``sweep_summary.md``. A job without ``metrics.json`` (crashed, killed,
-still running) is a row with status ``failed``.
+swept parameters) and writes ``sweep_summary.md``. A job with a ``FAILED`` marker (its exception, written
+by the task wrapper) or without ``metrics.json`` (crashed, killed, still running) is a row with status
+``failed``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from warplca.evaluation.common import ExperimentResult
 from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv, write_text_atomic
+from warplca.runtime import read_failure
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,11 @@ def read_job(path: str | os.PathLike) -> SweepJob:
         elif v is None:
             numbers[k] = math.nan
     job.metrics = numbers
-    if not numbers:
+    failure = read_failure(path)  # the FAILED marker the task wrapper writes when a sweep job fails
+    if failure is not None:
+        job.status = "failed"
+        job.error = failure
+    elif not numbers:
         job.status = "failed"
         job.error = job.error or "no metrics.json (the job failed or did not finish)"
     return job

@@ -101,7 +101,7 @@ class ConvDictionary(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Analysis Φᵀx: images (B, C, H, W) → code-grid drive (B, K, H', W')."""
         op = self.operator(*x.shape[-2:])
-        return op.encode(op.pixels(x))
+        return op.from_grid(op.encode(op.pixels(x)))
 
     def decode(self, a: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Synthesis Φa: codes (B, K, H', W') → images (B, C, H, W).
@@ -113,7 +113,7 @@ class ConvDictionary(nn.Module):
             raise ValueError(f"codes of spatial shape {tuple(a.shape[-2:])} do not belong to "
                              f"{height}×{width} images with stride {self.stride}")
         op = self.operator(height, width)
-        return op.image(op.decode(a))
+        return op.image(op.decode(op.to_grid(a)))
 
     # -- operator norm --------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,9 +142,9 @@ class ConvDictionary(nn.Module):
             gen = torch.Generator().manual_seed(1234)
             v = torch.randn((1, *self.code_shape(height, width)), generator=gen, dtype=torch.float64)
             v = v.to(w.device)
-        value, v = _top_eigenpair(lambda t: op.encode(op.decode(t)), v, max(1, iters), rtol)
+        value, v = _top_eigenpair(lambda t: op.encode(op.decode(t)), op.to_grid(v), max(1, iters), rtol)
         self._norm_cache[key] = (version, value)
-        self._norm_cache[("vec",) + key] = (version, v)
+        self._norm_cache[("vec",) + key] = (version, op.from_grid(v))
         return value
 
     # -- identity and persistence ---------------------------------------------------------------
@@ -242,7 +242,8 @@ def _top_eigenpair(apply: Callable[[Tensor], Tensor], v: Tensor, max_apply: int,
             evals, evecs = torch.linalg.eigh(tri)
             theta = float(evals[-1])
             resid = beta * abs(float(evecs[-1, -1]))
-            done = resid <= rtol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-300) or applied >= max_apply
+            done = (resid <= rtol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-300)
+                    or applied >= max_apply)
             if done or j == m - 1:
                 break
             betas.append(beta)

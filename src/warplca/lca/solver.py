@@ -76,7 +76,8 @@ class LCA:
         theta: θ of the ``cel0`` threshold.
         tol: optional early stop when max over the batch of ‖Δu‖/‖u‖ < tol (checked every
             ``check_every`` steps: the only host syncs in the loop).
-        backend: ``polyphase`` (fast, default) or ``direct`` (conv_transpose2d) for zero padding.
+        backend: ``polyphase`` (fast, default) or ``direct`` (the textbook ``conv_transpose2d`` /
+            ``conv2d`` pair, a reference); both exact, for zero and circular padding.
         compile: run the Euler step through ``torch.compile`` when no trace, tolerance or gradient is
             asked for (off by default; falls back to eager execution, with a warning, where it fails).
     """
@@ -209,7 +210,8 @@ class LCA:
         with ctx, torch.autocast(device_type=x.device.type, enabled=False):
             return self._run(x, iters, u0, trace, tau, grad)
 
-    def _run(self, x: Tensor, iters: int, u0: Tensor | None, trace: bool, tau: float, grad: bool) -> LCAResult:
+    def _run(self, x: Tensor, iters: int, u0: Tensor | None, trace: bool, tau: float,
+             grad: bool) -> LCAResult:
         d, thr = self.dictionary, self.threshold
         weight = d.weight if grad else d.weight.detach()
         op = _operator(d, weight, x.shape[-2], x.shape[-1], self.backend)
@@ -217,13 +219,14 @@ class LCA:
         xt = op.pixels(x)
         batch = x.shape[0]
         numel = x[0].numel()
-        shape = (batch, *d.code_shape(*x.shape[-2:]))
-        # The operator's layout throughout (NHWC where convolutions are fastest in it).
-        layout = getattr(op, "layout", torch.contiguous_format)
+        # States live on the operator's code grid (interleaved for thin convolutions, see
+        # operator.auto_interleave) in its memory layout (NHWC where convolutions are fastest).
         if u0 is None:
-            u = torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+            u = torch.zeros((batch, *op.grid_shape), dtype=x.dtype, device=x.device)
+            u = u.contiguous(memory_format=op.layout)
         else:
-            u = u0.clone(memory_format=layout)
+            u = op.to_grid(u0)
+            u = u.clone(memory_format=op.layout) if u is u0 else u.contiguous(memory_format=op.layout)
         record = torch.empty((iters + 1, 3, batch), dtype=x.dtype, device=x.device) if trace else None
         check = self.tol is not None
         steps = iters
@@ -253,8 +256,8 @@ class LCA:
             _record(record[steps], xt - recon_t, a, thr, numel)
             record = record[: steps + 1]
             traces = {key: record[:, i] for i, key in enumerate(TRACE_KEYS)}
-        return LCAResult(u=u, a=a, recon=op.image(recon_t), trace=traces, iters=steps, tau=tau,
-                         energy=energy_final)
+        return LCAResult(u=op.from_grid(u), a=op.from_grid(a), recon=op.image(recon_t), trace=traces,
+                         iters=steps, tau=tau, energy=energy_final)
 
     # -- energy ---------------------------------------------------------------------------------
     def energy(self, x: Tensor, a: Tensor) -> Tensor:
@@ -264,7 +267,7 @@ class LCA:
         with torch.no_grad():
             op = _operator(self.dictionary, self.dictionary.weight.detach(), x.shape[-2], x.shape[-1],
                            self.backend)
-            resid = op.pixels(x) - op.decode(a)
+            resid = op.pixels(x) - op.decode(op.to_grid(a))
             return 0.5 * _norms(resid).square() + self.threshold.penalty_sum(a)
 
     def states_to_codes(self, u: Tensor) -> Tensor:
@@ -333,10 +336,8 @@ def _record(slot: Tensor, resid: Tensor, a: Tensor, thr: Threshold, numel: int) 
     """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device (no host sync)."""
     sq = _norms(resid).square()
     l0 = count_active(a)
-    if thr.name == "hard" and not thr.nonneg:
-        penalty = (0.5 * thr.lam * thr.lam) * l0  # ℓ0 penalty: reuse the count
-    else:
-        penalty = thr.penalty_sum(a)
+    # the ℓ0 penalty reuses the count
+    penalty = (0.5 * thr.lam * thr.lam) * l0 if thr.name == "hard" and not thr.nonneg else thr.penalty_sum(a)
     slot[0] = 0.5 * sq + penalty
     slot[1] = l0
     slot[2] = sq / numel

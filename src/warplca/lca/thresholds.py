@@ -4,12 +4,12 @@ LCA maps internal states u to activations a = T_λ(u). Each threshold here is th
 proximal map of a penalty, ``T_λ(u) = argmin_a ½(a − u)² + P_λ(a)``, so the energy
 ``½‖x − Φa‖² + Σ P_λ(a_i)`` reported by the solver is the objective the dynamics minimise.
 
-| name   | T_λ(u)                                                    | P_λ(a)                                   |
-|--------|-----------------------------------------------------------|------------------------------------------|
-| hard   | u·1[|u| > λ]                                               | (λ²/2)·1[a ≠ 0]   (ℓ0)                   |
-| soft   | sign(u)·max(|u| − λ, 0)                                    | λ|a|              (ℓ1)                   |
-| cel0   | 0 if |u| ≤ θλ; sign(u)(|u| − θλ)/(1 − θ) if ≤ λ; u above   | θλ|a| − θa²/2 if |a| ≤ λ; θλ²/2 above    |
-| half   | Xu et al. (2012) half thresholding, jump at |u| = λ        | μ|a|^{1/2},  μ = ½·(4λ/54^{1/3})^{3/2}   |
+| name | T_λ(u)                                                  | P_λ(a)                                 |
+|------|---------------------------------------------------------|----------------------------------------|
+| hard | u·1[|u| > λ]                                             | (λ²/2)·1[a ≠ 0]   (ℓ0)                 |
+| soft | sign(u)·max(|u| − λ, 0)                                  | λ|a|              (ℓ1)                 |
+| cel0 | 0 if |u| ≤ θλ; sign(u)(|u| − θλ)/(1 − θ) if ≤ λ; u above | θλ|a| − θa²/2 if |a| ≤ λ; θλ²/2 above  |
+| half | Xu et al. (2012) half thresholding, jump at |u| = λ      | μ|a|^{1/2},  μ = ½·(4λ/54^{1/3})^{3/2} |
 
 ``cel0`` is the firm threshold: the proximal map of the minimax-concave (CEL0-type) penalty with
 concavity θ ∈ (0, 1); θ → 0 gives hard-like behaviour, θ → 1 approaches soft. For ``half`` the
@@ -133,6 +133,7 @@ def _half(u: Tensor, jump: float, lam_xu: float) -> Tensor:
     return torch.where(active, val, torch.zeros_like(u))
 
 
-def get_threshold(name: str = "hard", lam: float = 1.0, nonneg: bool = False, theta: float = 0.5) -> Threshold:
+def get_threshold(name: str = "hard", lam: float = 1.0, nonneg: bool = False,
+                  theta: float = 0.5) -> Threshold:
     """Build a threshold by name (``hard``, ``soft``, ``cel0``, ``half``)."""
     return Threshold(name=name, lam=float(lam), nonneg=bool(nonneg), theta=float(theta))

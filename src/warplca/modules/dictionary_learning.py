@@ -62,7 +62,10 @@ class DictionaryLearning(pl.LightningModule):
         lr: learning rate.
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9), or a callable ``params -> Optimizer``
             (e.g. a ``functools.partial`` of a torch optimiser; ``lr`` is passed unless it fixes one).
-        iters: LCA steps per batch, for training and for the val/test metrics.
+        iters: LCA steps per batch, for training and for the validation metrics.
+        test_iters: LCA steps for the test metrics (default ``iters``). Codes after a few dozen steps
+            are good enough to learn from but far from converged; test at a larger budget to see
+            what the dictionary is worth.
         log_images_every_n_epochs: log the atom grid and a reconstruction grid every n validation
             epochs (0 disables) to loggers that take images.
         n_log_images: images in the reconstruction grid.
@@ -71,7 +74,8 @@ class DictionaryLearning(pl.LightningModule):
     def __init__(self, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                  normalization: Normalization, lr: float = 3e-3,
                  optimizer: str | Callable[..., torch.optim.Optimizer] = "adam", iters: int = 100,
-                 log_images_every_n_epochs: int = 1, n_log_images: int = 16) -> None:
+                 test_iters: int | None = None, log_images_every_n_epochs: int = 1,
+                 n_log_images: int = 16) -> None:
         super().__init__()
         if not isinstance(dictionary, ConvDictionary):
             raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
@@ -86,6 +90,8 @@ class DictionaryLearning(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS} or a callable, got {optimizer!r}")
         if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
             raise ValueError(f"iters must be an integer ≥ 1, got {iters!r}")
+        if test_iters is not None and (not isinstance(test_iters, int) or test_iters < 1):
+            raise ValueError(f"test_iters must be an integer ≥ 1 or None, got {test_iters!r}")
         self.dictionary = dictionary
         settings = dict(lca_settings)
         settings["iters"] = iters
@@ -94,13 +100,14 @@ class DictionaryLearning(pl.LightningModule):
         self.lr = float(lr)
         self.optimizer_factory = optimizer
         self.iters = iters
+        self.test_iters = iters if test_iters is None else test_iters
         self.log_images_every_n_epochs = int(log_images_every_n_epochs)
         self.n_log_images = int(n_log_images)
         self.save_hyperparameters({
             "dictionary": dictionary.config(), "lca": self.lca.settings(),
             "normalization": normalization.to_dict(),
             "lr": self.lr, "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
-            "iters": iters,
+            "iters": iters, "test_iters": self.test_iters,
         })
         for stage in _STAGES:
             setattr(self, f"{stage}_recon", reconstruction_metrics())
@@ -118,7 +125,8 @@ class DictionaryLearning(pl.LightningModule):
     def _step(self, batch: Any, stage: str) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = self.normalization.apply(images)
-        res = self.lca(x)  # no autograd: the codes are constants for the atom update
+        # no autograd: the codes are constants for the atom update
+        res = self.lca(x, iters=self.test_iters if stage == "test" else None)
         if stage == "train":
             recon = self.dictionary.decode(res.a, size=tuple(x.shape[-2:]))
             loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]

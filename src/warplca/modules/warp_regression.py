@@ -137,7 +137,9 @@ class WarpRegression(pl.LightningModule):
             raise ValueError("WarpRegression trains on (images, target states) batches from a TargetDataset")
         pred = self(self.preprocess(images))
         loss = self.loss_fn(pred.float(), states.float())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        # sync_dist: under DDP the logged loss is the mean over all ranks, not rank 0's alone
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=images.shape[0])
         return loss
 
     def configure_optimizers(self) -> Any:

@@ -141,10 +141,9 @@ class RunContext:
         if kwargs.get("enable_checkpointing", True) and not has_ckpt:
             callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
         if logger is None:
-            loggers = self.loggers(stage)
-            if not loggers:
-                callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
-            logger = loggers or False
+            logger = self.loggers(stage) or False
+        if not logger:  # LearningRateMonitor refuses to run without a logger
+            callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
         return instantiate(OmegaConf.create(kwargs), callbacks=callbacks, logger=logger, _convert_="all")
 
     def finish_loggers(self) -> None:
@@ -168,6 +167,9 @@ class RunContext:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh, indent=2, sort_keys=True)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; metrics are meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -352,6 +352,9 @@ def command_line() -> str:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the evaluations of ``cfg.eval.modes`` (or a sweep summary); returns flat ``eval/…`` metrics."""
+    from warplca.config_validation import validate_eval_config
+
+    validate_eval_config(cfg)  # every problem at once, before anything loads
     seed_everything(cfg.get("seed"))
     if cfg.get("sweep_dir"):
         from warplca.evaluation.sweep import summarize_sweep

@@ -11,6 +11,7 @@ geometry, and meta: normalisation, data and LCA config, test metrics), ``atoms.p
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -65,6 +66,18 @@ def evaluate_dictionary(dictionary: ConvDictionary, lca_settings: dict[str, Any]
     return {k: float(v) for k, v in out.items()}
 
 
+def _test_batches(trainer: Any, available: int) -> int | None:
+    """How many test batches the trainer's debug settings allow (fast_dev_run, limit_test_batches)."""
+    if trainer.fast_dev_run:
+        return int(trainer.fast_dev_run)
+    limit = trainer.limit_test_batches
+    if isinstance(limit, int):
+        return limit
+    if isinstance(limit, float) and limit < 1.0:
+        return max(1, math.ceil(limit * available))
+    return None
+
+
 def run(ctx: RunContext) -> dict[str, float]:
     """Train, test, compare with a random dictionary, save ``dictionary.pt``; returns test metrics."""
     cfg = ctx.cfg
@@ -86,45 +99,57 @@ def run(ctx: RunContext) -> dict[str, float]:
         if ckpt is not None:
             log.info("resuming the dictionary stage from %s", ckpt)
     trainer = ctx.trainer("dictionary")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
-    results = trainer.test(module, datamodule=dm, verbose=False)
-    metrics: dict[str, float] = {k: float(v) for k, v in (results[0] if results else {}).items()
-                                 if k.startswith("test/") and k != "test/loss"}
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if ckpt is None:
+            raise
+        raise RuntimeError(f"could not resume the dictionary stage from {ckpt} (written with another "
+                           f"config?): {exc}. Pass force=true or resume=false to train afresh") from exc
 
-    learned = module.dictionary.cpu().normalize_()
+    # Test outside Lightning, learned and random alike: one code path for every strategy (a second
+    # ddp_spawn launch for trainer.test would cost a process start and trips the CSV logger).
+    root = trainer.strategy.root_device
+    device = root if root.type == "cuda" else torch.device("cpu")
+    learned = module.dictionary.to(device).normalize_()
     learned.weight.requires_grad_(False)
-    iters = int(module.iters)
-    n_batches = trainer.num_test_batches[0] if trainer.num_test_batches else None
-    max_batches = None if n_batches is None or n_batches == float("inf") else int(n_batches)
+    iters = int(module.test_iters)
+    loader = dm.test_dataloader()
+    max_batches = _test_batches(trainer, len(loader))
+    scores = evaluate_dictionary(learned, lca_settings, normalization, loader, iters, max_batches)
     random = random_dictionary_like(learned, seed=int(cfg.get("seed") or 0) + 1)
-    baseline = evaluate_dictionary(random, lca_settings, normalization, dm.test_dataloader(), iters,
-                                   max_batches)
+    baseline = evaluate_dictionary(random, lca_settings, normalization, loader, iters, max_batches)
+    metrics: dict[str, float] = {f"test/{k}": v for k, v in scores.items()}
     metrics.update({f"random/test/{k}": v for k, v in baseline.items()})
-    if "test/psnr" in metrics:
-        metrics["test/psnr_gain_db"] = metrics["test/psnr"] - baseline["psnr"]
-    metrics["eval_iters"] = float(iters)
+    metrics["test/psnr_gain_db"] = scores["psnr"] - baseline["psnr"]
+    if getattr(trainer.strategy, "_start_method", "popen") == "popen":  # live loggers (not a spawn copy)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            lg.save()
+    metrics["test_iters"] = float(iters)
     metrics["epochs"] = float(trainer.current_epoch)
     metrics["global_step"] = float(trainer.global_step)
+    learned = learned.cpu()
     metrics["atom_change"] = float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean())
 
     meta = {
         "normalization": normalization.to_dict(),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "lca": {k: v for k, v in lca_settings.items()},
-        "train": {"iters": iters, "epochs": int(trainer.current_epoch),
-                  "global_step": int(trainer.global_step), "lr": float(module.lr)},
+        "train": {"iters": int(module.iters), "test_iters": iters, "lr": float(module.lr),
+                  "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step)},
         "metrics": dict(metrics),
     }
     if ctx.is_rank_zero:
         path = learned.save(ctx.artifact(ARTIFACT), **meta)
-        save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"))
+        save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"), upscale=4)
         images = next(iter(dm.test_dataloader()))[0][:16]
-        with torch.no_grad():
-            recon, _ = module.cpu()(images)
+        res = LCA(learned, **{**lca_settings, "iters": iters})(normalization.apply(images))
+        recon = normalization.invert(res.recon).clamp(0.0, 1.0)
         save_png(image_grid(torch.stack([images, recon], 1).flatten(0, 1), ncol=8),
-                 ctx.artifact("reconstructions.png"))
-        log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f)",
-                 path, metrics.get("test/psnr", float("nan")), baseline["psnr"],
-                 metrics.get("test/l0_per_image", float("nan")), baseline["l0_per_image"])
+                 ctx.artifact("reconstructions.png"), upscale=2)
+        log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f) "
+                 "after %d LCA steps", path, scores["psnr"], baseline["psnr"], scores["l0_per_image"],
+                 baseline["l0_per_image"], iters)
     ctx.set_dictionary(learned, meta)
     return metrics

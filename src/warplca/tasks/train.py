@@ -71,6 +71,9 @@ def print_metrics(metrics: dict[str, float], run_dir: Any) -> None:
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run ``cfg.stages`` in the run directory; returns every metric of the run (flat ``stage/key``)."""
+    from warplca.config_validation import validate_train_config
+
+    validate_train_config(cfg)  # every problem of every group at once, each named by its key
     validate_config(cfg)
     seed_everything(cfg.get("seed"))
     ctx = RunContext.from_config(cfg)

@@ -75,8 +75,8 @@ def instantiate_loggers(group: Any, version: str | None = None, run_name: str | 
     """Lightning loggers from a ``logger`` group (dict name -> config).
 
     ``version`` becomes the sub-directory of file loggers (CSV / TensorBoard) whose config leaves it
-    null, so each pipeline stage writes its own ``metrics.csv`` (``<version>_1``, … on a rerun); wandb runs get ``run_name``,
-    ``run_group`` and ``job_type=version`` unless the config sets them.
+    null, so each pipeline stage writes its own ``metrics.csv`` (``<version>_1``, … on a rerun);
+    wandb runs get ``run_name``, ``run_group`` and ``job_type=version`` unless the config sets them.
     """
     loggers: list[Logger] = []
     for name, conf in _entries(group, "logger"):
