@@ -96,7 +96,7 @@ def test_dictionary_options_instantiate(make_cfg, option) -> None:
 @pytest.mark.parametrize("option", options("lca"))
 def test_lca_options_instantiate(make_cfg, option) -> None:
     cfg = make_cfg(f"lca={option}")
-    assert set(cfg.lca) == {"threshold", "lam", "tau", "iters", "nonneg", "theta", "tol"}
+    assert set(cfg.lca) == {"threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "compile"}
     ctx = RunContext.from_config(cfg)
     lca = ctx.lca(ConvDictionary(8, 3, 5, 2))
     assert isinstance(lca, LCA) and lca.threshold.name == option and lca.lam == cfg.lca.lam

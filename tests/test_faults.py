@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: dictionary learning, one epoch of 8 steps, with a last.ckpt after every step
 RESUMABLE = ("stages=[dictionary]", "dictionary=tiny", "data.n_train=64", "data.n_val=16", "data.n_test=16",
              "data.batch_size=8", "model.dictionary.iters=20", "model.dictionary.lr=0.01",
-             "model.dictionary.trainer.max_epochs=1", "lca.iters=20",
+             "model.dictionary.test_iters=20", "model.dictionary.trainer.max_epochs=1", "lca.iters=20",
              "callbacks.model_checkpoint.every_n_train_steps=1", "logger=csv")
 
 #: a callback that makes every training step slow enough to be killed in the middle of an epoch
@@ -250,7 +250,7 @@ def test_skip_setting_reaches_the_guard_from_the_config(make_cfg) -> None:
     from warplca.tasks.utils import instantiate_callbacks
 
     for flag in ("false", "true"):
-        cfg = make_cfg(f"+skip_nonfinite_batches={flag}")
+        cfg = make_cfg(f"skip_nonfinite_batches={flag}")
         guards = [c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, NonFiniteGuard)]
         assert len(guards) == 1 and guards[0].skip is (flag == "true")
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FAILED", "FAILED_KEY", "FAILED_METRICS", "check_checkpoint", "clear_failure",
            "continue_on_failure", "global_rank", "is_multirun", "job_dir", "read_failure", "record_failure"]
 
-#: the marker file of a failed job (first line: ``<ExceptionType>: <message>``; then the traceback)
+#: the marker file of a failed job (first line: ``<ExceptionType>: <message, one line>``; then the traceback)
 FAILED = "FAILED"
 #: the metric a failed job returns (``get_metric_value`` turns it into NaN for sweepers)
 FAILED_KEY = "job/failed"
@@ -99,8 +99,10 @@ def record_failure(directory: str | os.PathLike | None, exc: BaseException) -> P
     """Write ``<directory>/FAILED`` (error line + traceback) on rank 0; returns its path (None elsewhere)."""
     if directory is None or global_rank() != 0:
         return None
-    summary = f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0] if str(exc).strip() \
-        else type(exc).__name__
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    summary = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(summary) > 500:
+        summary = summary[:497] + "..."
     body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     path = Path(directory) / FAILED
     try:

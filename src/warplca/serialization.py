@@ -27,6 +27,9 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike, fmt: str) -> P
             torch.save({"format": fmt, "version": VERSION, **payload}, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the artifact normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,7 +37,8 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike, fmt: str) -> P
     return path
 
 
-def load_checked(path: str | os.PathLike, fmt: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checked(path: str | os.PathLike, fmt: str,
+                 map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load an artifact written by :func:`save_atomic`, refusing missing, truncated or foreign files."""
     path = Path(path)
     if not path.is_file():
@@ -42,7 +46,8 @@ def load_checked(path: str | os.PathLike, fmt: str, map_location: str | torch.de
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        raise ValueError(f"{path}: cannot be read as a {fmt} artifact (truncated or corrupt?): {exc}") from exc
+        raise ValueError(f"{path}: cannot be read as a {fmt} artifact (truncated or corrupt?): "
+                         f"{exc}") from exc
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: is not a {fmt} artifact (found format {found!r})")

@@ -126,7 +126,8 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                     normalization: Normalization | None, *, dataset: str, split: str, count: int,
                     image_shape: Sequence[int], chunk_size: int,
                     dataset_config: Mapping[str, Any] | None = None,
-                    fingerprint: str | None = None, solver: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    fingerprint: str | None = None,
+                    solver: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest that identifies a target cache (builders write it; readers compare against it).
 
     ``solver`` names how the target states are computed: ``{"name": "cold"}`` (the default: cold LCA
@@ -721,7 +722,8 @@ def build_target_cache(directory: str | os.PathLike, dataset: Dataset, dictionar
 def expected_manifest(dataset: Dataset, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                       target_iters: int, normalization: Normalization | None, *, dataset_name: str,
                       split: str, dataset_config: Mapping[str, Any] | None = None, chunk_size: int = 512,
-                      limit: int | None = None, solver: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
+                      limit: int | None = None,
+                      solver: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
     """:func:`target_manifest` for a dataset object (count, image shape and fingerprint read from it)."""
     n = len(dataset)  # type: ignore[arg-type]
     count = n if limit is None else min(n, int(limit))
@@ -778,8 +780,13 @@ class TargetDataModule(pl.LightningDataModule):
         self.seed, self.pin_memory = int(seed), bool(pin_memory)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        if shuffle:  # order = f(seed, epoch), resumable mid-epoch, sharded like one big batch under DDP
+            from warplca.data.resumable import ResumableDataLoader
+
+            return ResumableDataLoader(ds, batch_size=self.batch_size, seed=self.seed, order="shuffle",
+                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                       pin_memory=self.pin_memory)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:

@@ -128,8 +128,10 @@ class DictionaryLearning(pl.LightningModule):
         # no autograd: the codes are constants for the atom update
         res = self.lca(x, iters=self.test_iters if stage == "test" else None)
         if stage == "train":
-            recon = self.dictionary.decode(res.a, size=tuple(x.shape[-2:]))
-            loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]
+            # the atom update stays fp32 under a bf16-mixed trainer, like the LCA codes it uses
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                recon = self.dictionary.decode(res.a, size=tuple(x.shape[-2:]))
+                loss = 0.5 * (x.float() - recon).pow(2).sum() / x.shape[0]
         else:
             recon = res.recon
             loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]

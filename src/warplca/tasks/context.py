@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from warplca.callbacks import ensure_default_callbacks
 from warplca.lca import LCA, ConvDictionary
 from warplca.lca.dictionary import FORMAT as DICTIONARY_FORMAT
 from warplca.serialization import load_checked
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 __all__ = ["LCA_KEYS", "RunContext"]
 
 #: the ``lca`` group keys passed to :class:`warplca.LCA`
-LCA_KEYS = ("threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "check_every", "backend")
+LCA_KEYS = ("threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "check_every", "backend",
+            "compile")
 
 
 @dataclass
@@ -118,9 +120,14 @@ class RunContext:
         return self.run_dir / "checkpoints" / stage
 
     def last_checkpoint(self, stage: str) -> Path | None:
-        """``checkpoints/<stage>/last.ckpt`` if it exists (a resumable, interrupted stage)."""
+        """``checkpoints/<stage>/last.ckpt`` if it exists (a resumable, interrupted stage).
+
+        A truncated or foreign file there is refused with a ValueError naming it (``check_checkpoint``).
+        """
+        from warplca.runtime import check_checkpoint
+
         path = self.checkpoint_dir(stage) / "last.ckpt"
-        return path if path.is_file() else None
+        return check_checkpoint(path) if path.is_file() else None
 
     def trainer(self, stage: str, **overrides: Any) -> pl.Trainer:
         """A Trainer for ``stage``: ``cfg.trainer`` + stage defaults + callbacks + fresh loggers.
@@ -137,6 +144,9 @@ class RunContext:
         ckpt_dir = self.checkpoint_dir(stage)
         callbacks = instantiate_callbacks(self.cfg.get("callbacks"), checkpoint_dir=str(ckpt_dir))
         callbacks += extra_callbacks
+        # the NaN/Inf guard and the DDP epoch-metrics sync even with callbacks=none
+        skip = bool(self.cfg.get("skip_nonfinite_batches", False))
+        ensure_default_callbacks(callbacks, skip_nonfinite=skip)
         has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
         if kwargs.get("enable_checkpointing", True) and not has_ckpt:
             callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))

@@ -87,7 +87,8 @@ def expected(ctx: RunContext, split: str, dictionary: ConvDictionary, lca: LCA, 
     return expected_manifest(dm.split_dataset(split), dictionary, lca.settings(), int(conf["iters"]),
                              normalization, dataset_name=str(getattr(dm, "name", type(dm).__name__)),
                              split=split, dataset_config=_dataset_config(ctx),
-                             chunk_size=int(conf["chunk_size"]), limit=conf["limit"], solver=solver_spec(conf))
+                             chunk_size=int(conf["chunk_size"]), limit=conf["limit"],
+                             solver=solver_spec(conf))
 
 
 def is_done(ctx: RunContext) -> bool:

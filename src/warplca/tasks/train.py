@@ -81,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("run directory: %s", ctx.run_dir)
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     metrics = run_stages(ctx, cfg.get("stages"))
-    if ctx.is_rank_zero and cfg.get("print_metrics", True):
+    # The report stage prints the cold-vs-warm table itself: it stays the last thing on the console.
+    if ctx.is_rank_zero and cfg.get("print_metrics", True) and "report" not in list(cfg.get("stages") or []):
         print_metrics(metrics, ctx.run_dir)
     return metrics

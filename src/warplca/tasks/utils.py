@@ -149,14 +149,28 @@ def close_wandb() -> None:
 
 
 def task_wrapper(fn: F) -> F:
-    """Decorate a task ``fn(cfg)``: log a failure with its traceback, re-raise it, always close wandb."""
+    """Decorate a task ``fn(cfg)``: log a failure with its traceback, always close wandb.
+
+    A failure is recorded as ``FAILED`` in the job directory (:mod:`warplca.runtime`). Inside a Hydra
+    multirun the wrapper then returns :data:`warplca.runtime.FAILED_METRICS` instead of raising, so the
+    basic launcher goes on with the other jobs (``+fail_fast=true`` re-raises); a single run re-raises.
+    """
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        from warplca import runtime
+
+        cfg = args[0] if args else kwargs.get("cfg")
+        job = runtime.job_dir(cfg) if cfg is not None else None
+        runtime.clear_failure(job)
         try:
             return fn(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
             log.exception("task %s failed", fn.__name__)
+            marker = runtime.record_failure(job, exc)
+            if cfg is not None and runtime.continue_on_failure(cfg):
+                log.error("job failed (recorded in %s); the sweep goes on with the next job", marker)
+                return dict(runtime.FAILED_METRICS)
             raise
         finally:
             close_wandb()
@@ -180,6 +194,10 @@ def get_metric_value(metrics: Mapping[str, float], name: str | None) -> float | 
     """The metric ``name`` (a flat ``stage/key`` name) for a sweeper; None when no name is given."""
     if not name:
         return None
+    from warplca.runtime import FAILED_KEY
+
+    if metrics.get(FAILED_KEY):  # a failed sweep job: NaN tells the sweeper (Optuna: a failed trial)
+        return float("nan")
     if name not in metrics:
         raise KeyError(f"optimized_metric={name!r} was not produced by this run; "
                        f"available: {sorted(metrics)}")
