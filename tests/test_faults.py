@@ -59,6 +59,45 @@ def _comparable(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "time_s" and isinstance(v, (int, float))}
 
 
+class CrashAtStep(pl.Callback):
+    """Raises at the end of training step ``step`` (before that step's checkpoint is written)."""
+
+    def __init__(self, step: int = 4) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def test_crash_mid_epoch_then_rerun_resumes_to_the_uninterrupted_result(
+        make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """In process (the SIGKILL variant below uses a real process): a crash after step 4 of 8, then the
+    same config again: resumes from step 3's last.ckpt mid-epoch and ends where an uninterrupted run ends."""
+    from warplca.runtime import FAILED
+    from warplca.tasks.train import train
+
+    reference = train(make_cfg(*RESUMABLE, tiny=False, output_dir=tmp_path / "reference"))
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash at step 4"):
+        train(make_cfg(*RESUMABLE, "+callbacks.crash._target_=test_faults.CrashAtStep", tiny=False,
+                       output_dir=run))
+    assert (run / FAILED).is_file() and not (run / "dictionary.pt").exists()
+    assert _global_step(run / "checkpoints" / "dictionary" / "last.ckpt") == 3
+    caplog.set_level("INFO")
+    resumed = train(make_cfg(*RESUMABLE, tiny=False, output_dir=run))
+    assert "resuming the dictionary stage from" in caplog.text
+    assert "training loader: resuming epoch 0 after 3 of 8 batches" in caplog.text
+    assert not (run / FAILED).exists()  # cleared when the run started again
+    assert resumed["dictionary/global_step"] == reference["dictionary/global_step"] == 8
+    for key, value in reference.items():
+        if key.startswith("dictionary/") and not key.endswith("time_s"):
+            assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    ref_w = ConvDictionary.load(tmp_path / "reference" / "dictionary.pt").weight
+    assert torch.allclose(ConvDictionary.load(run / "dictionary.pt").weight, ref_w, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_resumes_to_the_uninterrupted_result(make_cfg, tmp_path: Path) -> None:
     from warplca.tasks.train import train
 

@@ -34,13 +34,16 @@ def _run(args: list[str], cwd: Path, home: Path, **env: str) -> subprocess.Compl
 
 
 def _stray(home: Path) -> list[str]:
-    """Files under HOME other than tool caches (matplotlib's font cache and the like)."""
+    """Files under HOME other than tool caches and logs (matplotlib's font cache, wandb's service debug
+    logs in ~/.cache/wandb/logs): no run output (wandb runs, lightning_logs, outputs) may land there."""
     out = []
     for p in home.rglob("*"):
         rel = p.relative_to(home)
-        if p.is_file() and rel.parts[0] not in (".cache", ".config"):
-            out.append(str(rel))
-        if rel.parts[0] in (".cache", ".config") and len(rel.parts) > 1 and rel.parts[1] in ("wandb",):
+        if not p.is_file():
+            continue
+        tool_cache = rel.parts[0] in (".cache", ".config") and not (
+            len(rel.parts) > 1 and rel.parts[1] == "wandb" and rel.parts[:3] != (".cache", "wandb", "logs"))
+        if not tool_cache:
             out.append(str(rel))
     return out
 

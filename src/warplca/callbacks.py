@@ -176,10 +176,10 @@ class NonFiniteGuard(Callback):
     # -- gradients ------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not self.check_gradients:
-            return
         if self._drop_update:  # a skipped batch under DDP (decided on all ranks at its start)
             _drop_gradients(optimizer)
+            return
+        if not self.check_gradients:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -202,7 +202,7 @@ class NonFiniteGuard(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = sum(1 for s, e, _ in self.skipped if s == "train" and e == trainer.current_epoch)
         if self.skip:  # the same count on every rank (the decisions are all-reduced)
-            pl_module.log("train/skipped_batches", float(n), on_epoch=True, logger=True)
+            pl_module.log("train/skipped_batches", float(n), on_epoch=True, logger=True, sync_dist=True)
         if n:
             log.warning("epoch %d: skipped %d training batch(es) with NaN/Inf values",
                         trainer.current_epoch, n)
