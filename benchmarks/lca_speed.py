@@ -97,15 +97,24 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
 
 
 @contextlib.contextmanager
-def blas_threads(n: int | None) -> Iterator[None]:
-    """Limit numpy's BLAS / OpenMP pools (sporco) to ``n`` threads, if threadpoolctl is there."""
+def sporco_threads(n: int) -> Iterator[None]:
+    """Give sporco ``n`` threads: its pyFFTW transforms and numpy's BLAS / OpenMP pools."""
+    import sporco.fft
+
+    saved = getattr(sporco.fft, "pyfftw_threads", None)
+    if saved is not None:
+        sporco.fft.pyfftw_threads = n
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        yield
-        return
-    with threadpool_limits(n):
-        yield
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - optional
+            yield
+        else:
+            with threadpool_limits(n):
+                yield
+    finally:
+        if saved is not None:
+            sporco.fft.pyfftw_threads = saved
 
 
 def gemm_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
@@ -267,7 +276,7 @@ def bench_sporco(device: torch.device, threads: int, admm_iters: int = 500, n_im
         recon = np.asarray(solver.reconstruct(code)).reshape(signals.shape)
         return 0.5 * float(np.sum((recon - signals) ** 2)) + lam * float(np.abs(code).sum()), seconds
 
-    with blas_threads(threads):
+    with sporco_threads(threads):
         target, sporco_s = run_sporco()
         log(f"  sporco ADMM {admm_iters} it: objective {target:.6f} in {sporco_s:.2f} s")
         sporco_s = min(sporco_s, run_sporco()[1])
