@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from warplca.serialization import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,6 @@ def continue_on_failure(cfg: Any) -> bool:
     return is_multirun() and not fail_fast
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def record_failure(directory: str | os.PathLike | None, exc: BaseException) -> Path | None:
     """Write ``<directory>/FAILED`` (error line + traceback) on rank 0; returns its path (None elsewhere)."""
     if directory is None or global_rank() != 0:
@@ -106,7 +93,7 @@ def record_failure(directory: str | os.PathLike | None, exc: BaseException) -> P
     body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     path = Path(directory) / FAILED
     try:
-        _write_atomic(path, f"{summary}\n\nfailed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{body}")
+        write_text_atomic(path, f"{summary}\n\nfailed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{body}")
     except OSError:
         log.warning("could not write the failure marker %s", path, exc_info=True)
         return None

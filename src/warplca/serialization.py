@@ -7,8 +7,10 @@ half-written artifact behind. Loading checks the format and names the file in ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +19,39 @@ import torch
 VERSION = 1
 
 
-def save_atomic(payload: dict[str, Any], path: str | os.PathLike, fmt: str) -> Path:
-    """Write ``payload`` tagged with format ``fmt`` to ``path`` atomically; returns the path."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsync'ed, given normal permissions
+    and renamed onto ``path`` (readers never see half a file), on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": fmt, "version": VERSION, **payload}, fh)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the artifact normal permissions
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+    return Path(path)
+
+
+def save_atomic(payload: dict[str, Any], path: str | os.PathLike, fmt: str) -> Path:
+    """Write ``payload`` tagged with format ``fmt`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": fmt, "version": VERSION, **payload}, tmp)
+    return Path(path)
 
 
 def load_checked(path: str | os.PathLike, fmt: str,

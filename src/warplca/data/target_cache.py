@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -55,6 +54,7 @@ from warplca.data.normalization import Normalization
 from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA
+from warplca.serialization import atomic_path, write_text_atomic
 
 __all__ = [
     "FORMAT",
@@ -224,21 +224,6 @@ def _short(value: Any, limit: int = 120) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsync'ed temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -257,16 +242,10 @@ def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
 
 def _create_npy(path: Path, shape: tuple[int, ...]) -> None:
     """Create an all-zero (sparse) float32 .npy of ``shape`` atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=shape)
         mm.flush()
         del mm
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _RowFile:

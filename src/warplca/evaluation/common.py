@@ -301,3 +301,14 @@ def describe_model(model: EvalModel) -> dict[str, Any]:
     if isinstance(predictor, torch.nn.Module):
         out["predictor_params"] = sum(p.numel() for p in predictor.parameters())
     return out
+
+
+def style_iteration_axes(panels: Iterable[tuple[Any, str, str]]) -> None:
+    """Log-x "LCA iterations" axes with a y label, title, grid and legend, for (ax, ylabel, title) panels."""
+    for ax, ylabel, title in panels:
+        ax.set_xscale("log")
+        ax.set_xlabel("LCA iterations")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)

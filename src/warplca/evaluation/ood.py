@@ -29,6 +29,7 @@ from warplca.evaluation.common import (
     build_datamodule_from_config,
     describe_model,
     load_images,
+    style_iteration_axes,
 )
 from warplca.evaluation.convergence import Curves, match_sentence, measure
 from warplca.evaluation.report import fmt, markdown_table, write_csv
@@ -119,16 +120,10 @@ def plot_ood(curves: Mapping[str, Mapping[str, Curves]], title: str = "") -> Any
                 color=cmap(i % 10),
                 label=label,
             )
-    for ax, ylabel, sub in (
+    style_iteration_axes((
         (axes[0], "energy / (C·H·W)", "Energy per pixel value"),
         (axes[1], "PSNR (dB)", "PSNR vs clean image"),
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel("LCA iterations")
-        ax.set_ylabel(ylabel)
-        ax.set_title(sub)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    ))
     fig.suptitle(title or "Out of distribution: cold LCA (dashed) vs WARP-LCA (solid)")
     fig.tight_layout()
     return fig

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from warplca.evaluation.common import ExperimentResult
-from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv, write_text_atomic
+from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv
 from warplca.runtime import read_failure
+from warplca.serialization import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from warplca.evaluation.common import (
     describe_model,
     find_bundle,
     load_model,
+    style_iteration_axes,
 )
 from warplca.evaluation.convergence import Curves, match_sentence, measure
 from warplca.evaluation.report import markdown_table, write_csv
@@ -95,17 +96,11 @@ def plot_thresholds(curves: Mapping[str, Mapping[str, Curves]], title: str = "")
                 it, (c.l0[1:] / c.code_numel).mean(1).numpy(), style, color=cmap(i % 10), label=label
             )
     axes[0].axhline(1.0, color="gray", ls=":", lw=1)
-    for ax, ylabel, sub in (
+    style_iteration_axes((
         (axes[0], "E_k / E_cold(T)", "Energy relative to cold LCA at T"),
         (axes[1], "PSNR (dB)", "PSNR vs clean image"),
         (axes[2], "ℓ0 fraction", "Active fraction of the code"),
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel("LCA iterations")
-        ax.set_ylabel(ylabel)
-        ax.set_title(sub)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    ))
     fig.suptitle(title or "Thresholds: cold LCA (dashed) vs WARP-LCA (solid)")
     fig.tight_layout()
     return fig

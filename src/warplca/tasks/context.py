@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from warplca.callbacks import ensure_default_callbacks
 from warplca.lca import LCA, ConvDictionary
 from warplca.lca.dictionary import FORMAT as DICTIONARY_FORMAT
-from warplca.serialization import load_checked
+from warplca.serialization import load_checked, write_text_atomic
 from warplca.tasks.utils import close_wandb, instantiate_callbacks, instantiate_loggers, to_container
 
 log = logging.getLogger(__name__)
@@ -172,18 +171,7 @@ class RunContext:
         data = self.read_metrics()
         entry = data.setdefault(stage, {})
         entry.update({k: _plain(v) for k, v in metrics.items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=2, sort_keys=True)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; metrics are meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
     def read_metrics(self) -> dict[str, Any]:
         """Contents of ``metrics.json`` (empty when absent)."""

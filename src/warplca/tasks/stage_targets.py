@@ -26,9 +26,9 @@ from warplca.data.target_cache import (
     TargetCacheMismatchError,
     build_target_cache,
     expected_manifest,
-    write_text_atomic,
 )
 from warplca.lca import LCA, ConvDictionary
+from warplca.serialization import write_text_atomic
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
