@@ -40,6 +40,24 @@ def test_drive_modes(mode: str) -> None:
         assert torch.equal(net(x, drive), drive)  # û = Φᵀx + f(x), f = 0
 
 
+def test_residual_drive_scale_auto_is_the_first_cold_step() -> None:
+    """drive_scale = 1/L with a zero network: û is exactly cold LCA's state after one step (τ = L)."""
+    from warplca import LCA
+
+    d = ConvDictionary(n_atoms=6, in_channels=1, kernel_size=5, stride=2, seed=3)
+    lca = LCA(d, lam=0.2, tau="auto")
+    x = torch.randn(2, 1, 12, 12)
+    tau = lca.resolve_tau(12, 12)
+    net = WarpCNN(1, 6, 2, width=8, depth=2, use_drive=True, drive_mode="residual", drive_scale=1.0 / tau)
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.zero_()
+        first = lca(x, iters=1).u
+        torch.testing.assert_close(net(x, d.encode(x)), first, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="drive_scale"):
+        WarpCNN(1, 6, 2, drive_scale=0.0)
+
+
 def test_predictions_do_not_depend_on_the_batch() -> None:
     net = WarpCNN(3, 4, 2, width=8, depth=3)
     x = torch.randn(5, 3, 12, 12)
@@ -48,7 +66,7 @@ def test_predictions_do_not_depend_on_the_batch() -> None:
 
 def test_config_round_trip() -> None:
     net = WarpCNN(3, 10, 2, width=12, depth=4, kernel_size=5, use_drive=True, drive_mode="residual",
-                  stem_kernel_size=7, activation="silu")
+                  stem_kernel_size=7, activation="silu", drive_scale=0.25)
     clone = WarpCNN(**net.config())
     clone.load_state_dict(net.state_dict())
     x, drive = torch.randn(1, 3, 9, 9), torch.randn(1, 10, 5, 5)
@@ -70,6 +88,8 @@ def test_presets_instantiate_with_growing_size() -> None:
     counts = {}
     for name in ("small", "medium", "large"):
         conf = OmegaConf.create(yaml.safe_load((CONF / "predictor" / f"{name}.yaml").read_text()))
+        assert conf.drive_scale == "auto"  # the framework turns it into 1/‖Φ‖²_op (predictor_fit)
+        conf.drive_scale = 0.01
         net = instantiate(conf, in_channels=3, n_atoms=64, stride=2)
         assert isinstance(net, WarpCNN)
         assert net(torch.randn(1, 3, 32, 32)).shape == (1, 64, 16, 16)

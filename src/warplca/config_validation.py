@@ -597,6 +597,8 @@ def _check_predictor(c: _Checker) -> None:
     c.boolean("predictor.use_drive")
     c.choice("predictor.drive_mode", DRIVE_MODES, what="drive mode")
     c.choice("predictor.activation", sorted(ACTIVATIONS), what="activation")
+    if c.get("predictor.drive_scale") != "auto":
+        c.number("predictor.drive_scale", 0, strict=True, optional=True, why="the drive's factor (or auto)")
 
 
 def _check_loss(c: _Checker) -> None:
@@ -625,6 +627,34 @@ def _check_targets(c: _Checker) -> None:
     c.integer("targets.chunk_size", 1)
     c.integer("targets.limit", 1, optional=True)
     c.integer("targets.num_workers", 0)
+
+
+def _check_study(c: _Checker) -> None:
+    if c.node("study") is None:
+        return
+    from warplca.data.datamodule import SPLITS
+    from warplca.losses import LOSSES
+    from warplca.tasks.study import DEFAULTS, INPUTS
+
+    c.keys("study", DEFAULTS, "study")
+    c.choice("study.split", SPLITS, what="split")
+    c.integer("study.n_images", 1, optional=True)
+    c.integer("study.iters", 1, optional=True)
+    c.integer("study.batch_size", 1)
+    for key, allowed in (("study.ablation.losses", LOSSES), ("study.ablation.inputs", INPUTS)):
+        values = c.sequence(key)
+        if values is not None and (not values or any(str(v) not in allowed for v in values)):
+            c.bad(key, values, f"must be a non-empty list from {list(allowed)}")
+    if c.node("study.ablation") is not None:
+        c.keys("study.ablation", DEFAULTS["ablation"], "study.ablation")
+        c.integer("study.ablation.epochs", 1, optional=True)
+    if c.node("study.learning_curve") is not None:
+        c.keys("study.learning_curve", DEFAULTS["learning_curve"], "study.learning_curve")
+        for key in ("study.learning_curve.sizes", "study.learning_curve.epochs", "study.budgets"):
+            values = c.sequence(key)
+            if values is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                              for v in values):
+                c.bad(key, values, "must be a list of positive integers")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -777,6 +807,7 @@ def check_train_config(cfg: DictConfig) -> list[tuple[str, str]]:
     _check_predictor(c)
     _check_loss(c)
     _check_targets(c)
+    _check_study(c)
     _check_trainer(c, "trainer", multirun=_multirun())
     _check_group_of_targets(c, "logger", "loggers")
     _check_group_of_targets(c, "callbacks", "callbacks")

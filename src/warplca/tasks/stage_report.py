@@ -4,7 +4,8 @@ Loads ``warp_lca.pt`` (or ``warp_path``), runs cold LCA and WARP-LCA on the test
 data (``eval.*`` settings when the config has an ``eval`` node, else
 :data:`warplca.tasks.evaluate.DEFAULTS`: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
 ``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact: the convergence section, then
-the classify stage's robustness table if there is one and the training stages' metrics) into the run
+the classify stage's robustness table and the ablation / learning-curve sections if those stages ran,
+and the training stages' metrics) into the run
 directory, logs them to the run's loggers and **prints the cold LCA vs WARP-LCA table** at 1, 10, 100
 and 1000 iterations (energy, PSNR, SSIM, ℓ0, ms per image with the predictor included for WARP-LCA)
 plus iterations-to-match. Metrics are returned as ``convergence/…`` (``report/convergence/…`` in
@@ -29,6 +30,8 @@ __all__ = ["ARTIFACT", "run"]
 
 ARTIFACT = "report.md"
 _STAGE_KEYS = ("dictionary", "targets", "warp", "classify")
+#: sections written by the study stages (``<name>.md`` in the run directory)
+STUDY_SECTIONS = ("ablation", "learning_curve")
 
 
 def _device(ctx: RunContext) -> Any:
@@ -115,6 +118,9 @@ def run(ctx: RunContext) -> dict[str, float]:
     write_report_section(ctx.run_dir, "convergence", result.markdown)  # report.md (the artifact) exists now
     if extra is not None:
         write_report_section(ctx.run_dir, "robustness", extra.markdown)
+    for study in STUDY_SECTIONS:  # the warm-start study stages ran: their tables and plots
+        if ctx.artifact(f"{study}.md").is_file():
+            write_report_section(ctx.run_dir, study, ctx.artifact(f"{study}.md").read_text(encoding="utf-8"))
     pipeline = pipeline_section(ctx)
     if pipeline:
         write_report_section(ctx.run_dir, "pipeline", pipeline)

@@ -13,40 +13,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
-from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
+from warplca.data.target_cache import TargetDataModule
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
-from warplca.tasks.utils import to_container
+from warplca.tasks.predictor_fit import (
+    DATA_KEYS,
+    build_module,
+    build_predictor,
+    target_sets,
+    warp_data_settings,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ARTIFACT", "DATA_KEYS", "build_predictor", "run"]
 
 ARTIFACT = "warp_lca.pt"
-
-#: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
-DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer")
-_MODULE_TARGET = "warplca.modules.warp_regression.WarpRegression"
-
-
-def build_predictor(ctx: RunContext, dictionary: Any) -> Any:
-    """The ``predictor`` group's network, sized for ``dictionary`` (in_channels, n_atoms, stride)."""
-    conf = OmegaConf.select(ctx.cfg, "model.warp.predictor") or ctx.cfg.get("predictor")
-    if conf is None:
-        raise ValueError("no predictor config: choose one with predictor=small|medium|large")
-    conf = OmegaConf.create(to_container(conf))
-    if "_target_" not in conf:
-        conf["_target_"] = "warplca.models.WarpCNN"
-    return instantiate(conf, in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
-                       stride=dictionary.stride)
-
-
-def _loss_config(ctx: RunContext) -> dict[str, Any]:
-    conf = to_container(OmegaConf.select(ctx.cfg, "model.warp.loss") or ctx.cfg.get("loss")) or {}
-    return {"loss": conf.get("name", "laplacian"), "gamma": conf.get("gamma", 3.0)}
 
 
 def run(ctx: RunContext) -> dict[str, float]:
@@ -56,26 +38,10 @@ def run(ctx: RunContext) -> dict[str, float]:
     norm = ctx.normalization()
     dm = ctx.datamodule
 
-    sets: dict[str, TargetDataset] = {}
-    for split in ("train", "val"):
-        if split not in tconf["splits"]:
-            continue
-        manifest = stage_targets.expected(ctx, split, dictionary, lca, norm, tconf)
-        try:
-            cache = TargetCache.open(stage_targets.cache_dir(ctx, split), manifest)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{exc}: run the targets stage first (stages=[targets,warp])") from exc
-        sets[split] = TargetDataset(cache, dm.split_dataset(split))
-
-    node = to_container(ctx.stage_config("warp")) or {}
-    data = {k: node.pop(k) for k in DATA_KEYS if k in node}
-    node.pop("predictor", None)
-    node.pop("loss", None)
-    node.setdefault("_target_", _MODULE_TARGET)
-    predictor = build_predictor(ctx, dictionary)
-    n_params = sum(p.numel() for p in predictor.parameters())
-    module = instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
-                         lca_settings=lca.settings(), normalization=norm, **_loss_config(ctx))
+    sets = target_sets(ctx, dictionary, lca, norm)
+    _, data = warp_data_settings(ctx)
+    module, n_params = build_module(ctx, dictionary, lca, norm)
+    predictor = module.predictor
     datamodule = TargetDataModule(sets["train"], sets.get("val"), batch_size=int(data.get("batch_size", 64)),
                                   num_workers=int(data.get("num_workers", 0)),
                                   seed=int(ctx.cfg.get("seed") or 0))

@@ -1,0 +1,183 @@
+"""Scoring WARP-CNN variants: the ablation and the learning curve of the warm start (DESIGN §6.1).
+
+Every variant (a loss, an input, a training-set size, an epoch count) is scored the same way, against
+one cold-LCA run on the same held-out images: warm-start energy after k ∈ budgets iterations,
+iterations-to-match (the first k at which the mean warm energy reaches cold LCA's mean energy at T),
+the final energy ratio warm / cold at T and ℓ0 at T. Pure evaluation: training lives in the tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warplca.evaluation.common import EvalModel
+from warplca.evaluation.convergence import Curves, iterations_to_match, run_curves
+from warplca.evaluation.report import fmt, markdown_table
+
+__all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_ablation",
+           "plot_learning_curve", "score_columns", "score_warm_start", "study_table"]
+
+
+def _grid(total: int, budgets: Sequence[int]) -> list[int]:
+    return sorted({0, total, *(int(b) for b in budgets if 0 <= int(b) <= total)})
+
+
+def cold_reference(model: EvalModel, images: torch.Tensor, total: int, budgets: Sequence[int],
+                   batch_size: int = 64, device: torch.device | None = None,
+                   show_progress: bool = True) -> Curves:
+    """Cold-LCA curves on ``images`` up to ``total`` iterations (shared by every variant)."""
+    return run_curves(model, images, _grid(total, budgets), warm=False, batch_size=batch_size, device=device,
+                      show_progress=show_progress, desc=f"cold LCA ×{total}")
+
+
+def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budgets: Sequence[int],
+                     batch_size: int = 64, device: torch.device | None = None, show_progress: bool = True,
+                     desc: str = "") -> dict[str, float]:
+    """One variant's scores against ``cold`` (same images, same T = ``cold.total``).
+
+    Keys: ``iterations_to_match`` (NaN if never within T), ``matched_frac`` (images that match within T),
+    ``energy@k`` for k ∈ budgets ∪ {0, T}, ``energy_ratio@T`` (warm / cold), ``l0@T``.
+    """
+    total = cold.total
+    warm = run_curves(model, images, _grid(total, budgets), warm=True, batch_size=batch_size, device=device,
+                      show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
+    match = iterations_to_match(cold, warm, total)
+    row: dict[str, float] = {"iterations_to_match": float(match["mean"]),
+                             "matched_frac": float(match["matched_frac"])}
+    for k in _grid(total, budgets):
+        row[f"energy@{k}"] = float(warm.energy[k].mean())
+    row["energy_ratio@T"] = float(warm.energy[total].mean() / cold.energy[total].mean())
+    row["l0@T"] = float(warm.l0[total].mean())
+    return row
+
+
+def cold_row(cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
+    """The cold-LCA reference in the same columns as :func:`score_warm_start`."""
+    total = cold.total
+    row: dict[str, float] = {"iterations_to_match": float(total), "matched_frac": 1.0}
+    for k in _grid(total, budgets):
+        row[f"energy@{k}"] = float(cold.energy[k].mean())
+    row["energy_ratio@T"] = 1.0
+    row["l0@T"] = float(cold.l0[total].mean())
+    return row
+
+
+def best_variant(rows: Sequence[Mapping[str, Any]], total: int) -> Mapping[str, Any]:
+    """The row with the fewest iterations-to-match; rows that never match rank after, by final energy."""
+    def rank(row: Mapping[str, Any]) -> tuple[bool, float, float]:
+        k = float(row["iterations_to_match"])
+        return (math.isnan(k), 0.0 if math.isnan(k) else k, float(row[f"energy@{total}"]))
+
+    return min(rows, key=rank)
+
+
+def score_columns(total: int, budgets: Sequence[int]) -> list[str]:
+    """Score columns in table order."""
+    return ["iterations_to_match", "matched_frac", *(f"energy@{k}" for k in _grid(total, budgets)),
+            "energy_ratio@T", "l0@T"]
+
+
+def study_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], total: int,
+                budgets: Sequence[int]) -> str:
+    """Markdown table: the variant keys, then the scores (iterations-to-match shown as "never" if NaN)."""
+    shown = []
+    for row in rows:
+        out = dict(row)
+        k = out.get("iterations_to_match")
+        if isinstance(k, float) and math.isnan(k):
+            out["iterations_to_match"] = f"never (> {total})"
+        elif isinstance(k, float):
+            out["iterations_to_match"] = int(k)
+        shown.append(out)
+    extra = [c for c in ("train_s", "params") if any(c in r for r in rows)]
+    columns = [*keys, *score_columns(total, budgets), *extra]
+    return markdown_table(shown, columns)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _match_value(row: Mapping[str, Any], total: int) -> float:
+    """Iterations-to-match for plotting: "never" drawn at T (the top of the axis)."""
+    k = float(row["iterations_to_match"])
+    return float(total) if math.isnan(k) else max(k, 1.0)
+
+
+def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
+                  path: str | Path) -> Path:
+    """Two bar panels per variant: iterations-to-match (log) and energy after ``early`` / T iterations."""
+    plt = _pyplot()
+    labels = [str(r["variant"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(rows) + 4), 3.8))
+    pos = list(range(len(rows)))
+    ax1.bar(pos, [_match_value(r, total) for r in rows], color="tab:orange")
+    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("iterations to match cold@T")
+    ax1.legend(fontsize=8)
+    width = 0.4
+    ax2.bar([p - width / 2 for p in pos], [r[f"energy@{early}"] for r in rows], width, label=f"warm @{early}",
+            color="tab:orange")
+    ax2.bar([p + width / 2 for p in pos], [r[f"energy@{total}"] for r in rows], width, label=f"warm @{total}",
+            color="tab:red")
+    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
+    ax2.set_ylabel("mean energy")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(pos)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("WARP-CNN ablation: loss × input")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
+                        path: str | Path) -> Path:
+    """Training-set size (log₂ axis) against iterations-to-match and energy@``early``, a line per epochs."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for epochs in sorted({int(r["epochs"]) for r in rows}):
+        sub = sorted((r for r in rows if int(r["epochs"]) == epochs), key=lambda r: int(r["train_size"]))
+        sizes = [int(r["train_size"]) for r in sub]
+        ax1.plot(sizes, [_match_value(r, total) for r in sub], "o-", label=f"{epochs} epochs")
+        ax2.plot(sizes, [r[f"energy@{early}"] for r in sub], "o-", label=f"{epochs} epochs")
+    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
+    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
+    ax2.axhline(cold[f"energy@{early}"], color="tab:gray", ls=":", lw=1, label=f"cold @{early}")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("iterations to match cold@T")
+    ax2.set_ylabel(f"mean energy after {early} iterations")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training images (cached targets)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("WARP-CNN learning curve")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_scores(row: Mapping[str, Any], total: int, early: int) -> str:
+    """One log line: iterations-to-match and energies."""
+    k = float(row["iterations_to_match"])
+    match = "never" if math.isnan(k) else str(int(k))
+    return (f"match {match}, energy@{early} {fmt(row[f'energy@{early}'])}, energy@{total} "
+            f"{fmt(row[f'energy@{total}'])} (ratio {fmt(row['energy_ratio@T'], 5)})")

@@ -1,0 +1,132 @@
+"""Building and fitting WARP-CNN regressions on a run's state-target caches.
+
+The ``warp`` stage trains the run's predictor with the run's Trainer (checkpoints, loggers, resume).
+The study stages (``ablation``, ``learning_curve``) train many small variants of it the same way —
+the same :class:`~warplca.modules.warp_regression.WarpRegression`, the same caches, the same data
+order — but quietly: a plain single-device Trainer without checkpoints, loggers or progress bars, and
+without validation (variants are scored afterwards on held-out images, see
+:mod:`warplca.evaluation.warm_start_study`). Both go through :func:`target_sets` and
+:func:`build_module`, so a variant differs from the main predictor only in what it overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import Subset
+
+from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
+from warplca.lca import ConvDictionary
+from warplca.tasks import stage_targets
+from warplca.tasks.context import RunContext
+from warplca.tasks.utils import to_container
+
+__all__ = ["DATA_KEYS", "build_module", "build_predictor", "fit_quietly", "loss_config", "target_sets",
+           "warp_data_settings"]
+
+#: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
+DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer")
+_MODULE_TARGET = "warplca.modules.warp_regression.WarpRegression"
+
+
+def predictor_config(ctx: RunContext) -> dict[str, Any]:
+    """The ``predictor`` group's settings (``model.warp.predictor`` wins when given)."""
+    conf = OmegaConf.select(ctx.cfg, "model.warp.predictor") or ctx.cfg.get("predictor")
+    if conf is None:
+        raise ValueError("no predictor config: choose one with predictor=small|medium|large")
+    out = to_container(conf)
+    out.setdefault("_target_", "warplca.models.WarpCNN")
+    return out
+
+
+def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
+                    overrides: Mapping[str, Any] | None = None) -> Any:
+    """The ``predictor`` group's network (with ``overrides``), sized for ``dictionary``.
+
+    ``drive_scale: auto`` becomes 1/‖Φ‖²_op, which makes the residual drive exactly the state after one
+    cold LCA step with τ = auto.
+    """
+    conf = {**predictor_config(ctx), **dict(overrides or {})}
+    if conf.get("drive_scale") == "auto":
+        conf["drive_scale"] = 1.0 / max(dictionary.operator_norm(), 1.0)
+    return instantiate(OmegaConf.create(conf), in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
+                       stride=dictionary.stride)
+
+
+def loss_config(ctx: RunContext) -> dict[str, Any]:
+    """``loss`` / ``gamma`` keyword arguments of WarpRegression from the ``loss`` group."""
+    conf = to_container(OmegaConf.select(ctx.cfg, "model.warp.loss") or ctx.cfg.get("loss")) or {}
+    return {"loss": conf.get("name", "laplacian"), "gamma": conf.get("gamma", 3.0)}
+
+
+def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`)."""
+    node = to_container(ctx.stage_config("warp")) or {}
+    data = {k: node.pop(k) for k in DATA_KEYS if k in node}
+    node.pop("predictor", None)
+    node.pop("loss", None)
+    node.setdefault("_target_", _MODULE_TARGET)
+    return node, data
+
+
+def target_sets(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normalization: Any,
+                splits: tuple[str, ...] = ("train", "val")) -> dict[str, TargetDataset]:
+    """(image, state) datasets of the ``targets`` stage's caches, refused when they no longer match."""
+    tconf = stage_targets.settings(ctx)
+    dm = ctx.datamodule
+    sets: dict[str, TargetDataset] = {}
+    for split in splits:
+        if split not in tconf["splits"]:
+            continue
+        manifest = stage_targets.expected(ctx, split, dictionary, lca, normalization, tconf)
+        try:
+            cache = TargetCache.open(stage_targets.cache_dir(ctx, split), manifest)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}: run the targets stage first (stages=[targets,warp])") from exc
+        sets[split] = TargetDataset(cache, dm.split_dataset(split))
+    if "train" in splits and "train" not in sets:
+        raise ValueError("the warp regression needs train targets: add train to targets.splits")
+    return sets
+
+
+def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normalization: Any,
+                 predictor_overrides: Mapping[str, Any] | None = None,
+                 loss_overrides: Mapping[str, Any] | None = None) -> tuple[pl.LightningModule, int]:
+    """The run's WarpRegression (``model.warp``, ``predictor``, ``loss``) with the given overrides,
+    and the predictor's parameter count."""
+    node, _ = warp_data_settings(ctx)
+    predictor = build_predictor(ctx, dictionary, predictor_overrides)
+    n_params = sum(p.numel() for p in predictor.parameters())
+    loss = {**loss_config(ctx), **dict(loss_overrides or {})}
+    module = instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
+                         lca_settings=lca.settings(), normalization=normalization, **loss)
+    return module, n_params
+
+
+def fit_quietly(ctx: RunContext, module: pl.LightningModule, train: TargetDataset, epochs: int,
+                limit: int | None = None, seed: int | None = None) -> pl.LightningModule:
+    """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs on one device.
+
+    No checkpoints, loggers, progress bars or validation: a study variant leaves no files behind and
+    costs only its training steps. The data order is seeded like the warp stage's.
+    """
+    _, data = warp_data_settings(ctx)
+    seed = int(ctx.cfg.get("seed") or 0) if seed is None else int(seed)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dataset: Any = train
+    if limit is not None and limit < len(train):
+        dataset = Subset(train, range(int(limit)))
+    datamodule = TargetDataModule(dataset, None, batch_size=int(data.get("batch_size", 64)),
+                                  num_workers=int(data.get("num_workers", 0)), seed=seed)
+    trainer_cfg = to_container(ctx.cfg.get("trainer")) or {}
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=int(epochs), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(ctx.run_dir),
+                         precision=trainer_cfg.get("precision") or "32-true")
+    trainer.fit(module, datamodule=datamodule)
+    return module

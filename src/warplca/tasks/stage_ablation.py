@@ -1,0 +1,48 @@
+"""Stage "ablation": which loss and which input give the best warm start.
+
+Trains one WARP-CNN per (loss, input) pair of ``study.ablation`` — losses ``laplacian`` / ``mse`` /
+``l1``, inputs ``image`` / ``image+drive`` (Φᵀx concatenated) / ``drive+residual`` (û = Φᵀx + f(x)) —
+on the run's cached targets with the warp stage's settings otherwise (predictor size, epochs, lr,
+data order, initial weights), and scores each by iterations-to-match and final energy
+(:mod:`warplca.tasks.study`). Writes ``ablation.md`` / ``ablation.png`` / ``ablation.csv`` (the
+artifact); the report stage adds the section to ``report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from warplca.evaluation.warm_start_study import best_variant, plot_ablation, study_table
+from warplca.tasks.context import RunContext
+from warplca.tasks.study import INPUTS, Study, study_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "run"]
+
+ARTIFACT = "ablation.csv"
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    if not ctx.is_rank_zero:
+        return {}
+    settings = study_settings(ctx)
+    conf = settings["ablation"]
+    study = Study(ctx, "ablation", settings)
+    epochs = int(conf.get("epochs") or study.warp_epochs())
+    rows = []
+    for loss in conf["losses"]:
+        for inp in conf["inputs"]:
+            key = {"variant": f"{loss} / {inp}", "loss": str(loss), "input": str(inp)}
+            rows.append(study.variant(key, epochs, predictor_overrides=INPUTS[inp],
+                                      loss_overrides={"loss": str(loss)}))
+    cold = {"variant": "cold LCA", "loss": "—", "input": "—", **study.cold_scores}
+    best = best_variant(rows, study.total)
+    what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
+            "(everything else as in the warp stage, the same initial weights and data order).")
+    md = (study.header("Ablation: loss × input", what) + "\n"
+          + study_table([*rows, cold], ["variant"], study.total, study.budgets)
+          + f"\nBest warm start here: **{best['variant']}**.\n\n![ablation](ablation.png)\n")
+    metrics = study.finish(rows, md, lambda p: plot_ablation(rows, cold, study.total, study.early, p))
+    print("\n" + md, flush=True)
+    return metrics

@@ -1,0 +1,54 @@
+"""Stage "learning_curve": how the warm start improves with training-set size and epochs.
+
+Trains the run's predictor (its size, loss and input) on the first n cached targets for e epochs, for
+every n in ``study.learning_curve.sizes`` (clipped to the cache) and e in ``study.learning_curve.epochs``
+(each a fresh run with its own cosine schedule), and scores each by iterations-to-match and energy
+(:mod:`warplca.tasks.study`). Writes ``learning_curve.md`` / ``.png`` / ``.csv`` (the artifact); the
+report stage adds the section to ``report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from warplca.evaluation.warm_start_study import best_variant, plot_learning_curve, study_table
+from warplca.tasks.context import RunContext
+from warplca.tasks.study import Study, study_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "run"]
+
+ARTIFACT = "learning_curve.csv"
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    if not ctx.is_rank_zero:
+        return {}
+    settings = study_settings(ctx)
+    conf = settings["learning_curve"]
+    study = Study(ctx, "learning_curve", settings)
+    n = len(study.train)
+    sizes = sorted({min(int(s), n) for s in conf["sizes"] if int(s) > 0})
+    epochs_list = sorted({int(e) for e in conf["epochs"] if int(e) > 0})
+    if not sizes or not epochs_list:
+        raise ValueError(f"study.learning_curve needs positive sizes and epochs, got {conf}")
+    if max(int(s) for s in conf["sizes"]) > n:
+        log.warning("learning_curve: only %d targets are cached (targets.limit); sizes clipped to %s",
+                    n, sizes)
+    rows = []
+    for size in sizes:
+        for epochs in epochs_list:
+            key = {"variant": f"n={size}, {epochs} ep", "train_size": size, "epochs": epochs}
+            rows.append(study.variant(key, epochs, limit=size))
+    cold = {"variant": "cold LCA", "train_size": "—", "epochs": "—", **study.cold_scores}
+    best = best_variant(rows, study.total)
+    what = ("Each point trains the run's predictor afresh on the first n cached targets for e epochs "
+            "(everything else as in the warp stage).")
+    md = (study.header("Learning curve: training-set size × epochs", what) + "\n"
+          + study_table([*rows, cold], ["train_size", "epochs"], study.total, study.budgets)
+          + f"\nBest here: **{best['variant']}**.\n\n![learning curve](learning_curve.png)\n")
+    metrics = study.finish(rows, md, lambda p: plot_learning_curve(rows, study.cold_scores, study.total,
+                                                                   study.early, p))
+    print("\n" + md, flush=True)
+    return metrics

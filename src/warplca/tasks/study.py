@@ -1,0 +1,193 @@
+"""Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``).
+
+A study trains WARP-CNN variants on the run's train-split target cache (:mod:`.predictor_fit`) and
+scores each against one cold-LCA run on held-out images (:mod:`warplca.evaluation.warm_start_study`).
+It runs on rank 0 only. Finished variants are kept in ``<name>.partial.json`` (written atomically
+after each one, tagged with the study's settings), so an interrupted study resumes where it stopped;
+the CSV — the stage's artifact — is written last, with the markdown section and the plot.
+
+Variants are scored on the ``study.split`` split (``val`` by default), never the test split the
+report stage measures: choosing a configuration from these tables does not tune it to the test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warplca.data.target_cache import TargetDataset
+from warplca.evaluation.common import resolve_device
+from warplca.evaluation.convergence import Curves
+from warplca.evaluation.report import write_csv
+from warplca.evaluation.warm_start_study import cold_reference, cold_row, format_scores, score_warm_start
+from warplca.serialization import write_text_atomic
+from warplca.tasks.context import RunContext
+from warplca.tasks.evaluate import eval_images
+from warplca.tasks.predictor_fit import build_module, fit_quietly, target_sets, warp_data_settings
+from warplca.tasks.utils import to_container
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULTS", "Study", "study_settings"]
+
+#: the ``study`` node's defaults (conf/study/default.yaml documents them)
+DEFAULTS: dict[str, Any] = {
+    "split": "val",
+    "n_images": 64,
+    "iters": None,
+    "budgets": [10, 100],
+    "batch_size": 64,
+    "ablation": {"losses": ["laplacian", "mse", "l1"], "inputs": ["image", "image+drive"], "epochs": None},
+    "learning_curve": {"sizes": [128, 256, 512, 1024], "epochs": [5, 10, 20]},
+}
+
+#: ablation input name -> WarpCNN overrides
+INPUTS: dict[str, dict[str, Any]] = {
+    "image": {"use_drive": False},
+    "image+drive": {"use_drive": True, "drive_mode": "concat"},
+    "drive+residual": {"use_drive": True, "drive_mode": "residual"},
+}
+
+
+def study_settings(ctx: RunContext) -> dict[str, Any]:
+    """The ``study`` config over :data:`DEFAULTS` (unknown keys refused, naming them)."""
+    conf = to_container(ctx.cfg.get("study")) or {}
+    unknown = sorted(set(conf) - set(DEFAULTS))
+    out = copy.deepcopy(DEFAULTS)
+    for key in ("ablation", "learning_curve"):
+        sub = conf.pop(key, None) or {}
+        bad = sorted(set(sub) - set(DEFAULTS[key]))
+        unknown += [f"{key}.{b}" for b in bad]
+        out[key].update(sub)
+    if unknown:
+        raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(DEFAULTS)} "
+                         f"(ablation: {sorted(DEFAULTS['ablation'])}, "
+                         f"learning_curve: {sorted(DEFAULTS['learning_curve'])})")
+    out.update(conf)
+    bad_inputs = [i for i in out["ablation"]["inputs"] if i not in INPUTS]
+    if bad_inputs:
+        raise ValueError(f"study.ablation.inputs: unknown input(s) {bad_inputs}; choose from {list(INPUTS)}")
+    return out
+
+
+@dataclass
+class Study:
+    """One study stage's state: the train targets, the scoring images and the cold reference."""
+
+    ctx: RunContext
+    name: str
+    settings: dict[str, Any]
+    train: TargetDataset = field(init=False)
+    images: torch.Tensor = field(init=False)
+    cold: Curves = field(init=False)
+    total: int = field(init=False)
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        ctx = self.ctx
+        self.dictionary = ctx.dictionary()
+        self.lca = ctx.lca(self.dictionary)
+        self.norm = ctx.normalization()
+        self.train = target_sets(ctx, self.dictionary, self.lca, self.norm, splits=("train",))["train"]
+        trainer = to_container(ctx.cfg.get("trainer")) or {}
+        self.device = resolve_device("cpu" if str(trainer.get("accelerator", "auto")) == "cpu" else "auto")
+        self.total = int(self.settings.get("iters") or self.lca.iters)
+        self.budgets = [int(b) for b in self.settings["budgets"] if 0 < int(b) < self.total]
+        self.early = self.budgets[0] if self.budgets else self.total
+        reference, _ = build_module(self.ctx, self.dictionary, self.lca, self.norm)
+        self._reference_model = reference.bundle().to(self.device)
+        split = str(self.settings["split"])
+        self.images = eval_images(ctx.datamodule, self._reference_model, split, self.settings.get("n_images"))
+        self.data_name = f"{getattr(ctx.datamodule, 'name', 'data')}/{split}"
+        self.show_progress = bool(ctx.cfg.get("progress", True))
+        self.cold = cold_reference(self._reference_model, self.images, self.total, self.budgets,
+                                   int(self.settings["batch_size"]), self.device, self.show_progress)
+        self.cold_scores = cold_row(self.cold, self.budgets)
+        self._partial = ctx.artifact(f"{self.name}.partial.json")
+        self._tag = json.dumps({"settings": self.settings, "n_train": len(self.train),
+                                "dictionary": self.dictionary.fingerprint()}, sort_keys=True, default=str)
+        self.rows: list[dict[str, Any]] = self._load_partial()
+
+    # -- resumption -------------------------------------------------------------------------------------
+    def _load_partial(self) -> list[dict[str, Any]]:
+        if not self._partial.is_file():
+            return []
+        try:
+            data = json.loads(self._partial.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("%s: unreadable %s, starting the study afresh", self.name, self._partial)
+            return []
+        if data.get("tag") != self._tag:
+            log.info("%s: %s belongs to other settings, starting afresh", self.name, self._partial.name)
+            return []
+        rows = list(data.get("rows") or [])
+        log.info("%s: resuming, %d variant(s) already scored", self.name, len(rows))
+        return rows
+
+    def _save_partial(self) -> None:
+        write_text_atomic(self._partial, json.dumps({"tag": self._tag, "rows": self.rows}, default=float))
+
+    # -- variants -------------------------------------------------------------------------------------
+    def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
+                predictor_overrides: Mapping[str, Any] | None = None,
+                loss_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Train (unless already scored) and score one variant; returns its row (``key`` + scores)."""
+        for row in self.rows:
+            if all(row.get(k) == v for k, v in key.items()):
+                return row
+        start = time.perf_counter()
+        torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
+        module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
+                                        loss_overrides)
+        fit_quietly(self.ctx, module, self.train, epochs, limit)
+        train_s = time.perf_counter() - start
+        model = module.bundle().to(self.device)
+        label = ", ".join(f"{k}={v}" for k, v in key.items())
+        scores = score_warm_start(model, self.images, self.cold, self.budgets,
+                                  int(self.settings["batch_size"]), self.device, self.show_progress,
+                                  desc=f"{self.name} [{label}]")
+        row = {**key, **scores, "train_s": round(train_s, 1), "params": n_params}
+        log.info("%s [%s]: %s", self.name, label, format_scores(row, self.total, self.early))
+        self.rows.append(row)
+        self._save_partial()
+        return row
+
+    def warp_epochs(self) -> int:
+        """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else 20)."""
+        _, data = warp_data_settings(self.ctx)
+        epochs = data.get("epochs") or (data.get("trainer") or {}).get("max_epochs")
+        return int(epochs or 20)
+
+    # -- outputs --------------------------------------------------------------------------------------
+    def finish(self, rows: list[dict[str, Any]], markdown: str,
+               plot: Callable[[Path], Path] | None) -> dict[str, float]:
+        """Write ``<name>.md``, ``<name>.png`` and (last) ``<name>.csv``; drop the partial file; metrics."""
+        if plot is not None:
+            plot(self.ctx.artifact(f"{self.name}.png"))
+        write_text_atomic(self.ctx.artifact(f"{self.name}.md"), markdown)
+        write_csv(self.ctx.artifact(f"{self.name}.csv"), rows)
+        self._partial.unlink(missing_ok=True)
+        metrics: dict[str, float] = {"cold/energy@T": self.cold_scores[f"energy@{self.total}"],
+                                     "T": float(self.total)}
+        for row in rows:
+            label = re.sub(r"[^A-Za-z0-9+.=-]+", "_", str(row["variant"])).strip("_")
+            for key in ("iterations_to_match", f"energy@{self.early}", "energy_ratio@T"):
+                metrics[f"{label}/{key}"] = float(row[key])
+        return metrics
+
+    def header(self, title: str, what: str) -> str:
+        """The section's title and the sentence that says what was measured and on which images."""
+        return (f"## {title}\n\n{what} Scored on {self.images.shape[0]} held-out {self.data_name} images "
+                f"(selection never sees the test split) against cold LCA with the same settings: "
+                f"T = {self.total}, cold energy {self.cold_scores[f'energy@{self.total}']:.4g} at T and "
+                f"{self.cold_scores[f'energy@{self.early}']:.4g} after {self.early} iterations; "
+                f"{len(self.train)} cached training targets.\n")

@@ -1,0 +1,124 @@
+"""The warm-start study stages (ablation, learning curve) through the Hydra config, on tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from warplca import ConvDictionary, WarpLCA
+from warplca.data import NaturalDataModule
+
+
+def _overrides(dictionary: Path, *extra: str) -> list[str]:
+    return ["stages=[targets,warp,ablation,learning_curve,report]", f"dictionary_path={dictionary}",
+            "targets.iters=10", "targets.chunk_size=32", "targets.batch_size=32", "targets.limit=null",
+            "targets.solver=cold", "lca.iters=20",
+            "data.n_train=64", "data.n_val=32", "data.n_test=16",
+            "model.warp.epochs=1", "model.warp.eval_iters=[0,3]", "model.warp.batch_size=32",
+            "trainer.enable_progress_bar=false", "+progress=false",
+            "study.n_images=8", "study.budgets=[3]", "study.ablation.losses=[mse,l1]",
+            "study.learning_curve.sizes=[16,64,999]", "study.learning_curve.epochs=[1,2]",
+            "+eval.n_images=8", "+eval.convergence.timing.enabled=false", *extra]
+
+
+@pytest.fixture
+def dictionary_path(tmp_path: Path) -> Path:
+    dm = NaturalDataModule(n_train=64, n_val=32, n_test=16)
+    dictionary = ConvDictionary(n_atoms=6, in_channels=3, kernel_size=5, stride=2, seed=0)
+    return dictionary.save(tmp_path / "dictionary.pt", normalization=dm.normalization.to_dict())
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_ablation_and_learning_curve_stages(tmp_path: Path, dictionary_path: Path) -> None:
+    from warplca.tasks.train import train
+    from warplca.tasks.utils import compose_config
+
+    run = tmp_path / "run"
+    metrics = train(compose_config(_overrides(dictionary_path), output_dir=run))
+
+    ablation = _rows(run / "ablation.csv")
+    assert [(r["loss"], r["input"]) for r in ablation] == [
+        ("mse", "image"), ("mse", "image+drive"), ("l1", "image"), ("l1", "image+drive")]
+    for row in ablation:
+        k = float(row["iterations_to_match"])
+        assert math.isnan(k) or 0 <= k <= 20
+        assert 0 < float(row["energy@20"]) <= float(row["energy@0"]) + 1e-6  # LCA lowers the energy
+    drive = {r["input"]: int(r["params"]) for r in ablation}
+    assert drive["image+drive"] > drive["image"]  # the drive really is an extra input
+
+    curve = _rows(run / "learning_curve.csv")
+    assert sorted({int(r["train_size"]) for r in curve}) == [16, 64]  # 999 clipped to the 64 cached targets
+    assert len(curve) == 4
+    assert not (run / "ablation.partial.json").exists() and not (run / "learning_curve.partial.json").exists()
+    for name in ("ablation", "learning_curve"):
+        assert (run / f"{name}.png").stat().st_size > 0
+    report = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Ablation: loss × input" in report and "## Learning curve" in report
+    assert metrics["ablation/mse_image/iterations_to_match"] == pytest.approx(
+        float(ablation[0]["iterations_to_match"]), nan_ok=True)
+
+    # the cold reference is plain LCA on the first 8 val images: the API gives the same energy
+    model = WarpLCA.load(run / "warp_lca.pt")
+    dm = NaturalDataModule(n_train=64, n_val=32, n_test=16)
+    images, _ = dm.tensor("val", 8)
+    with torch.no_grad():
+        cold = model(model.preprocess(images), iters=20, warm=False, trace=True).trace["energy"][-1].mean()
+    assert metrics["ablation/cold/energy@T"] == pytest.approx(float(cold), rel=1e-5)
+
+    # done stages are skipped: the same command changes nothing
+    stamp = (run / "ablation.csv").stat().st_mtime_ns
+    train(compose_config(_overrides(dictionary_path), output_dir=run))
+    assert (run / "ablation.csv").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_study_resumes_finished_variants(tmp_path: Path, dictionary_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from warplca.tasks import predictor_fit, study
+    from warplca.tasks.train import train
+    from warplca.tasks.utils import compose_config
+
+    run = tmp_path / "run"
+    ov = _overrides(dictionary_path, "stages=[targets,warp,ablation]", "study.ablation.inputs=[image]")
+    calls: list[int] = []
+    real_fit = predictor_fit.fit_quietly
+
+    def crash_on_second(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted")
+        return real_fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(study, "fit_quietly", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_config(ov, output_dir=run))
+    assert (run / "ablation.partial.json").is_file() and not (run / "ablation.csv").exists()
+
+    calls.clear()
+    monkeypatch.setattr(study, "fit_quietly", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    train(compose_config(ov, output_dir=run))
+    assert len(calls) == 1  # only the unfinished variant (l1) was trained again
+    assert [r["loss"] for r in _rows(run / "ablation.csv")] == ["mse", "l1"]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("study.ablation.losses=[mse,hinge]", "study.ablation.losses"),
+    ("study.ablation.inputs=[pixels]", "study.ablation.inputs"),
+    ("+study.bogus=1", "study"),
+    ("study.learning_curve.sizes=[0,64]", "study.learning_curve.sizes"),
+    ("study.split=holdout", "study.split"),
+])
+def test_bad_study_settings_are_refused(tmp_path: Path, dictionary_path: Path, override: str,
+                                        key: str) -> None:
+    from warplca.config_validation import check_train_config
+    from warplca.tasks.utils import compose_config
+
+    problems = check_train_config(compose_config(_overrides(dictionary_path, override), output_dir=tmp_path))
+    assert any(k.startswith(key) for k, _ in problems), problems
