@@ -23,6 +23,7 @@ from warplca.evaluation.common import describe_model, load_model, resolve_device
 from warplca.evaluation.report import fmt, log_to_loggers, markdown_table, write_report_section
 from warplca.tasks.context import RunContext
 from warplca.tasks.evaluate import convergence_settings, eval_images, robustness_result, run_convergence
+from warplca.tasks.utils import evaluation_device_name
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ STUDY_SECTIONS = ("ablation", "learning_curve")
 
 def _device(ctx: RunContext) -> Any:
     """The report runs where the trainer would: cpu for ``trainer.accelerator=cpu``, else auto."""
-    trainer = ctx.cfg.get("trainer") or {}
-    accelerator = str(trainer.get("accelerator", "auto") if hasattr(trainer, "get") else "auto")
-    return resolve_device("cpu" if accelerator == "cpu" else "auto")
+    return resolve_device(evaluation_device_name(ctx.cfg))
 
 
 def _bundle_path(ctx: RunContext) -> Path:

@@ -18,7 +18,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from warplca.serialization import write_text_atomic
 from warplca.tasks.context import RunContext
 from warplca.tasks.evaluate import eval_images
 from warplca.tasks.predictor_fit import build_module, fit_quietly, target_sets, warp_data_settings
-from warplca.tasks.utils import to_container
+from warplca.tasks.utils import evaluation_device_name, to_container
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +78,35 @@ def study_settings(ctx: RunContext) -> dict[str, Any]:
     return out
 
 
-@dataclass
 class Study:
-    """One study stage's state: the train targets, the scoring images and the cold reference."""
+    """One study stage's state: the train targets, the scoring images and the cold reference.
 
-    ctx: RunContext
-    name: str
-    settings: dict[str, Any]
-    train: TargetDataset = field(init=False)
-    images: torch.Tensor = field(init=False)
-    cold: Curves = field(init=False)
-    total: int = field(init=False)
-    device: torch.device = field(init=False)
+    Building it loads the run's dictionary, LCA settings and train-split targets, takes the first
+    ``study.n_images`` images of ``study.split`` and runs cold LCA on them once, up to T.
+    """
 
-    def __post_init__(self) -> None:
-        ctx = self.ctx
+    def __init__(self, ctx: RunContext, name: str, settings: dict[str, Any]) -> None:
+        self.ctx, self.name, self.settings = ctx, name, settings
         self.dictionary = ctx.dictionary()
         self.lca = ctx.lca(self.dictionary)
         self.norm = ctx.normalization()
-        self.train = target_sets(ctx, self.dictionary, self.lca, self.norm, splits=("train",))["train"]
-        trainer = to_container(ctx.cfg.get("trainer")) or {}
-        self.device = resolve_device("cpu" if str(trainer.get("accelerator", "auto")) == "cpu" else "auto")
-        self.total = int(self.settings.get("iters") or self.lca.iters)
-        self.budgets = [int(b) for b in self.settings["budgets"] if 0 < int(b) < self.total]
+        sets = target_sets(ctx, self.dictionary, self.lca, self.norm, splits=("train",))
+        self.train: TargetDataset = sets["train"]
+        self.device = resolve_device(evaluation_device_name(ctx.cfg))
+        self.total = int(settings.get("iters") or self.lca.iters)
+        self.budgets = [int(b) for b in settings["budgets"] if 0 < int(b) < self.total]
         self.early = self.budgets[0] if self.budgets else self.total
-        reference, _ = build_module(self.ctx, self.dictionary, self.lca, self.norm)
-        self._reference_model = reference.bundle().to(self.device)
-        split = str(self.settings["split"])
-        self.images = eval_images(ctx.datamodule, self._reference_model, split, self.settings.get("n_images"))
-        self.data_name = f"{getattr(ctx.datamodule, 'name', 'data')}/{split}"
         self.show_progress = bool(ctx.cfg.get("progress", True))
-        self.cold = cold_reference(self._reference_model, self.images, self.total, self.budgets,
-                                   int(self.settings["batch_size"]), self.device, self.show_progress)
+        reference, _ = build_module(ctx, self.dictionary, self.lca, self.norm)
+        model = reference.bundle().to(self.device)  # cold runs never call its predictor
+        split = str(settings["split"])
+        self.images: torch.Tensor = eval_images(ctx.datamodule, model, split, settings.get("n_images"))
+        self.data_name = f"{getattr(ctx.datamodule, 'name', 'data')}/{split}"
+        self.cold: Curves = cold_reference(model, self.images, self.total, self.budgets,
+                                           int(settings["batch_size"]), self.device, self.show_progress)
         self.cold_scores = cold_row(self.cold, self.budgets)
-        self._partial = ctx.artifact(f"{self.name}.partial.json")
-        self._tag = json.dumps({"settings": self.settings, "n_train": len(self.train),
+        self._partial = ctx.artifact(f"{name}.partial.json")
+        self._tag = json.dumps({"settings": settings, "n_train": len(self.train),
                                 "dictionary": self.dictionary.fingerprint()}, sort_keys=True, default=str)
         self.rows: list[dict[str, Any]] = self._load_partial()
 

@@ -30,6 +30,7 @@ __all__ = [
     "close_wandb",
     "compose_config",
     "default_config_dir",
+    "evaluation_device_name",
     "flatten_metrics",
     "get_metric_value",
     "instantiate_callbacks",
@@ -45,6 +46,12 @@ def to_container(node: Any) -> Any:
     if isinstance(node, DictConfig) or OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def evaluation_device_name(cfg: Any) -> str:
+    """Where a stage evaluates outside the Trainer: ``cpu`` for ``trainer.accelerator=cpu``, else ``auto``."""
+    trainer = to_container(cfg.get("trainer")) or {}
+    return "cpu" if str(trainer.get("accelerator", "auto")) == "cpu" else "auto"
 
 
 def seed_everything(seed: int | None) -> None:
