@@ -104,6 +104,8 @@ def test_cli_strategy_ddp_two_processes_write_once(tmp_path: Path) -> None:
     assert [p.name for p in (run / "csv").iterdir()] == ["dictionary"]
     log_text = (run / "train.log").read_text()
     assert log_text.count("saved ") == 1 and "dictionary.pt" in log_text
+    assert log_text.count("run directory:") == 1, "another rank wrote into rank 0's log"
+    assert (run / "train.rank1.log").is_file()  # rank 1 logs to its own file
     # rank 1 ran in the same directory (Lightning passed hydra.run.dir) and wrote no Hydra config of its own
     assert not list(run.glob(".pl_hydra*")) and (run / ".hydra" / "config.yaml").is_file()
     assert "train_ddp_process_1" not in " ".join(p.name for p in run.iterdir())

@@ -35,6 +35,7 @@ __all__ = [
     "get_metric_value",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "rank_suffix",
     "seed_everything",
     "task_wrapper",
     "to_container",
@@ -46,6 +47,26 @@ def to_container(node: Any) -> Any:
     if isinstance(node, DictConfig) or OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def rank_suffix() -> str:
+    """``""`` in the global-rank-0 process, ``".rank<N>"`` (``".node<M>.rank<N>"``) in the others.
+
+    Read from ``RANK`` (torchrun, srun) or ``LOCAL_RANK`` / ``NODE_RANK`` (set by Lightning for the
+    processes it launches) before any process group exists, so it can name per-rank files in the
+    Hydra config: ``${warplca.rank_suffix:}``.
+    """
+    rank = os.environ.get("RANK")
+    if rank is not None:
+        return "" if rank in ("", "0") else f".rank{rank}"
+    local, node = os.environ.get("LOCAL_RANK", "0") or "0", os.environ.get("NODE_RANK", "0") or "0"
+    if local == "0" and node == "0":
+        return ""
+    return f".rank{local}" if node == "0" else f".node{node}.rank{local}"
+
+
+if not OmegaConf.has_resolver("warplca.rank_suffix"):
+    OmegaConf.register_new_resolver("warplca.rank_suffix", rank_suffix)
 
 
 def evaluation_device_name(cfg: Any) -> str:
