@@ -188,6 +188,22 @@ def test_operator_norm_cache_follows_weight_changes() -> None:
     assert d.operator_norm(16, 16) == pytest.approx(4 * first, rel=1e-3)
 
 
+def test_top_eigenvector_gives_the_operator_norm_and_its_gradient() -> None:
+    """‖Φv‖² with the cached top eigenvector equals L, and its gradient is the gradient of L."""
+    d = make_dict(2, k=5, n_atoms=4, channels=2, seed=3)
+    lipschitz = d.operator_norm(12, 12, iters=2000, rtol=1e-10)
+    v = d.top_eigenvector(12, 12)
+    assert v.shape == (1, 4, 6, 6) and float(v.norm()) == pytest.approx(1.0, rel=1e-6)
+    value = d.decode(v, size=(12, 12)).pow(2).sum()
+    assert float(value) == pytest.approx(lipschitz, rel=1e-5)
+    value.backward()
+    step = 1e-3 * d.weight.grad / d.weight.grad.norm()
+    with torch.no_grad():
+        d.weight.sub_(step)  # a small step against the gradient lowers L by about ⟨grad, step⟩
+    drop = lipschitz - d.operator_norm(12, 12, iters=2000, rtol=1e-10)
+    assert drop == pytest.approx(float((d.weight.grad * step).sum()), rel=0.05)
+
+
 def test_atoms_are_unit_norm_and_seeded() -> None:
     d = ConvDictionary(8, 3, 5, 2, seed=4)
     norms = d.weight.detach().flatten(1).norm(dim=1)

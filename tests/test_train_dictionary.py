@@ -94,6 +94,29 @@ def test_module_keeps_atoms_unit_norm_every_step() -> None:
     assert "val/psnr" in trainer.callback_metrics and "train/l0_per_image" in trainer.callback_metrics
 
 
+def test_coherence_penalty_lowers_the_operator_norm() -> None:
+    """The same data, seed and steps with and without the penalty: the penalised atoms have a smaller
+    ‖Φ‖²_op (a larger stable LCA step) and still unit norm."""
+    import pytorch_lightning as pl
+
+    from warplca.data import NaturalDataModule
+    from warplca.modules.dictionary_learning import DictionaryLearning
+
+    dm = NaturalDataModule(n_train=64, n_val=16, n_test=16, batch_size=16)
+    norms = {}
+    for weight in (0.0, 0.5):
+        d = ConvDictionary(12, 3, 7, 2, seed=0)
+        module = DictionaryLearning(d, {"threshold": "hard", "lam": 0.3, "tau": "auto"}, dm.normalization,
+                                    lr=0.01, iters=10, coherence_weight=weight)
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, datamodule=dm)
+        assert _unit_norm(d.weight.detach())
+        norms[weight] = d.operator_norm(32, 32)
+    assert norms[0.5] < 0.8 * norms[0.0], norms
+
+
 def test_module_validates_its_inputs() -> None:
     from warplca.data import Normalization
     from warplca.modules.dictionary_learning import DictionaryLearning
@@ -105,6 +128,8 @@ def test_module_validates_its_inputs() -> None:
         DictionaryLearning(d, {}, Normalization.identity(3), optimizer="lbfgs")
     with pytest.raises(ValueError, match="lam"):
         DictionaryLearning(d, {"lam": -1.0}, Normalization.identity(3))
+    with pytest.raises(ValueError, match="coherence_weight"):
+        DictionaryLearning(d, {}, Normalization.identity(3), coherence_weight=-1.0)
 
 
 def test_resume_continues_the_step_count(make_cfg, tmp_path, caplog) -> None:

@@ -147,6 +147,18 @@ class ConvDictionary(nn.Module):
         self._norm_cache[("vec",) + key] = (version, op.from_grid(v))
         return value
 
+    def top_eigenvector(self, height: int = 64, width: int | None = None) -> Tensor:
+        """Unit eigenvector (1, K, H', W') of ΦᵀΦ for L on H×W images (no gradient; weight dtype).
+
+        ``‖Φv‖²`` with this v is a differentiable estimate of L at the current atoms: the handle a
+        coherence penalty pushes on (see ``DictionaryLearning(coherence_weight=…)``).
+        """
+        width = height if width is None else width
+        self.operator_norm(height, width)
+        w = self.weight
+        vec = self._norm_cache[("vec", height, width, w.device, w.dtype)][1]
+        return (vec / vec.norm()).to(w.dtype)
+
     # -- identity and persistence ---------------------------------------------------------------
     def fingerprint(self) -> str:
         """Short SHA-256 of the atoms and geometry: identifies the dictionary in caches and bundles."""

@@ -15,6 +15,7 @@ measured on the [0, 1] pixel scale after undoing it. The module knows nothing of
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -69,13 +70,19 @@ class DictionaryLearning(pl.LightningModule):
         log_images_every_n_epochs: log the atom grid and a reconstruction grid every n validation
             epochs (0 disables) to loggers that take images.
         n_log_images: images in the reconstruction grid.
+        coherence_weight: β of the coherence penalty β·max(L̂ − coherence_target, 0) added to the
+            training loss, with L̂ = ‖Φv‖² for the current top eigenvector v of ΦᵀΦ (L̂ = L = ‖Φ‖²_op).
+            0 (default) disables it. A coherent dictionary has a large L, so the stable LCA step
+            η = 1/L is small and every LCA run (cold or warm) needs many more steps.
+        coherence_target: the L below which the penalty is zero.
     """
 
     def __init__(self, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                  normalization: Normalization, lr: float = 3e-3,
                  optimizer: str | Callable[..., torch.optim.Optimizer] = "adam", iters: int = 100,
                  test_iters: int | None = None, log_images_every_n_epochs: int = 1,
-                 n_log_images: int = 16) -> None:
+                 n_log_images: int = 16, coherence_weight: float = 0.0,
+                 coherence_target: float = 0.0) -> None:
         super().__init__()
         if not isinstance(dictionary, ConvDictionary):
             raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
@@ -92,6 +99,11 @@ class DictionaryLearning(pl.LightningModule):
             raise ValueError(f"iters must be an integer ≥ 1, got {iters!r}")
         if test_iters is not None and (not isinstance(test_iters, int) or test_iters < 1):
             raise ValueError(f"test_iters must be an integer ≥ 1 or None, got {test_iters!r}")
+        for name, value in (("coherence_weight", coherence_weight), ("coherence_target", coherence_target)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        self.coherence_weight, self.coherence_target = float(coherence_weight), float(coherence_target)
         self.dictionary = dictionary
         settings = dict(lca_settings)
         settings["iters"] = iters
@@ -108,6 +120,7 @@ class DictionaryLearning(pl.LightningModule):
             "normalization": normalization.to_dict(),
             "lr": self.lr, "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
             "iters": iters, "test_iters": self.test_iters,
+            "coherence_weight": self.coherence_weight, "coherence_target": self.coherence_target,
         })
         for stage in _STAGES:
             setattr(self, f"{stage}_recon", reconstruction_metrics())
@@ -132,6 +145,8 @@ class DictionaryLearning(pl.LightningModule):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 recon = self.dictionary.decode(res.a, size=tuple(x.shape[-2:]))
                 loss = 0.5 * (x.float() - recon).pow(2).sum() / x.shape[0]
+                if self.coherence_weight > 0:
+                    loss = loss + self._coherence_penalty(*x.shape[-2:])
         else:
             recon = res.recon
             loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]
@@ -145,6 +160,13 @@ class DictionaryLearning(pl.LightningModule):
             n = self.n_log_images
             self._preview = (images[:n].detach().cpu(), pixels[:n].cpu())
         return loss
+
+    def _coherence_penalty(self, height: int, width: int) -> Tensor:
+        """β·max(‖Φv‖² − L₀, 0) for the top eigenvector v of ΦᵀΦ (its gradient lowers L)."""
+        v = self.dictionary.top_eigenvector(height, width)
+        lipschitz = self.dictionary.decode(v, size=(height, width)).pow(2).sum()
+        self.log("train/lipschitz", lipschitz.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        return self.coherence_weight * torch.relu(lipschitz - self.coherence_target)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
