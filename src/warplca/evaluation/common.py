@@ -280,7 +280,10 @@ def model_sentence(model: EvalModel) -> str:
     if "predictor_params" in info:
         text += f", WARP-CNN with {info['predictor_params']:,} parameters"
     if meta.get("target_iters"):
-        text += f" trained on {meta['target_iters']}-step cold-LCA states"
+        solver = meta.get("target_solver") or "cold"
+        name = solver.get("name", "?") if isinstance(solver, dict) else str(solver)
+        kind = "λ-continuation LCA" if name == "continuation" else "cold-LCA"
+        text += f" trained on {meta['target_iters']}-step {kind} states"
     if meta.get("dataset"):
         text += f" of `{meta['dataset']}`"
     return text + "."

@@ -64,6 +64,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     if ctx.is_rank_zero:
         bundle = module.bundle()
         bundle.save(ctx.artifact(ARTIFACT), target_iters=int(tconf["iters"]),
+                    target_solver=stage_targets.solver_spec(tconf),
                     dataset=str(getattr(dm, "name", "")), predictor_params=n_params,
                     epochs=int(trainer.current_epoch),
                     metrics={k: v for k, v in metrics.items() if k.startswith("val/")})

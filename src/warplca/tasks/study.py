@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "budgets": [10, 100],
     "batch_size": 64,
     "ablation": {"losses": ["laplacian", "mse", "l1"], "inputs": ["image", "image+drive"], "epochs": None},
-    "learning_curve": {"sizes": [128, 256, 512, 1024], "epochs": [5, 10, 20]},
+    "learning_curve": {"sizes": [256, 512, 1024, 2048], "epochs": [10, 20, 40]},
 }
 
 #: ablation input name -> WarpCNN overrides
