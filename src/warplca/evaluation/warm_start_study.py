@@ -108,6 +108,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, title: str, path: str | Path) -> Path:
+    """Title, tight layout, write the PNG, close the figure."""
+    plt = _pyplot()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _match_value(row: Mapping[str, Any], total: int) -> float:
     """Iterations-to-match for plotting: "never" drawn at T (the top of the axis)."""
     k = float(row["iterations_to_match"])
@@ -138,12 +149,7 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], to
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("WARP-CNN ablation: loss × input")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, "WARP-CNN ablation: loss × input", path)
 
 
 def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
@@ -167,12 +173,7 @@ def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, An
         ax.set_xlabel("training images (cached targets)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("WARP-CNN learning curve")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, "WARP-CNN learning curve", path)
 
 
 def format_scores(row: Mapping[str, Any], total: int, early: int) -> str:

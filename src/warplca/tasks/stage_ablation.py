@@ -10,13 +10,9 @@ artifact); the report stage adds the section to ``report.md``.
 
 from __future__ import annotations
 
-import logging
-
 from warplca.evaluation.warm_start_study import best_variant, plot_ablation, study_table
 from warplca.tasks.context import RunContext
-from warplca.tasks.study import INPUTS, Study, study_settings
-
-log = logging.getLogger(__name__)
+from warplca.tasks.study import INPUTS, Study
 
 __all__ = ["ARTIFACT", "run"]
 
@@ -24,11 +20,10 @@ ARTIFACT = "ablation.csv"
 
 
 def run(ctx: RunContext) -> dict[str, float]:
-    if not ctx.is_rank_zero:
+    study = Study.for_stage(ctx, "ablation")
+    if study is None:
         return {}
-    settings = study_settings(ctx)
-    conf = settings["ablation"]
-    study = Study(ctx, "ablation", settings)
+    conf = study.conf
     epochs = int(conf.get("epochs") or study.warp_epochs())
     rows = []
     for loss in conf["losses"]:

@@ -13,7 +13,7 @@ import logging
 
 from warplca.evaluation.warm_start_study import best_variant, plot_learning_curve, study_table
 from warplca.tasks.context import RunContext
-from warplca.tasks.study import Study, study_settings
+from warplca.tasks.study import Study
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,10 @@ ARTIFACT = "learning_curve.csv"
 
 
 def run(ctx: RunContext) -> dict[str, float]:
-    if not ctx.is_rank_zero:
+    study = Study.for_stage(ctx, "learning_curve")
+    if study is None:
         return {}
-    settings = study_settings(ctx)
-    conf = settings["learning_curve"]
-    study = Study(ctx, "learning_curve", settings)
+    conf = study.conf
     n = len(study.train)
     sizes = sorted({min(int(s), n) for s in conf["sizes"] if int(s) > 0})
     epochs_list = sorted({int(e) for e in conf["epochs"] if int(e) > 0})

@@ -85,8 +85,14 @@ class Study:
     ``study.n_images`` images of ``study.split`` and runs cold LCA on them once, up to T.
     """
 
+    @classmethod
+    def for_stage(cls, ctx: RunContext, name: str) -> Study | None:
+        """The study of stage ``name`` (its settings in ``self.conf``), or None off global rank 0."""
+        return cls(ctx, name, study_settings(ctx)) if ctx.is_rank_zero else None
+
     def __init__(self, ctx: RunContext, name: str, settings: dict[str, Any]) -> None:
         self.ctx, self.name, self.settings = ctx, name, settings
+        self.conf: dict[str, Any] = settings[name]
         self.dictionary = ctx.dictionary()
         self.lca = ctx.lca(self.dictionary)
         self.norm = ctx.normalization()
