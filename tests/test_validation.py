@@ -103,6 +103,8 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("model.classify.frontends=[pixels,lcaa]", "model.classify.frontends", "subset"),
     ("+model.classify.corruptions.fog=[0.1]", "model.classify.corruptions.fog", "unknown corruption"),
     ("+model.dictionary.lrr=0.1", "model.dictionary.lrr", "unknown key for DictionaryLearning"),
+    ("model.dictionary.coherence_weight=-0.1", "model.dictionary.coherence_weight", "coherence penalty"),
+    ("predictor.drive_scale=0", "predictor.drive_scale", "drive"),
     ("++targets.splits=[val]", "targets.splits", "includes train"),
     ("++targets.chunk_size=0", "targets.chunk_size", "≥ 1"),
     ("++targets.iter=3", "targets", "unknown targets config keys"),

@@ -517,6 +517,8 @@ def _check_model_dictionary(c: _Checker) -> None:
               "unknown optimizer; known: adam, sgd (or a `_partial_: true` torch.optim config)")
     c.integer(f"{key}.log_images_every_n_epochs", 0)
     c.integer(f"{key}.n_log_images", 0)
+    c.number(f"{key}.coherence_weight", 0, why="β of the coherence penalty")
+    c.number(f"{key}.coherence_target", 0, why="the ‖Φ‖²_op below which the penalty is zero")
     _check_trainer(c, f"{key}.trainer")
 
 
@@ -524,7 +526,7 @@ def _check_model_warp(c: _Checker) -> None:
     key = "model.warp"
     if c.node(key) is None:
         return
-    from warplca.tasks.stage_warp import DATA_KEYS
+    from warplca.tasks.predictor_fit import DATA_KEYS
 
     c.target_keys(key, provided=("dictionary", "lca_settings", "normalization"),
                   extra=(*DATA_KEYS, "predictor", "loss", "gamma"))

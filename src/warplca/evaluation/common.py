@@ -306,7 +306,7 @@ def describe_model(model: EvalModel) -> dict[str, Any]:
     return out
 
 
-def style_iteration_axes(panels: Iterable[tuple[Any, str, str]]) -> None:
+def style_iteration_axes(panels: Iterable[tuple[Any, str, str]], legend_size: float = 7) -> None:
     """Log-x "LCA iterations" axes with a y label, title, grid and legend, for (ax, ylabel, title) panels."""
     for ax, ylabel, title in panels:
         ax.set_xscale("log")
@@ -314,4 +314,4 @@ def style_iteration_axes(panels: Iterable[tuple[Any, str, str]]) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=legend_size)

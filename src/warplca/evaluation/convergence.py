@@ -41,6 +41,7 @@ from warplca.evaluation.common import (
     normalize_ks,
     pixel_quality,
     progress,
+    style_iteration_axes,
     synchronize,
     to_pixels,
 )
@@ -468,13 +469,8 @@ def plot_convergence(
         ("SSIM", "SSIM vs clean image"),
         ("active coefficients ℓ0 per image", "Sparsity"),
     ]
-    for ax, (ylabel, sub) in zip(axes.flat, labels, strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel("LCA iterations")
-        ax.set_ylabel(ylabel)
-        ax.set_title(sub)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    style_iteration_axes(((ax, ylabel, sub) for ax, (ylabel, sub) in zip(axes.flat, labels, strict=True)),
+                         legend_size=8)
     energies = torch.cat([c.energy[1:].mean(1) for c in curves.values()])
     if bool((energies > 0).all()) and float(energies.max() / energies.min()) > 20:
         axes[0, 0].set_yscale("log")

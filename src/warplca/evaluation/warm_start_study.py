@@ -47,23 +47,22 @@ def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budge
     warm = run_curves(model, images, _grid(total, budgets), warm=True, batch_size=batch_size, device=device,
                       show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
     match = iterations_to_match(cold, warm, total)
-    row: dict[str, float] = {"iterations_to_match": float(match["mean"]),
-                             "matched_frac": float(match["matched_frac"])}
-    for k in _grid(total, budgets):
-        row[f"energy@{k}"] = float(warm.energy[k].mean())
-    row["energy_ratio@T"] = float(warm.energy[total].mean() / cold.energy[total].mean())
-    row["l0@T"] = float(warm.l0[total].mean())
-    return row
+    return _row(warm, cold, budgets, float(match["mean"]), float(match["matched_frac"]))
 
 
 def cold_row(cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
-    """The cold-LCA reference in the same columns as :func:`score_warm_start`."""
+    """The cold-LCA reference in the same columns as :func:`score_warm_start` (it "matches" at T)."""
+    return _row(cold, cold, budgets, float(cold.total), 1.0)
+
+
+def _row(curves: Curves, cold: Curves, budgets: Sequence[int], match: float, matched_frac: float
+         ) -> dict[str, float]:
     total = cold.total
-    row: dict[str, float] = {"iterations_to_match": float(total), "matched_frac": 1.0}
+    row: dict[str, float] = {"iterations_to_match": match, "matched_frac": matched_frac}
     for k in _grid(total, budgets):
-        row[f"energy@{k}"] = float(cold.energy[k].mean())
-    row["energy_ratio@T"] = 1.0
-    row["l0@T"] = float(cold.l0[total].mean())
+        row[f"energy@{k}"] = float(curves.energy[k].mean())
+    row["energy_ratio@T"] = float(curves.energy[total].mean() / cold.energy[total].mean())
+    row["l0@T"] = float(curves.l0[total].mean())
     return row
 
 

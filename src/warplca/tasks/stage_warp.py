@@ -16,17 +16,11 @@ from typing import Any
 from warplca.data.target_cache import TargetDataModule
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
-from warplca.tasks.predictor_fit import (
-    DATA_KEYS,
-    build_module,
-    build_predictor,
-    target_sets,
-    warp_data_settings,
-)
+from warplca.tasks.predictor_fit import build_module, target_sets, warp_data_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT", "DATA_KEYS", "build_predictor", "run"]
+__all__ = ["ARTIFACT", "run"]
 
 ARTIFACT = "warp_lca.pt"
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from warplca.bundle import WarpLCA
 from warplca.data.target_cache import TargetDataset
 from warplca.evaluation.common import resolve_device
 from warplca.evaluation.convergence import Curves
@@ -31,7 +32,13 @@ from warplca.evaluation.warm_start_study import cold_reference, cold_row, format
 from warplca.serialization import write_text_atomic
 from warplca.tasks.context import RunContext
 from warplca.tasks.evaluate import eval_images
-from warplca.tasks.predictor_fit import build_module, fit_quietly, target_sets, warp_data_settings
+from warplca.tasks.predictor_fit import (
+    build_module,
+    build_predictor,
+    fit_quietly,
+    target_sets,
+    warp_data_settings,
+)
 from warplca.tasks.utils import evaluation_device_name, to_container
 
 log = logging.getLogger(__name__)
@@ -103,8 +110,9 @@ class Study:
         self.budgets = [int(b) for b in settings["budgets"] if 0 < int(b) < self.total]
         self.early = self.budgets[0] if self.budgets else self.total
         self.show_progress = bool(ctx.cfg.get("progress", True))
-        reference, _ = build_module(ctx, self.dictionary, self.lca, self.norm)
-        model = reference.bundle().to(self.device)  # cold runs never call its predictor
+        # cold runs never call the predictor: the bundle only supplies preprocessing and the solver
+        model = WarpLCA(self.dictionary, build_predictor(ctx, self.dictionary), self.lca, self.norm)
+        model = model.to(self.device)
         split = str(settings["split"])
         self.images: torch.Tensor = eval_images(ctx.datamodule, model, split, settings.get("n_images"))
         self.data_name = f"{getattr(ctx.datamodule, 'name', 'data')}/{split}"
