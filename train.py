@@ -1,23 +1,14 @@
 """Train warp-lca: ``python train.py [stages=[...]] [group=option ...] [key=value ...]``.
 
-A thin Hydra entry point; the work happens in :func:`warplca.tasks.train.train`. Returns the
-metric named by ``optimized_metric`` (for Hydra sweepers) when one is set.
+A thin wrapper over :func:`warplca.cli.train_main` (also installed as the ``warplca-train``
+command); the work happens in :func:`warplca.tasks.train.train`. Returns the metric named by
+``optimized_metric`` (for Hydra sweepers) when one is set. The configs live in the package
+(``src/warplca/conf``).
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
-from warplca.tasks.train import train
-from warplca.tasks.utils import get_metric_value
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return get_metric_value(metrics, cfg.get("optimized_metric"))
-
+from warplca.cli import train_main as main
 
 if __name__ == "__main__":
     main()

@@ -51,8 +51,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., object]:
         other_data = any(o.startswith("data=") and o != "data=natural" for o in overrides)
         base = [o for o in TINY_OVERRIDES if not (other_data and o.startswith("data.n_"))] if tiny else []
         ov: Sequence[str] = (*base, *overrides)
-        return compose_config(list(ov), output_dir=out, config_name=config_name,
-                              config_dir=REPO_ROOT / "conf")
+        return compose_config(list(ov), output_dir=out, config_name=config_name)
 
     return make
 

@@ -31,8 +31,11 @@ def test_warm_and_cold_use_the_same_solver() -> None:
     ref = model.lca(x, iters=7)
     assert torch.equal(cold.u, ref.u) and torch.equal(cold.recon, ref.recon)
     warm = model(x, iters=7, trace=True)
-    ref_warm = model.lca(x, iters=7, u0=model.predictor(x).detach())
+    ref_warm = model.lca(x, iters=7, u0=model.initial_states(x))  # the guarded start
     assert torch.equal(warm.u, ref_warm.u)
+    unguarded = WarpLCA(model.dictionary, model.predictor, model.lca, start_guard=False)
+    raw = unguarded(x, iters=7)
+    assert torch.equal(raw.u, model.lca(x, iters=7, u0=model.predictor(x).detach()).u)
     assert warm.trace is not None and warm.trace["energy"].shape == (8, 3)
     assert model(x, iters=0).u.shape == (3, *model.dictionary.code_shape(13, 15))
 
@@ -147,3 +150,84 @@ def test_warm_start_from_the_converged_states_stays_at_the_cold_optimum() -> Non
     assert torch.allclose(warm.a, cold.a, atol=1e-4)
     assert torch.allclose(warm.energy, cold.energy, rtol=1e-5)
     assert torch.allclose(model(x, iters=0).energy, cold.energy, rtol=1e-6)  # type: ignore[arg-type]
+
+
+# -- the start guard: WARP-LCA never starts above cold LCA's energy ½‖x‖² ---------------------------
+class _Scaled(nn.Module):
+    """A predictor that returns the cold-converged states, times a per-image factor."""
+
+    def __init__(self, states: Tensor, factors: list[float], like: WarpCNN) -> None:
+        super().__init__()
+        self.states = states * torch.tensor(factors).view(-1, 1, 1, 1)
+        self.in_channels, self.n_atoms, self.stride, self.use_drive = (like.in_channels, like.n_atoms,
+                                                                       like.stride, False)
+
+    def forward(self, x: Tensor, drive: Tensor | None = None) -> Tensor:
+        return self.states.clone()
+
+
+def _guard_case(factors: list[float], start_guard: bool = True) -> tuple[WarpLCA, Tensor, Tensor]:
+    base = _model()
+    x = _images(len(factors), 12, 12) - 0.5
+    cold = base(x, iters=200, warm=False)
+    model = WarpLCA(base.dictionary, _Scaled(cold.u, factors, base.predictor), base.lca,
+                    start_guard=start_guard)
+    return model, x, 0.5 * x.flatten(1).square().sum(1)
+
+
+def test_start_guard_sends_huge_predictions_back_to_the_cold_start() -> None:
+    model, x, half_norm = _guard_case([1e4, 1e4, 1e4])
+    start = model.warm_start(x)
+    assert start.guarded is not None and start.guarded.tolist() == [True, True, True]
+    assert bool((start.energy > start.cold_energy).all())  # type: ignore[operator]
+    assert torch.equal(model.initial_states(x), torch.zeros_like(start.states))
+    e0 = model(x, iters=0, trace=True).trace["energy"][0]  # type: ignore[index]
+    torch.testing.assert_close(e0, half_norm, rtol=1e-5, atol=1e-6)
+    # a broken prediction is refused as the solver would, not hidden by the guard
+    model.predictor.states[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="u0 contains NaN or Inf"):
+        model(x, iters=1)
+    # the same predictor without the guard starts far above ½‖x‖²
+    off, _, _ = _guard_case([1e4, 1e4, 1e4], start_guard=False)
+    assert off.warm_start(x).guarded is None
+    assert bool((off(x, iters=0).energy > 10 * half_norm).all())  # type: ignore[operator]
+
+
+def test_start_guard_leaves_good_predictions_alone_per_image() -> None:
+    model, x, half_norm = _guard_case([1.0, 1e4, 1.0])
+    start = model.warm_start(x)
+    assert start.guarded is not None and start.guarded.tolist() == [False, True, False]
+    raw = model.predict_states(x)
+    # the guard's energies are the solver's
+    codes = model.lca.states_to_codes(raw)
+    torch.testing.assert_close(start.energy, model.lca.energy(x, codes), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(start.cold_energy, half_norm, rtol=1e-5, atol=1e-6)
+    u0 = model.initial_states(x)
+    assert torch.equal(u0[0], raw[0]) and torch.equal(u0[2], raw[2]) and not u0[1].any()
+    e0 = model(x, iters=0).energy
+    assert e0 is not None and bool((e0 <= half_norm).all())
+    assert float(e0[0]) < 0.9 * float(half_norm[0])  # the good start is kept (well below cold)
+    torch.testing.assert_close(e0[1], half_norm[1], rtol=1e-5, atol=1e-6)
+    # a prediction below the threshold everywhere has exactly the cold energy: kept, not counted
+    tiny, x2, _ = _guard_case([1e-9, 1e-9])
+    assert tiny.warm_start(x2).guarded.tolist() == [False, False]  # type: ignore[union-attr]
+
+
+def test_start_guard_is_saved_and_old_bundles_load_with_it_on(tmp_path: Path) -> None:
+    from warplca.bundle import FORMAT
+    from warplca.serialization import save_atomic
+
+    model = _model()
+    assert model.start_guard is True
+    off = WarpLCA(model.dictionary, model.predictor, model.lca, start_guard=False)
+    assert WarpLCA.load(off.save(tmp_path / "off.pt")).start_guard is False
+    assert WarpLCA.load(model.save(tmp_path / "on.pt")).start_guard is True
+    payload = model.to_payload()
+    del payload["start_guard"]  # a bundle written before the option existed
+    save_atomic({**payload, "meta": {}}, tmp_path / "old.pt", FORMAT)
+    old = WarpLCA.load(tmp_path / "old.pt")
+    assert old.start_guard is True
+    x = _images()
+    assert torch.equal(old(x, iters=3).u, model(x, iters=3).u)
+    with pytest.raises(ValueError, match="start_guard"):
+        WarpLCA(model.dictionary, model.predictor, model.lca, start_guard="yes")  # type: ignore[arg-type]

@@ -50,11 +50,12 @@ def _dictionary(channels: int = 1) -> ConvDictionary:
 
 
 def _bundle(channels: int = 1) -> WarpLCA:
+    """An untrained predictor; the start guard is off so its (poor) starts are used as they are."""
     torch.manual_seed(0)
     d = _dictionary(channels)
     net = WarpCNN(channels, 8, 2, width=8, depth=2)
     norm = Normalization(mean=(0.3,) * channels, scale=1.0)
-    return WarpLCA(d, net, LCA(d, lam=0.3, tau="auto"), norm)
+    return WarpLCA(d, net, LCA(d, lam=0.3, tau="auto"), norm, start_guard=False)
 
 
 def _images(n: int = 4, c: int = 1, size: int = 16, seed: int = 0) -> Tensor:
@@ -224,6 +225,60 @@ def test_robustness_table_round_trip(tmp_path: Path) -> None:
     assert summary["pixels"]["clean"] == 0.9 and summary["pixels"]["mca"] == pytest.approx(0.5)
     md = robustness_markdown(back)
     assert "| pixels | 90.0 | 50.0 |" in md and "gaussian_noise" in md
+    assert "| front end | clean acc. % | mCA % |" in md
+    assert "correctly classified test images / test images" in md
+
+
+class _FirstTwoPixels(nn.Module):
+    """A fixed 'backbone': the logits of 2 classes are the first two pixels of the (1, 1, 2) image."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, :2]
+
+
+def test_accuracy_is_micro_averaged_on_a_hand_made_example() -> None:
+    """Labels [0, 0, 0, 1], predictions always class 0 (clean); under noise, predictions [0, 1, 1, 1].
+
+    Micro (correct / images): clean 3/4, noisy 2/4, mCA 2/4. Macro (the mean per-class recall, balanced
+    accuracy) would be 1/2 clean and (1/3 + 1) / 2 = 2/3 noisy: the example tells the two apart."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    to_zero, to_one = [1.0, 0.0], [0.0, 1.0]
+    labels = torch.tensor([0, 0, 0, 1])
+    clean = torch.tensor([to_zero, to_zero, to_zero, to_zero]).reshape(4, 1, 1, 2)
+    noisy = torch.tensor([to_zero, to_one, to_one, to_one]).reshape(4, 1, 1, 2)
+    for images, micro, macro in ((clean, 0.75, 0.5), (noisy, 0.5, 2 / 3)):
+        preds = images.flatten(1).argmax(1)
+        assert float(multiclass_accuracy(preds, labels, 2, average="micro")) == pytest.approx(micro)
+        assert float(multiclass_accuracy(preds, labels, 2, average="macro")) == pytest.approx(macro)
+    module = NoisyClassification(PixelFrontEnd(1), _FirstTwoPixels(), num_classes=2, image_size=2,
+                                 conditions=[("clean", 0.0), ("gaussian_noise", 0.1)])
+    assert module.ACCURACY_AVERAGE == "micro"
+    assert all(m.average == "micro" for m in (module.train_acc, module.val_acc, *module.test_acc))
+    loaders = [DataLoader(TensorDataset(x, labels), batch_size=3) for x in (clean, noisy)]  # 2 batches each
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, dataloaders=loaders, verbose=False)
+    rows = module.robustness_rows
+    assert [r["accuracy"] for r in rows] == [pytest.approx(0.75), pytest.approx(0.5)]
+    logged = trainer.callback_metrics
+    assert float(logged["test/acc/clean"]) == pytest.approx(0.75)
+    assert float(logged["test/mca"]) == pytest.approx(0.5)
+    assert robustness_summary(rows)["pixels"] == {"clean": pytest.approx(0.75), "mca": pytest.approx(0.5),
+                                                  "gaussian_noise": pytest.approx(0.5),
+                                                  "ms_per_image": pytest.approx(rows[0]["ms_per_image"])}
+    md = robustness_markdown(rows)
+    assert "| pixels | 75.0 | 50.0 | 50.0 |" in md and "micro-averaged" in md
+
+
+def test_classify_stage_recomputes_rows_of_another_accuracy_definition(tmp_path: Path) -> None:
+    from warplca.tasks.stage_classify import _load_rows
+
+    rows = [{"frontend": "pixels", "corruption": "clean", "level": 0.0, "accuracy": 0.5, "ms_per_image": 1.0}]
+    torch.save({"robustness_rows": rows, "accuracy_average": "micro"}, tmp_path / "micro.ckpt")
+    torch.save({"robustness_rows": rows}, tmp_path / "old.ckpt")  # before the definition was stored: macro
+    assert _load_rows(tmp_path / "micro.ckpt") == rows
+    assert _load_rows(tmp_path / "old.ckpt") is None
 
 
 # -- the LightningModule and a tiny run ---------------------------------------------------------

@@ -16,9 +16,9 @@ from warplca.tasks import stages as stages_mod
 from warplca.tasks.context import RunContext
 from warplca.tasks.stages import STAGE_ORDER, StageNotAvailableError, load_stage, resolve_stages, stage_done
 from warplca.tasks.train import train, validate_config
-from warplca.tasks.utils import flatten_metrics, get_metric_value
+from warplca.tasks.utils import default_config_dir, flatten_metrics, get_metric_value
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = default_config_dir()
 
 
 def options(group: str) -> list[str]:
@@ -42,21 +42,58 @@ def test_train_config_top_level(make_cfg, tmp_path) -> None:
     assert make_cfg("lca=soft", "lca.lam=0.25", tiny=False).lca.lam == 0.25
 
 
-def test_run_dir_override_sets_the_hydra_run_dir(make_cfg) -> None:
-    cfg = make_cfg("run_dir=/some/where", tiny=False)
-    assert cfg.hydra.run.dir  # composed; the CLI test checks that it is used
+def test_run_dir_override_sets_the_hydra_run_dir() -> None:
+    """``run_dir=<dir>`` becomes Hydra's run directory, hence the job's output directory and
+    ``paths.output_dir`` (compose_config without ``output_dir`` keeps the composed ``hydra.run.dir``; the
+    CLI side is checked by tests/test_cli_errors.py, whose ``run_dir=`` run leaves ``FAILED`` there)."""
+    from warplca.tasks.utils import compose_config
+
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "default.yaml"), resolve=False)
     assert raw["run"]["dir"] == "${run_dir}"
+    cfg = compose_config(["run_dir=/some/where"])
+    assert cfg.hydra.run.dir == "/some/where" and cfg.run_dir == "/some/where"
+    assert cfg.hydra.runtime.output_dir == str(Path("/some/where").resolve())
+    assert cfg.paths.output_dir == cfg.hydra.runtime.output_dir
+    default = compose_config([])
+    assert default.hydra.run.dir == default.run_dir and default.run_dir.startswith("outputs/train/")
 
 
-@pytest.mark.parametrize("group", ["data", "dictionary", "lca", "trainer", "logger", "callbacks", "debug",
-                                   "experiment", "paths", "hydra", "predictor", "loss"])
+#: config groups of train.yaml whose every option must compose (``model`` is packaged per stage and has
+#: its own test below; ``eval`` belongs to eval.yaml, see test_every_eval_option_composes)
+GROUPS = ("data", "norm", "dictionary", "lca", "trainer", "logger", "callbacks", "debug", "experiment",
+          "paths", "hydra", "predictor", "loss", "targets", "study", "hparams_search")
+_OWN_TESTS = {"model", "eval"}
+#: options that need an optional plugin; tests/test_sweeps.py checks them
+_PLUGIN_OPTIONS = {("hparams_search", "optuna_lam_gamma")}
+#: groups whose options write into other packages (``# @package _global_``, Hydra's own node)
+_GLOBAL = {"experiment", "debug", "hydra", "hparams_search"}
+
+
+def test_every_config_group_is_covered() -> None:
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    assert "data" in groups and "lca" in groups, f"{CONF} does not look like the config tree"
+    assert groups - _OWN_TESTS == set(GROUPS), "add a new config group to GROUPS (or to _OWN_TESTS)"
+    assert all(group in groups for group, _ in _PLUGIN_OPTIONS)
+
+
+@pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes(make_cfg, group) -> None:
-    if not (CONF / group).is_dir():
-        pytest.skip(f"no conf/{group}/")
-    for option in options(group):
+    opts = [o for o in options(group) if (group, o) not in _PLUGIN_OPTIONS]
+    assert opts, f"no options in {CONF / group}"
+    for option in opts:
         # experiments may switch datasets, so compose them without the natural-only tiny overrides
-        assert make_cfg(f"{group}={option}", tiny=group != "experiment") is not None, f"{group}={option}"
+        cfg = make_cfg(f"{group}={option}", tiny=group not in ("experiment", "hparams_search"))
+        assert cfg.hydra.runtime.choices[group] == option, f"{group}={option} was not selected"
+        if group not in _GLOBAL:
+            assert group in cfg, f"{group}={option} composed no {group} node"
+
+
+def test_every_eval_option_composes(make_cfg) -> None:
+    opts = options("eval")
+    assert "convergence" in opts and "all" in opts
+    for option in opts:
+        cfg = make_cfg(f"eval={option}", tiny=False, config_name="eval")
+        assert cfg.hydra.runtime.choices["eval"] == option and "eval" in cfg, f"eval={option}"
 
 
 def test_model_options_compose(make_cfg) -> None:

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision.datasets
+from omegaconf import OmegaConf
 from PIL import Image
 
 from warplca.data import (
@@ -31,7 +32,9 @@ from warplca.data import (
     luminance,
     stratified_split,
 )
-from warplca.data.natural import load_photo
+from warplca.data.natural import DEFAULT_SOURCES, GRAY_SOURCES, load_photo
+from warplca.data.normalization import KINDS, tikhonov_lowpass
+from warplca.tasks.utils import default_config_dir
 
 # --------------------------------------------------------------------------------------------------
 # fakes of the real on-disk formats
@@ -178,9 +181,58 @@ def test_normalization_round_trip_and_serialisation() -> None:
     assert torch.allclose(norm.invert(x), images, atol=1e-6)
     assert torch.allclose(norm.invert(norm.apply(images[0])), images[0], atol=1e-6)  # (C, H, W) too
     again = Normalization.from_dict(norm.to_dict())
-    assert again == norm and again.to_dict() == {"mean": [0.5, 0.4, 0.3], "scale": 0.25}
+    assert again == norm and again.to_dict()["mean"] == [0.5, 0.4, 0.3] and again.kind == "dataset_mean"
+    # artifacts written before the `kind` key existed read as dataset_mean
+    assert Normalization.from_dict({"mean": [0.5, 0.4, 0.3], "scale": 0.25}) == norm
     ident = Normalization.identity(3)
     assert torch.equal(ident.apply(images), images)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_normalization_round_trips_exactly(kind: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(5, 3, 32, 24, generator=g, dtype=torch.float64)
+    norm = Normalization(mean=(0.5, 0.4, 0.3), scale=0.5, kind=kind)
+    x = norm.apply(images)
+    assert torch.allclose(norm.invert(x, images), images, atol=1e-12)
+    assert torch.allclose(norm.invert(norm.apply(images[0]), images[0]), images[0], atol=1e-12)
+    assert Normalization.from_dict(norm.to_dict()) == norm
+    # what each kind removes
+    if kind == "image_mean":
+        assert x.mean(dim=(2, 3)).abs().max() < 1e-12
+    if kind == "standardize":
+        assert x.mean(dim=(1, 2, 3)).abs().max() < 1e-12
+        # unit variance up to eps and scale: σ(x) = σ / ((σ + eps)·scale)
+        sigma = images.std(dim=(1, 2, 3), unbiased=False)
+        expected = sigma / ((sigma + norm.eps) * norm.scale)
+        assert torch.allclose(x.std(dim=(1, 2, 3), unbiased=False), expected, atol=1e-10)
+    if kind == "lowpass":
+        flat = torch.full((1, 3, 16, 16), 0.3, dtype=torch.float64)
+        assert norm.apply(flat).abs().max() < 1e-12  # a constant image is all low-pass
+        ramp = torch.linspace(0, 1, 16, dtype=torch.float64).expand(1, 3, 16, 16)
+        assert norm.apply(ramp)[..., 4:-4].abs().max() < 0.1  # smooth content stays outside the code
+    if norm.per_image:
+        with pytest.raises(ValueError, match="per image"):
+            norm.invert(x)
+
+
+def test_lowpass_matches_the_tikhonov_normal_equations() -> None:
+    """The Fourier solve is (I + λ DᵀD) l = s on the reflect-padded image with circular differences."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(1, 1, 6, 5, generator=g, dtype=torch.float64)
+    lam, pad = 3.0, 2
+    low = tikhonov_lowpass(s, lam, pad)
+    padded = torch.nn.functional.pad(s, (pad,) * 4, mode="reflect")[0, 0]
+    h, w = padded.shape
+
+    def diff(n: int) -> torch.Tensor:  # circular forward difference
+        return torch.roll(torch.eye(n, dtype=torch.float64), 1, dims=1) - torch.eye(n, dtype=torch.float64)
+
+    dy = torch.kron(diff(h), torch.eye(w, dtype=torch.float64))
+    dx = torch.kron(torch.eye(h, dtype=torch.float64), diff(w))
+    a = torch.eye(h * w, dtype=torch.float64) + lam * (dy.T @ dy + dx.T @ dx)
+    reference = torch.linalg.solve(a, padded.flatten()).view(h, w)[pad:-pad, pad:-pad]
+    assert torch.allclose(low[0, 0], reference, atol=1e-10)
 
 
 def test_normalization_fit_is_the_per_channel_mean() -> None:
@@ -202,6 +254,12 @@ def test_normalization_rejects_bad_input() -> None:
         Normalization(mean=(0.5,), scale=0.0)
     with pytest.raises(ValueError, match="shape"):
         norm.apply(torch.rand(3, 4))
+    with pytest.raises(ValueError, match="kind"):
+        Normalization(mean=(0.5,), kind="zscore")
+    with pytest.raises(ValueError, match="unknown keys"):
+        Normalization.from_dict({"mean": [0.5], "sigma": 1.0})
+    with pytest.raises(ValueError, match="do not match"):
+        Normalization(mean=(0.5,), kind="image_mean").invert(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,15 +268,50 @@ def test_normalization_rejects_bad_input() -> None:
 
 
 def test_natural_sources_are_disjoint_offline_photos() -> None:
-    sources = NaturalDataModule.SOURCES
+    sources = DEFAULT_SOURCES
     assert set(sources) == {"train", "val", "test"}
-    assert len(sources["test"]) >= 2 and len(sources["val"]) >= 1
-    every = [s for split in sources.values() for s in split]
-    assert len(every) == len(set(every)) >= 8, "a photo is used in two splits, or fewer than 8 photos"
+    assert sources["val"] == ["chelsea"] and sources["test"] == ["coffee", "rocket"]
+    every = [s for split in sources.values() for s in split] + GRAY_SOURCES
+    assert len(every) == len(set(every)), "a photo is used in two splits"
     for name in every:
         photo = load_photo(name, 1.0)
         assert photo.shape[0] == 3 and min(photo.shape[1:]) >= 150
         assert photo.dtype == torch.float32 and photo.min() >= 0.0 and photo.max() <= 1.0
+    for name in GRAY_SOURCES:  # grayscale photos load as three equal channels
+        photo = load_photo(name, 0.25)
+        assert torch.equal(photo[0], photo[1]) and torch.equal(photo[1], photo[2])
+
+
+def test_natural_config_lists_the_sources_and_refuses_overlaps() -> None:
+    conf = OmegaConf.load(default_config_dir() / "data" / "natural.yaml")
+    assert OmegaConf.to_container(conf.sources) == DEFAULT_SOURCES
+    assert list(conf.gray_sources) == GRAY_SOURCES
+    with pytest.raises(ValueError, match="both the train and the test split"):
+        NaturalDataModule(sources={"train": ["astronaut", "coffee"], "val": ["chelsea"], "test": ["coffee"]})
+    with pytest.raises(ValueError, match="unknown photos"):
+        NaturalDataModule(sources={"train": ["lena"], "val": ["chelsea"], "test": ["coffee"]})
+    with pytest.raises(ValueError, match="scale_jitter"):
+        NaturalDataModule(scale=0.5, scale_jitter=[3.0])
+    gray = NaturalDataModule(grayscale=True, n_train=20)
+    assert set(GRAY_SOURCES) <= set(gray.sources["train"])
+    assert gray.tensor("train")[0].shape == (20, 1, 32, 32)
+
+
+def test_natural_scale_jitter_and_flip_rotate_augmentation() -> None:
+    dm = NaturalDataModule(n_train=36, n_val=4, n_test=4, scale_jitter=[1.0, 0.7, 0.5], flip=True, rot90=True)
+    train = dm.split_dataset("train")
+    assert {sc for _, sc in train.sources} == {0.5, 0.35, 0.25}
+    assert train.positions[:, 0].unique().tolist() == list(range(9))  # 3 photos × 3 scales, round robin
+    assert dm.split_dataset("test").sources == [("coffee", 0.5), ("rocket", 0.5)]  # eval splits: one scale
+    clean = dm.tensor("train")[0]
+    torch.manual_seed(0)
+    seen = torch.cat([x for x, _ in dm.train_dataloader()])
+    # every loaded crop is a flipped/rotated version of a clean crop (the loader shuffles)
+    variants = [torch.rot90(base, k, (-2, -1)) for c in clean for base in (c, c.flip(-1)) for k in range(4)]
+    stacked = torch.stack(variants).flatten(1)
+    for x in seen:
+        assert (stacked - x.flatten()).abs().amax(dim=1).min() < 1e-7
+    assert not torch.equal(torch.sort(seen.flatten(1), dim=0)[0], torch.sort(clean.flatten(1), dim=0)[0])
 
 
 def test_natural_crops_shapes_ranges_and_structure(natural: NaturalDataModule) -> None:
@@ -232,7 +325,7 @@ def test_natural_crops_shapes_ranges_and_structure(natural: NaturalDataModule) -
         assert images.flatten(1).std(dim=1).min() >= natural.min_std  # no flat patches
     # each split draws from each of its photos (round robin)
     used = natural.split_dataset("train").positions[:, 0].unique().tolist()
-    assert used == list(range(len(NaturalDataModule.SOURCES["train"])))
+    assert used == list(range(len(natural.split_dataset("train").sources)))
 
 
 def test_natural_is_deterministic_per_seed() -> None:

@@ -1,7 +1,7 @@
 """ConvDictionary against an explicit dense synthesis matrix, plus geometry, norm and persistence.
 
 The reference matrix A is built by Python loops over (atom, code position, channel, kernel offset)
-from the definition in DESIGN §1: atom m at code position (i, j) puts Φ[m, c, dy, dx] on pixel
+from the definition (README, "The maths"): atom m at code position (i, j) puts Φ[m, c, dy, dx] on pixel
 (c, s·i + dy − p, s·j + dx − p) — dropped outside the image for zero padding, wrapped modulo
 (H, W) for circular padding. Nothing here calls the operators to build the reference.
 """

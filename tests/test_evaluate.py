@@ -66,7 +66,7 @@ def run_eval(*overrides: str) -> dict[str, float]:
     from warplca.tasks.evaluate import evaluate
     from warplca.tasks.utils import compose_config
 
-    cfg = compose_config(list(overrides), config_name="eval", config_dir=REPO / "conf")
+    cfg = compose_config(list(overrides), config_name="eval")
     return evaluate(cfg)
 
 
@@ -163,21 +163,65 @@ def test_segmented_run_equals_one_long_run(model: Any) -> None:
 
 
 def test_iterations_to_match_rules() -> None:
-    from warplca.evaluation.convergence import Curves, iterations_to_match
+    from warplca.evaluation.convergence import iterations_to_match
 
-    def curves(energy: list[list[float]]) -> Curves:
-        e = torch.tensor(energy, dtype=torch.float64)
-        z = torch.zeros_like(e)
-        return Curves(
-            "x", [0, e.shape[0] - 1], e, z, z, torch.zeros(2, e.shape[1]), torch.zeros(2, e.shape[1]), 1, 1
-        )
-
-    cold = curves([[9, 9, 9], [6, 6, 6], [5, 5, 4], [4, 4, 3]])  # T = 3: reference (4, 4, 3)
-    warm = curves([[8, 8, 8], [4, 7, 5], [3, 5, 4], [3, 4, 3.5]])
+    cold = _curves([[9, 9, 9], [6, 6, 6], [5, 5, 4], [4, 4, 3]])  # T = 3: reference (4, 4, 3)
+    warm = _curves([[8, 8, 8], [4, 7, 5], [3, 5, 4], [3, 4, 3.5]])
     m = iterations_to_match(cold, warm)
     assert m["per_image"][0] == 1 and m["per_image"][1] == 3 and math.isnan(m["per_image"][2])
     assert m["mean"] == 3  # mean curve: 8, 5.33, 4, 3.5 vs reference 11/3 -> first at k = 3
     assert m["median"] == 3 and m["matched_frac"] == pytest.approx(2 / 3) and m["speedup"] == 1.0
+
+
+def _curves(energy: list[list[float]]) -> Any:
+    """Curves with the given energy trace (rows: iterations 0..T, columns: images), other metrics 0."""
+    from warplca.evaluation.convergence import Curves
+
+    e = torch.tensor(energy, dtype=torch.float64)
+    z = torch.zeros_like(e)
+    q = torch.zeros(2, e.shape[1])
+    return Curves("x", [0, e.shape[0] - 1], e, z, z, q, q, 1, 1)
+
+
+def test_equal_energy_speedup_rules() -> None:
+    from warplca.evaluation.convergence import equal_energy_speedup, iterations_to_match, speedup_display
+
+    # T = 4, three images; image 2's cold run never gets below 10
+    cold = _curves([[10, 10, 10], [10, 9, 10], [6, 8, 10], [4, 7, 10], [3.5, 6, 10]])
+    warm = _curves([[7, 8, 10], [5, 7, 9], [4, 6, 9], [3, 5, 9], [2, 4, 9]])
+    rows = equal_energy_speedup(cold, warm, ks=[0, 1, 4])
+    by = {(r["budget"], r["k"]): r for r in rows}
+    assert [(r["budget"], r["k"]) for r in rows] == [
+        ("warm", 0), ("warm", 1), ("warm", 4), ("cold", 1), ("cold", 4)
+    ]
+    # warm budget k = 1: mean warm energy 7 -> mean cold (10, 9.67, 8, 7, 6.5) reaches it after 3
+    r = by[("warm", 1)]
+    assert r["energy"] == pytest.approx(7.0) and r["warm_iterations"] == 1 and r["cold_iterations"] == 3
+    assert r["speedup"] == 3.0 and r["never_frac"] == pytest.approx(1 / 3)
+    # per image: cold needs 3, 3 and never (> T): nearest-rank quartiles 3, 3, inf
+    assert (r["q25_iterations"], r["q50_iterations"], r["q75_iterations"]) == (3, 3, math.inf)
+    assert (r["q25_speedup"], r["q50_speedup"], r["q75_speedup"]) == (3, 3, math.inf)
+    # k = 0: what the predicted start alone is worth in cold iterations; no ratio
+    assert by[("warm", 0)]["cold_iterations"] == 2 and math.isnan(by[("warm", 0)]["speedup"])
+    # k = T: mean warm energy 5 is never reached by cold within T
+    assert by[("warm", 4)]["cold_iterations"] == math.inf and by[("warm", 4)]["speedup"] == math.inf
+    # cold budget k = T is iterations-to-match: warm reaches 6.5 after 2 -> speed-up 2
+    r = by[("cold", 4)]
+    assert r["warm_iterations"] == 2 == iterations_to_match(cold, warm)["mean"]
+    assert r["cold_iterations"] == 4 and r["speedup"] == 2.0 and r["never_frac"] == 0.0
+    # per image warm iterations 3, 2, 0 -> speed-ups 4/3, 2, 4 (a 0-iteration start counts as 1)
+    assert (r["q25_iterations"], r["q50_iterations"], r["q75_iterations"]) == (0, 2, 3)
+    assert r["q25_speedup"] == pytest.approx(4 / 3) and r["q50_speedup"] == 2 and r["q75_speedup"] == 4
+    # never within T is shown as a bound, not as a number
+    shown = {(r["budget"], r["k"]): r for r in speedup_display(rows)}
+    assert shown[("warm", 4)]["cold_iterations"] == "> 4" and shown[("warm", 4)]["speedup"] == "> 1"
+    assert shown[("warm", 1)]["q75_iterations"] == "> 4" and shown[("warm", 1)]["q75_speedup"] == "> 4"
+    assert shown[("warm", 1)]["speedup"] == 3.0
+    # a warm run that never reaches the cold energy: the speed-up is bounded above by k / T
+    cold2, warm2 = _curves([[10], [1], [1]]), _curves([[5], [4], [3]])
+    r2 = {(r["budget"], r["k"]): r for r in speedup_display(equal_energy_speedup(cold2, warm2, ks=[0, 1, 2]))}
+    assert r2[("cold", 1)]["warm_iterations"] == "> 2" and r2[("cold", 1)]["speedup"] == "< 0.5"
+    assert r2[("warm", 1)]["cold_iterations"] == 1 and r2[("warm", 2)]["speedup"] == 0.5
 
 
 def test_merge_metrics_and_report_sections(tmp_path: Path) -> None:
@@ -251,13 +295,31 @@ def test_convergence_files(conv_out: tuple[Path, dict[str, float]]) -> None:
         (k, m) for k in (1, 10, T) for m in ("cold", "warm")
     ]
     assert all(float(r["ms_per_image"]) > 0 for r in table), "timing was enabled"
-    assert len(rows_of(run / "convergence_iters_to_match.csv")) == 8
+    assert len(rows_of(run / "convergence_iterations_to_match.csv")) == 8
+    assert not (run / "convergence_iters_to_match.csv").exists()
+    speed = rows_of(run / "speedup.csv")
+    assert list(speed[0])[:5] == ["budget", "k", "energy", "warm_iterations", "cold_iterations"]
+    assert [(r["budget"], int(r["k"])) for r in speed] == [("warm", k) for k in ks] + [
+        ("cold", k) for k in ks if k >= 1
+    ]
+    check_png(run / "speedup.png")
     check_png(run / "convergence.png", (10, 7.5))
     check_png(run / "convergence_examples.png")
     check_png(run / "atoms.png")
     report = (run / "report.md").read_text()
     assert "<!-- warplca:convergence -->" in report and "| iterations |" in report
     assert "![convergence curves](convergence.png)" in report and "Iterations-to-match" in report
+    assert "### Equal-energy speed-up" in report and "![equal-energy speed-up](speedup.png)" in report
+    assert "Start guard" in report
+    for key in ("iterations_to_match", "iterations_to_match_median", "start_guard_frac",
+                "start_guard_ms_per_image", "predictor_ms_per_image"):
+        assert f"convergence/{key}" in data["eval"], key
+    assert not any("iters_to_match" in key for key in data["eval"])
+    assert 0.0 <= data["eval"]["convergence/start_guard_frac"] <= 1.0
+    assert data["eval"]["convergence/start_guard_ms_per_image"] > 0
+    equal = {k: v for k, v in data["eval"].items() if k.startswith("convergence/equal_energy/")}
+    assert {"cold_iterations@warm10", "speedup@cold20"} <= {k.split("/")[-1] for k in equal}
+    assert all(v is None or math.isfinite(v) for v in equal.values())  # never within T: null, not Infinity
 
 
 def test_convergence_numbers_match_the_api(conv_out: tuple[Path, dict[str, float]], model: Any) -> None:
@@ -289,12 +351,22 @@ def test_convergence_numbers_match_the_api(conv_out: tuple[Path, dict[str, float
     # iterations-to-match per image, from a direct traced warm run and the cold energy at T
     cold_t = model(x, iters=T, warm=False).energy
     warm_trace = model(x, iters=T, warm=True, trace=True).trace["energy"]
-    per_image = rows_of(run / "convergence_iters_to_match.csv")
+    per_image = rows_of(run / "convergence_iterations_to_match.csv")
     for i, r in enumerate(per_image):
         hits = torch.nonzero(warm_trace[:, i] <= cold_t[i]).flatten()
         expected = float(hits[0]) if len(hits) else math.nan
         got = float(r["k"]) if r["k"] not in ("", "nan") else math.nan
         assert (math.isnan(expected) and math.isnan(got)) or got == expected
+    # equal-energy speed-up at warm budget 10: the first cold iteration with mean energy <= warm's at 10
+    cold_mean = model(x, iters=T, warm=False, trace=True).trace["energy"].double().mean(1)
+    target = float(warm_trace[10].double().mean())
+    hits = torch.nonzero(cold_mean <= target).flatten()
+    speed = {(r["budget"], int(r["k"])): r for r in rows_of(run / "speedup.csv")}
+    assert speed[("warm", 10)]["cold_iterations"] == (str(int(hits[0])) if len(hits) else f"> {T}")
+    # the start guard's fraction is what the bundle reports for these images
+    guarded = model.warm_start(x).guarded
+    data = json.loads((run / "metrics.json").read_text())["eval"]
+    assert data["convergence/start_guard_frac"] == pytest.approx(float(guarded.double().mean()))
 
 
 # -- the other experiments -------------------------------------------------------------------------
@@ -337,6 +409,7 @@ def test_ood_skips_missing_datasets(tiny_run: Path, tmp_path: Path) -> None:
     sources = (
         f"eval.ood.sources=[{{name:natural_32,data:{natural}}},"
         "{name:digits_rgb,data:{_target_:warplca.data.DigitsDataModule,rgb:true}},"
+        "{name:photos_24,photos:{names:[camera,coins,moon],crop_size:24}},"
         f"{{name:stl10,data:{{_target_:warplca.data.STL10DataModule,data_dir:'{tmp_path / 'none'}'}}}}]"
     )
     metrics = run_eval(
@@ -356,23 +429,68 @@ def test_ood_skips_missing_datasets(tiny_run: Path, tmp_path: Path) -> None:
         "l0_frac",
     ]
     sizes = {r["dataset"]: r["size"] for r in rows}
-    assert sizes == {"natural/test (in distribution)": "16×16", "natural_32": "32×32", "digits_rgb": "32×32"}
-    assert len(rows) == 3 * 2 * 3  # datasets × methods × budgets (1, 10, T)
+    assert sizes == {
+        "natural/test (in distribution)": "16×16",
+        "natural_32": "32×32",
+        "digits_rgb": "32×32",
+        "photos_24": "24×24",
+    }
+    assert len(rows) == 4 * 2 * 3  # datasets × methods × budgets (1, 10, T)
     report = (tmp_path / "report.md").read_text()
     assert "`stl10`: skipped" in report and "stl10_binary" in report
     assert metrics["eval/ood/natural_32/n_images"] == 2
     check_png(tmp_path / "ood.png", (12, 4.8))
+    # cold vs warm at k = 0, 1, 10 and the other budgets, on every image set
+    compare = rows_of(tmp_path / "ood_cold_vs_warm.csv")
+    assert list(compare[0])[:4] == ["dataset", "size", "n_images", "k"]
+    assert [(r["dataset"], int(r["k"])) for r in compare] == [(d, k) for d in sizes for k in (0, 1, 10, T)]
+    for r in compare:
+        assert r["warm_le_cold"] == str(float(r["warm_energy"]) <= float(r["cold_energy"]))
+        if r["k"] == "0":  # the start guard: WARP-LCA never starts above cold LCA
+            assert r["warm_le_cold"] == "True" and float(r["warm_le_cold_frac"]) == 1.0
+            assert float(r["cold_l0"]) == 0.0
+    by = {(r["dataset"], int(r["k"])): r for r in compare}
+    table = {(r["dataset"], r["method"], int(r["k"])): r for r in rows}
+    for d in sizes:
+        for m in ("cold", "warm"):
+            assert float(by[(d, 10)][f"{m}_energy"]) == pytest.approx(float(table[(d, m, 10)]["energy"]))
+            assert float(by[(d, 10)][f"{m}_l0"]) == pytest.approx(float(table[(d, m, 10)]["l0"]))
+    warm0 = float(by[("photos_24", 0)]["warm_energy"])
+    assert metrics["eval/ood/photos_24/warm/energy@0"] == pytest.approx(warm0)
+    assert 0.0 <= metrics["eval/ood/photos_24/start_guard_frac"] <= 1.0
+    assert "| dataset" in report and "warm ≤ cold" in report
+
+
+def test_photo_crops_are_deterministic_grey_and_cover_every_photo() -> None:
+    from warplca.evaluation.ood import photo_crops
+
+    names = ["camera", "brick", "coins"]
+    a = photo_crops(names, crop_size=24, n=7, seed=3)
+    assert a.shape == (7, 3, 24, 24) and a.dtype == torch.float32
+    assert torch.equal(a, photo_crops(names, crop_size=24, n=7, seed=3))
+    assert not torch.equal(a, photo_crops(names, crop_size=24, n=7, seed=4))
+    assert torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 0], a[:, 2])  # grey photos: 3 equal channels
+    assert bool((a.flatten(1).std(1) >= 0.02).all()) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    # round robin: image i comes from photo i % 3; a photo's crops do not depend on the others
+    assert torch.equal(photo_crops(["coins"], crop_size=24, n=2, seed=3), a[[2, 5]])
+    with pytest.raises(ValueError, match="crop_size"):
+        photo_crops(["coins"], crop_size=400, n=1)
 
 
 def test_default_ood_sources_are_valid() -> None:
     from warplca.evaluation.ood import OODSource
     from warplca.tasks.utils import compose_config
 
-    cfg = compose_config(["eval=all"], config_name="eval", config_dir=REPO / "conf")
+    cfg = compose_config(["eval=all"], config_name="eval")
     assert list(cfg.eval.modes) == ["convergence", "thresholds", "denoise", "ood", "robustness"]
     sources = [OODSource.from_config(s) for s in cfg.eval.ood.sources]
-    assert [s.name for s in sources] == ["natural_64", "natural_96", "digits_rgb", "stl10", "pets"]
-    assert all("_target_" in s.data for s in sources)
+    assert [s.name for s in sources] == [
+        "natural_64", "natural_96", "photos_32", "photos_64", "photos_96", "digits_rgb", "stl10", "pets"
+    ]
+    assert all(("_target_" in s.data) != bool(s.photos) for s in sources)
+    assert [s.photos["crop_size"] for s in sources if s.photos] == [32, 64, 96]
+    with pytest.raises(ValueError, match="either"):
+        OODSource.from_config({"name": "x", "photos": {"crop_size": 8}, "data": {"name": "natural"}})
 
 
 def test_match_channels() -> None:
@@ -447,8 +565,8 @@ def test_robustness_section_from_the_classify_csv(tmp_path: Path) -> None:
 def test_sweep_summary_marks_failed_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
     for num, lam, metrics in (
-        (0, 0.25, {"report": {"convergence/iters_to_match": 12.0, "convergence/warm/psnr@10": 20.0}}),
-        (1, 0.5, {"report": {"convergence/iters_to_match": 7.0, "convergence/warm/psnr@10": 22.0}}),
+        (0, 0.25, {"report": {"convergence/iterations_to_match": 12.0, "convergence/warm/psnr@10": 20.0}}),
+        (1, 0.5, {"report": {"convergence/iterations_to_match": 7.0, "convergence/warm/psnr@10": 22.0}}),
         (2, 1.0, None),
     ):
         job = sweep / str(num)
@@ -463,8 +581,8 @@ def test_sweep_summary_marks_failed_jobs(tmp_path: Path) -> None:
     assert [r["job"] for r in rows] == ["0", "1", "2"]
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert [float(r["lca.lam"]) for r in rows] == [0.25, 0.5, 1.0]
-    assert float(rows[1]["report/convergence/iters_to_match"]) == 7.0
-    assert rows[2]["report/convergence/iters_to_match"] == "" and "no metrics.json" in rows[2]["error"]
+    assert float(rows[1]["report/convergence/iterations_to_match"]) == 7.0
+    assert rows[2]["report/convergence/iterations_to_match"] == "" and "no metrics.json" in rows[2]["error"]
     check_png(sweep / "sweep_lca.lam.png")
     text = (sweep / "sweep_summary.md").read_text()
     assert "1 failed" in text and f"python evaluate.py sweep_dir={sweep}" in text

@@ -1,6 +1,6 @@
 """LCA against a dense-matrix numpy reference, plus optimality, descent, fixed points and errors.
 
-The reference builds the synthesis matrix A by explicit loops (DESIGN §1 geometry) and runs
+The reference builds the synthesis matrix A by explicit loops (the geometry of README, "The maths") and runs
 u ← u + η(Aᵀ(x − A·T(u)) + T(u) − u) in numpy with thresholds and penalties written here.
 """
 
@@ -59,7 +59,7 @@ def synthesis_matrix(weight: np.ndarray, stride: int, height: int, width: int, c
 
 
 def ref_threshold(name: str, lam: float, nonneg: bool = False, theta: float = 0.5) -> Callable:
-    """T_λ from the DESIGN table (numpy)."""
+    """T_λ from the README table ("The maths"), in numpy."""
 
     def fn(u: np.ndarray) -> np.ndarray:
         if nonneg:

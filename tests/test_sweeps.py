@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from warplca.tasks.utils import default_config_dir
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = default_config_dir()
 
 #: tiny dictionary-stage jobs (a few seconds each)
 TINY = ("stages=[dictionary]", "dictionary=tiny", "data.n_train=32", "data.n_val=16", "data.n_test=16",

@@ -26,7 +26,8 @@ def half_mu(lam: float) -> float:
 
 
 def ref_penalty(name: str, a: np.ndarray, lam: float, theta: float, nonneg: bool) -> np.ndarray:
-    """P_λ(a) from DESIGN §1, plus the indicator of a ≥ 0 for the non-negative variants."""
+    """P_λ(a) from the README table ("The maths"), plus the indicator of a ≥ 0 for the non-negative
+    variants."""
     mag = np.abs(a)
     if name == "hard":
         p = np.where(a != 0, lam * lam / 2, 0.0)

@@ -20,9 +20,10 @@ from warplca.config_validation import (
     validate_eval_config,
     validate_train_config,
 )
+from warplca.tasks.utils import default_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = default_config_dir()
 
 
 def _options(group: str) -> list[str]:
@@ -107,7 +108,23 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("predictor.drive_scale=0", "predictor.drive_scale", "drive"),
     ("++targets.splits=[val]", "targets.splits", "includes train"),
     ("++targets.chunk_size=0", "targets.chunk_size", "≥ 1"),
-    ("++targets.iter=3", "targets", "unknown targets config keys"),
+    ("++targets.iter=3", "targets.iter", "did you mean targets.iters?"),
+    ("+targets.lam=0.1", "targets.lam", "it belongs to lca.lam"),
+    ("targets.solver=warm", "targets.solver", "unknown target solver"),
+    ("+targets.continuation.start=2", "targets.continuation.start", "unknown key in targets.continuation"),
+    ("+model.warp.loss=mse", "model.warp.loss", "top-level loss group, e.g. loss=mse"),
+    ("+model.warp.gamma=2", "model.warp.gamma", "loss.gamma"),
+    ("+model.warp.predictor.width=8", "model.warp.predictor", "top-level predictor group"),
+    ("+model.warp.lrr=0.1", "model.warp.lrr", "did you mean model.warp.lr?"),
+    ("+model.warp.lam=0.1", "model.warp.lam", "it belongs to lca.lam"),
+    ("+model.classify.lca_iter_cold=600", "model.classify.lca_iter_cold",
+     "did you mean model.classify.lca_iters_cold?"),
+    ("+study.iter=3", "study.iter", "did you mean study.iters?"),
+    ("+study.ablation.loss=[mse]", "study.ablation.loss", "did you mean study.ablation.losses?"),
+    ("+study.learning_curve.size=[64]", "study.learning_curve.size", "unknown key in study.learning_curve"),
+    ("+eval.n_image=8", "eval.n_image", "did you mean eval.n_images?"),
+    ("+eval.convergence.timing.enable=false", "eval.convergence.timing.enable", "timing.enabled"),
+    ("+eval.n_images=8", None, None),
     ("trainer.precision=bf15", "trainer.precision", "unknown precision"),
     ("++trainer.strategy=dpp", "trainer.strategy", "unknown strategy"),
     ("trainer.devices=0", "trainer.devices", "integer ≥ 1"),
@@ -117,6 +134,11 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("data._target_=warplca.lca.ConvDictionary", "data._target_", "LightningDataModule"),
     ("+data.n_trian=4", "data.n_trian", "unknown key for NaturalDataModule"),
     ("data.crop_size=-3", "data.crop_size", "≥ 1"),
+    ("norm.kind=zscore", "norm.kind", "unknown normalisation"),
+    ("+norm.lowpass_lam=3", "norm", "unknown norm config keys ['lowpass_lam']"),
+    ("norm.scale=0", "norm.scale", "> 0"),
+    ("norm=lowpass", None, None),
+    ("model.dictionary.resample_every=-1", "model.dictionary.resample_every", "≥ 0"),
     ("+logger.csv.flush_logs_every_n_step=3", "logger.csv.flush_logs_every_n_step", "unknown key"),
     ("+callbacks.model_checkpoint.every_n_train_step=3", "callbacks.model_checkpoint.every_n_train_step",
      "unknown key"),
@@ -131,6 +153,25 @@ def test_single_problems(make_cfg, override: str, key: str | None, fragment: str
     matching = [m for k, m in problems if k == key]
     assert matching, f"{override}: no problem for {key} in {problems}"
     assert any(fragment in m for m in matching), matching
+
+
+def test_misplaced_warp_loss_is_refused_by_name(make_cfg) -> None:
+    """``+model.warp.loss=mse`` used to pass validation and crash the warp stage (``'str' object has no
+    attribute 'get'``); it is refused before anything runs, naming the key and where the loss is chosen."""
+    cfg = make_cfg("+model.warp.loss=mse", "stages=[dictionary,targets,warp]")
+    problems = check_train_config(cfg)
+    assert _keys(problems) == ["model.warp.loss"], problems
+    assert "model.warp.loss=mse: does not belong under model.warp" in problems[0][1]
+    assert "loss=mse" in problems[0][1].split("model.warp:", 1)[1]
+    with pytest.raises(ConfigError, match=r"model\.warp\.loss=mse"):
+        validate_train_config(cfg)
+
+
+def test_unknown_keys_of_every_stage_node_are_refused_each_by_name(make_cfg) -> None:
+    problems = check_train_config(make_cfg("+targets.bogus=1", "+study.bogus=1", "+model.warp.bogus=1",
+                                           "+model.classify.bogus=1", "+study.ablation.bogus=1"))
+    assert sorted(_keys(problems)) == ["model.classify.bogus", "model.warp.bogus", "study.ablation.bogus",
+                                       "study.bogus", "targets.bogus"]
 
 
 def test_cel0_theta_checked_only_for_cel0(make_cfg) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -11,8 +9,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from warplca import ConvDictionary, WarpCNN
+from warplca.tasks.utils import default_config_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = default_config_dir()
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])

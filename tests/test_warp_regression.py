@@ -21,6 +21,7 @@ from warplca.data.target_cache import (
     build_target_cache,
 )
 from warplca.modules.warp_regression import WarpRegression
+from warplca.tasks.utils import default_config_dir
 
 NORM = Normalization(mean=(0.5, 0.45, 0.4), scale=1.0)
 EVAL = (0, 5)
@@ -138,7 +139,7 @@ def test_bad_settings_are_refused(data: Any) -> None:
 
 
 def _overrides(dictionary: Path, *extra: str) -> list[str]:
-    conf = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
+    conf = default_config_dir() / "train.yaml"
     in_defaults = any(line.strip().startswith("- targets:") for line in conf.read_text().splitlines())
     return ["stages=[targets,warp]", f"dictionary_path={dictionary}",
             "targets=default" if in_defaults else "+targets=default",

@@ -4,33 +4,62 @@
 LCA runs its ordinary iterations from there. ``model(x, iters, warm=False)`` is cold LCA (u₀ = 0)
 with exactly the same dictionary, threshold, λ, τ and operator, so warm/cold comparisons differ
 only in the start. ``save``/``load`` write and read everything needed for that in one atomic,
-self-describing artifact (DESIGN §3).
+self-describing artifact.
+
+The start guard (``start_guard=True``, the default, also for bundles written before the option existed):
+WARP-LCA never starts above cold LCA's starting energy E(0) = ½‖x‖². Per image, the energy of the
+predicted start E(T_λ(û)) = ½‖x − Φ T_λ(û)‖² + Σ P_λ(T_λ(û)) is compared with E(0), and û is replaced
+by 0 (the cold start) where it is higher. It costs one synthesis Φa (half the convolutions of an LCA
+iteration) plus the threshold and the penalty per start; the convergence evaluation reports its time
+(``start_guard_ms_per_image``) and how often it fires. :meth:`WarpLCA.warm_start` says which images it
+sent back.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from warplca.coder import SparseCoder
 from warplca.lca.dictionary import ConvDictionary
-from warplca.lca.solver import LCA, LCAResult
+from warplca.lca.solver import LCA
 from warplca.models.warp_cnn import WarpCNN
 from warplca.serialization import load_checked, save_atomic
 
 if TYPE_CHECKING:  # the data package imports Lightning; keep ``import warplca`` light
     from warplca.data.normalization import Normalization
 
-__all__ = ["FORMAT", "WarpLCA"]
+__all__ = ["FORMAT", "WarmStart", "WarpLCA"]
 
 FORMAT = "warplca.bundle"
 
 
-class WarpLCA(nn.Module):
-    """WARP-LCA: LCA warm-started from a learned state prediction.
+@dataclass
+class WarmStart:
+    """The start WARP-LCA takes for a batch (see :meth:`WarpLCA.warm_start`).
+
+    Attributes:
+        states: u₀ (B, K, H', W'): the prediction û, with 0 for the images the guard sent back.
+        predicted: the predictor's û itself.
+        guarded: (B,) bool, True where E(T_λ(û)) > ½‖x‖² and u₀ = 0; None when the guard is off.
+        energy: (B,) energy of the predicted start E(T_λ(û)); None when the guard is off.
+        cold_energy: (B,) energy of the cold start E(0) = ½‖x‖²; None when the guard is off.
+    """
+
+    states: Tensor
+    predicted: Tensor
+    guarded: Tensor | None = None
+    energy: Tensor | None = None
+    cold_energy: Tensor | None = None
+
+
+class WarpLCA(SparseCoder):
+    """WARP-LCA: LCA warm-started from a learned state prediction (a :class:`SparseCoder` + predictor).
 
     Args:
         dictionary: the fixed atoms Φ the predictor was trained for.
@@ -38,56 +67,23 @@ class WarpLCA(nn.Module):
             ``use_drive`` and ``forward(x, drive=None)``; only ``WarpCNN`` can be saved).
         lca: the solver; it must use ``dictionary``. Default: ``LCA(dictionary)``.
         normalization: [0, 1] pixels ↔ coded space (``preprocess``/``postprocess``); identity if None.
+        start_guard: start from 0 instead of û for images whose predicted start energy exceeds cold
+            LCA's ½‖x‖² (module docstring). Saved in the bundle; on by default.
     """
 
     def __init__(self, dictionary: ConvDictionary, predictor: nn.Module, lca: LCA | None = None,
-                 normalization: Normalization | None = None) -> None:
-        super().__init__()
-        if not isinstance(dictionary, ConvDictionary):
-            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
-        lca = LCA(dictionary) if lca is None else lca
-        if not isinstance(lca, LCA):
-            raise ValueError(f"lca must be an LCA solver, got {type(lca).__name__}")
-        if lca.dictionary is not dictionary:
-            raise ValueError("lca must be built on the same dictionary object: LCA(dictionary, ...)")
+                 normalization: Normalization | None = None, start_guard: bool = True) -> None:
+        super().__init__(dictionary, lca, normalization)
+        if not isinstance(start_guard, bool):
+            raise ValueError(f"start_guard must be True or False, got {start_guard!r}")
         expected = {"in_channels": dictionary.in_channels, "n_atoms": dictionary.n_atoms,
                     "stride": dictionary.stride}
         got = {k: getattr(predictor, k, None) for k in expected}
         if got != expected:
             raise ValueError(f"predictor does not fit the dictionary: expected {expected}, got {got}")
-        if normalization is not None and normalization.channels != dictionary.in_channels:
-            raise ValueError(f"normalization has {normalization.channels} channels, the dictionary "
-                             f"{dictionary.in_channels}")
-        self.dictionary = dictionary
         self.predictor = predictor
-        self.lca = lca
-        self.normalization = normalization
+        self.start_guard = start_guard
         self.meta: dict[str, Any] = {}
-
-    # -- pixels <-> coded space -----------------------------------------------------------------
-    def preprocess(self, images: Tensor) -> Tensor:
-        """[0, 1] images (B, C, H, W) → the normalised space the model codes in.
-
-        Images outside [0, 1] (e.g. 0–255 pixels, or already normalised ones) are refused: coding them
-        would silently give meaningless states and energies.
-        """
-        if isinstance(images, Tensor) and images.is_floating_point() and images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            if bool(lo < -1e-6) or bool(hi > 1 + 1e-6):
-                raise ValueError(f"preprocess expects images in [0, 1], got values in [{float(lo):.4g}, "
-                                 f"{float(hi):.4g}] (uint8 pixels: divide by 255; normalised images: pass "
-                                 f"them to the model directly)")
-        return images if self.normalization is None else self.normalization.apply(images)
-
-    def postprocess(self, recon: Tensor) -> Tensor:
-        """Reconstructions in the coded space → [0, 1] images (normalisation undone, clamped)."""
-        out = recon if self.normalization is None else self.normalization.invert(recon)
-        return out.clamp(0.0, 1.0)
-
-    # -- inference ------------------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        """ValueError for input of the wrong type, rank, channels, dtype, device, or with NaN/Inf."""
-        self.lca._check_input(x, None)
 
     def predict_states(self, x: Tensor, grad: bool = False) -> Tensor:
         """The predictor's states û = f_θ(x) (B, K, ⌈H/s⌉, ⌈W/s⌉) for images ``x`` in the coded space."""
@@ -98,12 +94,40 @@ class WarpLCA(nn.Module):
                 drive = self.dictionary.encode(x) if grad else self.dictionary.encode(x).detach()
             return self.predictor(x, drive)
 
-    def forward(self, x: Tensor, iters: int = 10, warm: bool = True, trace: bool = False,
-                grad: bool = False) -> LCAResult:
-        """LCA on ``x`` (coded space) for ``iters`` steps from u₀ = f_θ(x) (warm) or u₀ = 0 (cold)."""
-        self.check_input(x)
-        u0 = self.predict_states(x, grad=grad) if warm else None
-        return self.lca(x, iters=iters, u0=u0, trace=trace, grad=grad)
+    def guard(self, x: Tensor, u: Tensor) -> WarmStart:
+        """The start guard on predicted states ``u`` for images ``x`` (coded space), whatever ``start_guard``.
+
+        Per image, E(T_λ(u)) = ½‖x − Φ T_λ(u)‖² + Σ P_λ(T_λ(u)) (the solver's energy, computed on its own
+        operator) is compared with the cold start's E(0) = ½‖x‖²; where it is higher the state is replaced
+        by 0. A prediction without any active coefficient has E(0) exactly and is kept. Gradients flow
+        through the kept states.
+        """
+        self.lca._check_codes(x, u.detach(), "u0")  # shape, dtype, NaN/Inf: as the solver would say
+        with torch.no_grad():
+            xd, ud = x.detach(), u.detach()
+            op = self.dictionary.operator(xd.shape[-2], xd.shape[-1], self.lca.backend)
+            xt = op.pixels(xd)
+            a = self.lca.states_to_codes(ud)
+            dims = tuple(range(1, xt.dim()))
+            resid = xt - op.decode(op.to_grid(a))
+            penalty = self.lca.threshold.penalty_sum(a)
+            energy = 0.5 * torch.linalg.vector_norm(resid, dim=dims).square() + penalty
+            cold = 0.5 * torch.linalg.vector_norm(xt, dim=dims).square()
+            active = torch.count_nonzero(a.reshape(a.shape[0], -1), dim=1) > 0
+            guarded = active & (energy > cold)
+        states = torch.where(guarded.view(-1, *([1] * (u.dim() - 1))), torch.zeros_like(u), u)
+        return WarmStart(states=states, predicted=u, guarded=guarded, energy=energy, cold_energy=cold)
+
+    def warm_start(self, x: Tensor, grad: bool = False) -> WarmStart:
+        """The predicted states û = f_θ(x) and, with ``start_guard``, the guarded start u₀."""
+        u = self.predict_states(x, grad=grad)
+        if not self.start_guard:
+            return WarmStart(states=u, predicted=u)
+        return self.guard(x, u)
+
+    def initial_states(self, x: Tensor, grad: bool = False) -> Tensor:
+        """u₀: the warm start f_θ(x), with 0 for images the start guard sends back (if it is on)."""
+        return self.warm_start(x, grad=grad).states
 
     # -- persistence ----------------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:
@@ -115,6 +139,7 @@ class WarpLCA(nn.Module):
             "predictor": {"config": self.predictor.config(), "state_dict": state},
             "lca": self.lca.settings(),
             "normalization": None if self.normalization is None else self.normalization.to_dict(),
+            "start_guard": self.start_guard,
         }
 
     def save(self, path: str | os.PathLike, **meta: Any) -> Path:
@@ -134,11 +159,10 @@ class WarpLCA(nn.Module):
             lca = LCA(dictionary, **payload["lca"])
             norm = payload.get("normalization")
             normalization = None if norm is None else Normalization.from_dict(norm)
+            start_guard = payload.get("start_guard", True)  # bundles older than the option: on
+            model = cls(dictionary, predictor, lca, normalization, start_guard=start_guard)
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: inconsistent {FORMAT} artifact: {exc}") from exc
-        model = cls(dictionary, predictor, lca, normalization)
         model.meta = dict(payload.get("meta") or {})
         return model.to(map_location)
 
-    def extra_repr(self) -> str:
-        return f"lca={self.lca!r}, normalization={self.normalization!r}"

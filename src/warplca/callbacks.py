@@ -11,18 +11,28 @@
   #21264): at the end of a training epoch the bar, on rank 0 only, computes the epoch values of metrics
   logged with ``sync_dist=True`` — a collective the other ranks never join. This callback computes them
   on every rank first, so the bar reads cached values.
+- :class:`RequeueCheckpoint` — on ``SIGUSR2`` (what submitit, hence ``hydra/launcher=slurm``, has SLURM
+  send ``signal_delay_s`` before the time limit) writes the running stage's ``last.ckpt`` after the
+  current training step, then hands over to the requeue (submitit's handler, else ``scontrol requeue``)
+  and exits, so the requeued job resumes from that step.
 
-:func:`ensure_default_callbacks` adds a :class:`NonFiniteGuard` and a :class:`SyncEpochMetrics` to a
-callback list that lacks them (the run context does this for every stage, so ``callbacks=none`` cannot
-switch them off).
+:func:`ensure_default_callbacks` adds a :class:`NonFiniteGuard`, a :class:`SyncEpochMetrics` and a
+:class:`RequeueCheckpoint` to a callback list that lacks them (the run context does this for every
+stage, so ``callbacks=none`` cannot switch them off).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
+import re
+import signal
+import subprocess
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +43,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelsLast", "NonFiniteBatchError", "NonFiniteGuard", "RNGState", "SyncEpochMetrics",
-           "ensure_default_callbacks", "first_nonfinite"]
+__all__ = ["ChannelsLast", "NonFiniteBatchError", "NonFiniteGuard", "RNGState", "RequeueCheckpoint",
+           "RequeueExit", "SyncEpochMetrics", "ensure_default_callbacks", "first_nonfinite"]
 
 #: the step methods the guard can skip (``predict_step`` is never skipped: a cache must be complete)
 _STEPS = {"train": "training_step", "val": "validation_step", "test": "test_step"}
@@ -235,13 +245,184 @@ def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
 
 
 def ensure_default_callbacks(callbacks: list[Callback], skip_nonfinite: bool = False) -> list[Callback]:
-    """``callbacks`` plus a :class:`NonFiniteGuard` (mode ``skip_nonfinite``) and a
-    :class:`SyncEpochMetrics` where it has none (in place; returned for convenience)."""
+    """``callbacks`` plus a :class:`NonFiniteGuard` (mode ``skip_nonfinite``), a :class:`SyncEpochMetrics`
+    and a :class:`RequeueCheckpoint` where it has none (in place; returned for convenience)."""
     if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
         callbacks.append(NonFiniteGuard(skip=skip_nonfinite))
     if not any(isinstance(c, SyncEpochMetrics) for c in callbacks):
         callbacks.append(SyncEpochMetrics())
+    if not any(isinstance(c, RequeueCheckpoint) for c in callbacks):
+        callbacks.append(RequeueCheckpoint())
     return callbacks
+
+
+class RequeueExit(SystemExit):
+    """Raised after :class:`RequeueCheckpoint` saved ``last.ckpt`` on its signal: the process ends (exit
+    status ``128 + signal number``, the shell's convention for "stopped by that signal") without writing
+    the stage's artifacts, and without a ``FAILED`` marker — the job was interrupted, not broken."""
+
+
+def _as_signal(value: str | int | signal.Signals) -> signal.Signals:
+    if isinstance(value, signal.Signals):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return signal.Signals(value)
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if hasattr(signal, name):
+            return signal.Signals(getattr(signal, name))
+    raise ValueError(f"signal must be a signal name (USR2, SIGUSR2) or number, got {value!r}")
+
+
+class RequeueCheckpoint(Callback):
+    """Save the running stage's ``last.ckpt`` when the scheduler's warning signal arrives, then requeue.
+
+    ``hydra/launcher=slurm`` (submitit) submits every job with ``--signal=USR2@<signal_delay_s>``: SLURM
+    sends ``SIGUSR2`` that long before the time limit (and on preemption), and submitit's own handler
+    requeues the job and exits at once — without a checkpoint of the step the run is at. While a
+    ``Trainer.fit`` runs, this callback replaces that handler: the signal only sets a flag; at the end of
+    the current training batch (all DDP ranks decide together: one tiny all-reduce per batch) it writes
+    ``<ModelCheckpoint dirpath>/last.ckpt`` — ``checkpoints/<stage>/…``, what the stage resumes from —
+    then calls the handler it replaced (submitit: ``scontrol requeue`` and exit on rank 0). Without such a
+    handler it runs ``scontrol requeue $SLURM_JOB_ID`` itself when ``requeue`` is set and the process
+    runs in a SLURM job. Either way the process then ends with :class:`RequeueExit`, so no stage goes on
+    to write artifacts of a half-trained model; the requeued job (the same command in the same job
+    directory) skips finished stages and resumes this one from the saved step. Outside SLURM, ``kill
+    -USR2 <pid>`` is a clean "checkpoint and stop": rerun the command to continue.
+
+    The handler is in place from the start to the end of the training loop (``on_train_start`` →
+    ``teardown``). Outside it (set-up, evaluation, target caches, study stages) the previous handler
+    acts: submitit requeues at once, and the stage restarts from its last checkpoint or its own
+    resumable state.
+
+    Args:
+        signal: the signal to act on (name or number); ``None`` disables the callback.
+        requeue: without a previous Python handler, run ``scontrol requeue`` on global rank 0 of a SLURM
+            job (``SLURM_JOB_ID`` set).
+    """
+
+    def __init__(self, signal: str | int | None = "SIGUSR2", requeue: bool = True) -> None:
+        self.signum = None if signal is None else _as_signal(signal)
+        self.requeue = bool(requeue)
+        self.received = False
+        self.saved: Path | None = None
+        self._previous: Any = None
+        self._installed = False
+        self._frame: Any = None
+
+    # -- the handler ----------------------------------------------------------------------------
+    def _install(self) -> None:
+        main = threading.current_thread() is threading.main_thread()  # Python handles signals there only
+        if self.signum is None or self._installed or not main:
+            return
+        self._previous = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._on_signal)
+        self._installed = True
+        self.received = False
+
+    def _restore(self) -> None:
+        if not self._installed:
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False
+        self._previous = None  # no handler or frame kept: the callback stays picklable (ddp_spawn)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = True
+        self._frame = frame
+        log.warning("received %s: saving last.ckpt after the current training step, then requeueing",
+                    signal.Signals(signum).name)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not in ``setup``: Lightning records every signal handler after ``setup`` and puts them back
+        # when the fit ends (also on an exception), which would leave this one installed
+        self._install()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        previous, received = self._previous, self._installed and self.received
+        self._restore()
+        if received:  # arrived after the last training batch, too late for on_train_end: hand over now
+            self._hand_over(previous, trainer.global_rank)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
+
+    def _decided(self, trainer: pl.Trainer) -> bool:
+        stop = self.received
+        if trainer.world_size > 1:  # ranks get the signal at slightly different times: decide together
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        return stop
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._installed and self._decided(trainer):
+            self._checkpoint_and_exit(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # during the last validation: training is complete, but the stage must not go on to its artifacts
+        if self._installed and self._decided(trainer):
+            self._checkpoint_and_exit(trainer)
+
+    # -- checkpoint, requeue, exit --------------------------------------------------------------
+    def checkpoint_path(self, trainer: pl.Trainer) -> Path | None:
+        """``<dirpath>/last.ckpt`` of the trainer's first ModelCheckpoint with a directory (None if none)."""
+        for cb in trainer.checkpoint_callbacks:
+            dirpath = getattr(cb, "dirpath", None)
+            if dirpath:
+                name = getattr(cb, "CHECKPOINT_NAME_LAST", "last") + getattr(cb, "FILE_EXTENSION", ".ckpt")
+                return Path(dirpath) / name
+        return None
+
+    def _checkpoint_and_exit(self, trainer: pl.Trainer) -> None:
+        signum = int(self.signum) if self.signum is not None else 0
+        path = self.checkpoint_path(trainer)
+        if path is None:
+            log.warning("%s: the trainer has no ModelCheckpoint with a directory; nothing saved",
+                        signal.Signals(signum).name)
+        else:
+            trainer.save_checkpoint(path)  # every rank takes part; global rank 0 writes
+            self.saved = path
+            log.warning("saved %s at epoch %d, step %d", path, trainer.current_epoch, trainer.global_step)
+        previous = self._previous
+        self._restore()
+        self._hand_over(previous, trainer.global_rank)
+
+    def _hand_over(self, previous: Any, global_rank: int) -> None:
+        """Requeue through the replaced handler (or ``scontrol``), then end the process."""
+        signum = int(self.signum) if self.signum is not None else 0
+        self.received = False
+        frame, self._frame = self._frame, None
+        if callable(previous):  # submitit: requeue (rank 0) and exit; its other ranks return
+            previous(signum, frame)
+        elif self.requeue:
+            _slurm_requeue(global_rank)
+        raise RequeueExit(128 + signum)
+
+
+def _slurm_requeue(global_rank: int) -> None:
+    """``scontrol requeue <job>`` on global rank 0 of a SLURM job (a warning if it fails); else nothing."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if global_rank != 0 or not job:
+        return
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        job = f"{array_job}_{array_task}"
+    if not re.fullmatch(r"[0-9_]+", job):
+        log.warning("not requeueing: unexpected SLURM job id %r", job)
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
+    except OSError as exc:
+        log.warning("could not requeue SLURM job %s: %s", job, exc)
+        return
+    if result.returncode == 0:
+        log.warning("requeued SLURM job %s", job)
+    else:
+        log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
 
 
 class SyncEpochMetrics(Callback):

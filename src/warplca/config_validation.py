@@ -20,10 +20,11 @@ by ``dictionary_path``/``warp_path``/``run_dir``); nothing is instantiated but s
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "16-mix
 ACCELERATOR_ALIASES = ("auto", "gpu")
 #: strategies that re-launch the script once per rank (``trainer.strategy``)
 SCRIPT_STRATEGIES = ("ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true")
+#: config nodes a misplaced key is looked up in, to say where it belongs
+HOME_NODES = ("lca", "loss", "predictor", "dictionary", "norm", "data", "targets", "study",
+              "model.dictionary", "model.warp", "model.classify", "trainer")
 
 
 class ConfigError(ValueError):
@@ -228,10 +232,43 @@ class _Checker:
         if unknown:
             self.note(key, f"unknown {what} config keys {unknown}; known: {sorted(set(allowed))}")
 
+    def suggestion(self, key: str, leaf: str, allowed: Iterable[str]) -> str:
+        """Where an unknown key ``<key>.<leaf>`` may belong: a close known key of ``key`` (a typo), else
+        the other config nodes that have a key of that name (a misplaced key); "" when neither."""
+        close = difflib.get_close_matches(leaf, sorted(set(allowed)), n=1, cutoff=0.75)
+        if close:
+            return f"; did you mean {key}.{close[0]}?"
+        homes = []
+        for home in HOME_NODES:
+            if home == key:
+                continue
+            node = OmegaConf.select(self.cfg, home, default=None, throw_on_resolution_failure=False)
+            if isinstance(node, DictConfig) and leaf in node:
+                homes.append(f"{home}.{leaf}")
+        return f"; it belongs to {' or '.join(homes)}" if homes else ""
+
+    def yaml_keys(self, key: str, defaults: Mapping[str, Any], free: Iterable[str] = ()) -> None:
+        """Refuse, one problem per key, the keys of the node ``key`` (and of its sub-mappings) that its
+        YAML defaults ``defaults`` do not have; ``free`` names sub-mappings whose keys are open."""
+        node = self.node(key)
+        if node is None:
+            return
+        free = tuple(free)
+        for k in node:
+            k = str(k)
+            sub = f"{key}.{k}"
+            if k not in defaults:
+                self.note(sub, f"unknown key in {key}; known: {sorted(defaults)}"
+                               + self.suggestion(key, k, defaults))
+            elif isinstance(defaults[k], Mapping) and sub not in free:
+                self.yaml_keys(sub, defaults[k], free)
+
     def target_keys(self, key: str, provided: Iterable[str] = (), extra: Iterable[str] = (),
-                    base: type | None = None) -> type | Callable[..., Any] | None:
+                    base: type | None = None,
+                    hints: Mapping[str, str] | None = None) -> type | Callable[..., Any] | None:
         """Import ``<key>._target_`` and refuse keys its signature does not take (minus ``provided``,
-        which the code passes itself, plus ``extra`` keys the stage reads)."""
+        which the code passes itself, plus ``extra`` keys the stage reads). ``hints`` says, per provided
+        key, where it is configured instead."""
         node = self.node(key)
         if node is None or "_target_" not in node:
             return None
@@ -252,13 +289,17 @@ class _Checker:
             return obj
         allowed = (names | set(extra) | {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
         taken_by_code = set(provided)
+        hints = dict(hints or {})
         for k in node:
             k = str(k)
-            if k in taken_by_code:
+            if k in hints:
+                self.bad(f"{key}.{k}", node.get(k), f"does not belong under {key}: {hints[k]}")
+            elif k in taken_by_code:
                 self.note(f"{key}.{k}", "is set by the pipeline itself; remove it from the config")
             elif k not in allowed:
                 known = sorted((names | set(extra)) - taken_by_code)
-                self.note(f"{key}.{k}", f"unknown key for {_name(obj)}; known: {known}")
+                self.note(f"{key}.{k}", f"unknown key for {_name(obj)}; known: {known}"
+                                        + self.suggestion(key, k, known))
         return obj
 
 
@@ -309,7 +350,6 @@ def _check_data(c: _Checker, key: str = "data") -> None:
         c.integer(f"{key}.{n}", 1)
     c.integer(f"{key}.seed", 0)
     c.integer(f"{key}.split_seed", 0)
-    c.number(f"{key}.norm_scale", 0, strict=True)
     c.number(f"{key}.scale", 0, strict=True)
     c.number(f"{key}.min_std", 0)
     c.number(f"{key}.val_fraction", 0, strict=True, maximum=1, max_strict=True)
@@ -317,6 +357,21 @@ def _check_data(c: _Checker, key: str = "data") -> None:
         c.boolean(f"{key}.{b}")
     if c.get(f"{key}.grayscale") is True and c.get(f"{key}.rgb") is True:
         c.note(f"{key}.rgb", "rgb=true and grayscale=true contradict each other; choose one")
+
+
+def _check_norm(c: _Checker) -> None:
+    from warplca.data.normalization import KINDS
+
+    if c.node("norm") is None:
+        if c.has("norm") and c.get("norm") not in (None, _MISSING):
+            c.bad("norm", c.get("norm"), f"must be a normalisation config (norm=<{'|'.join(KINDS)}>)")
+        return
+    c.keys("norm", ("kind", "scale", "lowpass_lambda", "lowpass_pad", "eps"), "norm")
+    c.choice("norm.kind", KINDS, what="normalisation")
+    c.number("norm.scale", 0, strict=True, optional=True)
+    c.number("norm.lowpass_lambda", 0, strict=True, optional=True)
+    c.integer("norm.lowpass_pad", 0, optional=True)
+    c.number("norm.eps", 0, strict=True, optional=True)
 
 
 def data_channels(cfg: DictConfig, key: str = "data") -> int | None:
@@ -519,6 +574,10 @@ def _check_model_dictionary(c: _Checker) -> None:
     c.integer(f"{key}.n_log_images", 0)
     c.number(f"{key}.coherence_weight", 0, why="β of the coherence penalty")
     c.number(f"{key}.coherence_target", 0, why="the ‖Φ‖²_op below which the penalty is zero")
+    c.integer(f"{key}.resample_every", 0, why="training steps between dead-atom checks (0: never)")
+    for name in ("resample_fraction", "resample_until", "min_lr_ratio"):
+        c.number(f"{key}.{name}", 0, maximum=1)
+    c.choice(f"{key}.lr_schedule", ("cosine", "constant"), what="learning-rate schedule")
     _check_trainer(c, f"{key}.trainer")
 
 
@@ -526,10 +585,9 @@ def _check_model_warp(c: _Checker) -> None:
     key = "model.warp"
     if c.node(key) is None:
         return
-    from warplca.tasks.predictor_fit import DATA_KEYS
+    from warplca.tasks.predictor_fit import DATA_KEYS, PIPELINE_KEYS
 
-    c.target_keys(key, provided=("dictionary", "lca_settings", "normalization"),
-                  extra=(*DATA_KEYS, "predictor", "loss", "gamma"))
+    c.target_keys(key, provided=PIPELINE_KEYS, extra=DATA_KEYS, hints=PIPELINE_KEYS)
     c.number(f"{key}.lr", 0, strict=True)
     c.number(f"{key}.weight_decay", 0)
     c.choice(f"{key}.scheduler", ("cosine", "none"), optional=True, what="scheduler")
@@ -617,10 +675,10 @@ def _check_loss(c: _Checker) -> None:
 def _check_targets(c: _Checker) -> None:
     if c.node("targets") is None:
         return
+    from warplca.config_defaults import primary_defaults
     from warplca.data.datamodule import SPLITS
-    from warplca.tasks.stage_targets import DEFAULTS
 
-    c.keys("targets", DEFAULTS, "targets")
+    c.yaml_keys("targets", primary_defaults("targets"))
     c.integer("targets.iters", 1, why="target_iters: cold-LCA steps per target")
     splits = c.sequence("targets.splits")
     if splits is not None and (any(s not in SPLITS for s in splits) or "train" not in splits):
@@ -629,16 +687,22 @@ def _check_targets(c: _Checker) -> None:
     c.integer("targets.chunk_size", 1)
     c.integer("targets.limit", 1, optional=True)
     c.integer("targets.num_workers", 0)
+    c.choice("targets.solver", ("cold", "continuation"), optional=True, what="target solver")
+    c.mapping("targets.continuation")
+    c.number("targets.continuation.start_factor", 1, why="the first stage's λ factor")
+    c.integer("targets.continuation.stages", 1)
+    c.number("targets.continuation.anneal_frac", 0, maximum=1)
 
 
 def _check_study(c: _Checker) -> None:
     if c.node("study") is None:
         return
+    from warplca.config_defaults import primary_defaults
     from warplca.data.datamodule import SPLITS
     from warplca.losses import LOSSES
-    from warplca.tasks.study import DEFAULTS, INPUTS
+    from warplca.tasks.predictor_fit import INPUTS
 
-    c.keys("study", DEFAULTS, "study")
+    c.yaml_keys("study", primary_defaults("study"))
     c.choice("study.split", SPLITS, what="split")
     c.integer("study.n_images", 1, optional=True)
     c.integer("study.iters", 1, optional=True)
@@ -648,15 +712,21 @@ def _check_study(c: _Checker) -> None:
         if values is not None and (not values or any(str(v) not in allowed for v in values)):
             c.bad(key, values, f"must be a non-empty list from {list(allowed)}")
     if c.node("study.ablation") is not None:
-        c.keys("study.ablation", DEFAULTS["ablation"], "study.ablation")
         c.integer("study.ablation.epochs", 1, optional=True)
     if c.node("study.learning_curve") is not None:
-        c.keys("study.learning_curve", DEFAULTS["learning_curve"], "study.learning_curve")
         for key in ("study.learning_curve.sizes", "study.learning_curve.epochs", "study.budgets"):
             values = c.sequence(key)
             if values is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                               for v in values):
                 c.bad(key, values, "must be a list of positive integers")
+
+
+def _check_eval_keys(c: _Checker) -> None:
+    """The ``eval`` node (evaluate, and the report stage of a train config) has only keys the
+    ``conf/eval`` options set (``eval.thresholds.runs`` is open: threshold name -> run)."""
+    from warplca.config_defaults import option_defaults
+
+    c.yaml_keys("eval", option_defaults("eval", "all"), free=("eval.thresholds.runs",))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -801,6 +871,7 @@ def check_train_config(cfg: DictConfig) -> list[tuple[str, str]]:
     if om not in (None, _MISSING) and not isinstance(om, str):
         c.bad("optimized_metric", om, "must be a metric name such as warp/val/state_r2 (or null)")
     _check_data(c)
+    _check_norm(c)
     _check_dictionary(c)
     _check_lca(c)
     _check_model_dictionary(c)
@@ -810,6 +881,7 @@ def check_train_config(cfg: DictConfig) -> list[tuple[str, str]]:
     _check_loss(c)
     _check_targets(c)
     _check_study(c)
+    _check_eval_keys(c)
     _check_trainer(c, "trainer", multirun=_multirun())
     _check_group_of_targets(c, "logger", "loggers")
     _check_group_of_targets(c, "callbacks", "callbacks")
@@ -841,8 +913,9 @@ def check_eval_config(cfg: DictConfig) -> list[tuple[str, str]]:
     if bundle not in (None, "", _MISSING) and Path(str(bundle)).expanduser().is_file():
         _load_bundle_dictionary(c, "bundle", Path(str(bundle)).expanduser())
     if not sweep:
-        from warplca.tasks.evaluate import MODES
+        from warplca.evaluation.experiments import MODES
 
+        _check_eval_keys(c)
         modes = c.sequence("eval.modes")
         if modes is not None and any(m not in MODES for m in modes):
             c.bad("eval.modes", modes,

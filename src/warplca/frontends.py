@@ -1,6 +1,6 @@
 """Frozen front ends for downstream classification: [0, 1] images → features a classifier learns on.
 
-Three kinds, compared by the noisy-classification experiment (PAPER.md claim 6):
+Three kinds, compared by the noisy-classification experiment (README, "Noisy classification"):
 
 - ``pixels``   (:class:`PixelFrontEnd`):   the normalised pixels ``(images − mean_c) / scale``.
 - ``lca``      (:class:`LCAFrontEnd`):     sparse codes ``a`` of cold-started LCA after ``iters`` steps.

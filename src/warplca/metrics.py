@@ -4,7 +4,7 @@ All of them are :class:`torchmetrics.Metric` objects with ``dist_reduce_fx="sum"
 accumulate over batches and synchronise across DDP ranks by themselves (log the metric object, or
 call :meth:`compute`, once per epoch). Use one object per stage (train / val / test).
 
-Conventions (see DESIGN.md §2):
+Conventions (README, "The maths"; docs/architecture.md, "Conventions"):
 
 - PSNR and SSIM compare reconstructions and clean images on the **[0, 1] pixel scale** (undo the
   normalisation and clamp first) with ``data_range=1.0`` passed explicitly. PSNR is the mean over

@@ -1,13 +1,21 @@
 """Process-level facts a task needs: its job directory, its rank, whether it runs inside a sweep, and
 how a failed sweep job is recorded.
 
-Hydra's basic launcher stops a multirun at the first exception, losing every job after it. The task
-wrapper (:func:`warplca.tasks.utils.task_wrapper`) therefore catches a job's exception when the job is
-part of a multirun, logs it, writes a ``FAILED`` marker into the job directory (:func:`record_failure`:
-the error on the first line, then the traceback) and returns :data:`FAILED_METRICS`, so the sweep goes
-on and the optimised metric of that job is NaN. ``python evaluate.py sweep_dir=…`` lists such a job as
-a failed row. A single run (no ``-m``) re-raises as usual (non-zero exit); ``+fail_fast=true`` makes a
-sweep stop at its first failure too.
+What Hydra 1.3 does with a failing multirun job on its own: the basic launcher runs the jobs one
+after the other in this process, and its ``run_job`` catches the job's ``Exception`` into the job's
+result, so the other jobs of the batch still run; then the basic sweeper reads every result of the
+batch, which re-raises the first failure: the multirun ends with that job's error and a non-zero exit
+status, and with ``hydra.sweeper.max_batch_size`` set the batches after the failing one never start.
+Anything that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) or a killed process
+stops the sweep at once.
+
+The task wrapper (:func:`warplca.tasks.utils.task_wrapper`) therefore catches a job's exception when
+the job is part of a multirun, logs it, writes a ``FAILED`` marker into the job directory
+(:func:`record_failure`: the error on the first line, then the traceback) and returns
+:data:`FAILED_METRICS`: every job and batch runs, the multirun exits 0, and the optimised metric of that
+job is NaN (a failed trial for Optuna). ``python evaluate.py sweep_dir=…`` lists such a job as a failed
+row. A single run (no ``-m``) re-raises as usual (non-zero exit); ``+fail_fast=true`` makes a sweep
+re-raise too, and then Hydra behaves as above.
 """
 
 from __future__ import annotations

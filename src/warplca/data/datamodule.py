@@ -26,6 +26,7 @@ __all__ = [
     "SPLITS",
     "ArrayImageDataset",
     "DatasetNotFoundError",
+    "FlipRotateDataset",
     "ImageDataModule",
     "RandomCropDataset",
     "check_files",
@@ -169,6 +170,27 @@ class RandomCropDataset(Dataset):
         return x[..., top : top + c, left : left + c], y
 
 
+class FlipRotateDataset(Dataset):
+    """Training augmentation: random horizontal flip and/or rotation by a multiple of 90° (square items).
+
+    Uses the global torch RNG, like :class:`RandomCropDataset`.
+    """
+
+    def __init__(self, base: Dataset, flip: bool = True, rot90: bool = True) -> None:
+        self.base, self.flip, self.rot90 = base, bool(flip), bool(rot90)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x, y = self.base[i]
+        if self.flip and bool(torch.randint(0, 2, ()).item()):
+            x = x.flip(-1)
+        if self.rot90 and x.shape[-1] == x.shape[-2]:
+            x = torch.rot90(x, int(torch.randint(0, 4, ()).item()), dims=(-2, -1))
+        return x.contiguous(), y
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -197,7 +219,6 @@ class ImageDataModule(pl.LightningDataModule):
         grayscale: bool = False,
         crop_size: int | None = None,
         seed: int = 0,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -205,9 +226,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self.crop_size = None if crop_size is None else _check_int("crop_size", crop_size, 1)
         self.seed = _check_int("seed", seed, 0)
-        if not float(norm_scale) > 0:
-            raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
-        self.norm_scale = float(norm_scale)
+        self._norm_options: dict[str, Any] = {}
         self.grayscale = bool(grayscale)
         self.pin_memory = bool(pin_memory)
         self._splits: dict[str, Dataset] = {}
@@ -302,9 +321,18 @@ class ImageDataModule(pl.LightningDataModule):
             labels.append(y)
         return torch.cat(images), torch.cat(labels).to(torch.int64)
 
+    def configure_normalization(self, kind: str = "dataset_mean", **options: Any) -> None:
+        """Choose the normalisation (``norm`` config group: kind, scale, lowpass_lambda, …).
+
+        Validated at once; the train split's channel means are computed lazily by :attr:`normalization`.
+        """
+        Normalization(mean=(0.0,) * self.channels, kind=kind, **options)  # a bad option fails here
+        self._norm_options = {"kind": kind, **options}
+        self._normalization = None
+
     @property
     def normalization(self) -> Normalization:
-        """Per-channel mean of the (un-augmented) train split, scale ``norm_scale``; computed once."""
+        """The configured normalisation with the (un-augmented) train split's channel means; computed once."""
         if self._normalization is None:
             ds = self.split_dataset("train")
             total: Tensor | None = None
@@ -314,7 +342,7 @@ class ImageDataModule(pl.LightningDataModule):
                 total = s if total is None else total + s
                 count += x.shape[0] * x.shape[2] * x.shape[3]
             assert total is not None
-            self._normalization = Normalization(mean=tuple((total / count).tolist()), scale=self.norm_scale)
+            self._normalization = Normalization(mean=tuple((total / count).tolist()), **self._norm_options)
         return self._normalization
 
     def __repr__(self) -> str:

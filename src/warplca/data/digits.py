@@ -55,7 +55,6 @@ class DigitsDataModule(ImageDataModule):
         rgb: bool = False,
         image_size: int = 32,
         split_seed: int = 0,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
     ) -> None:
         if rgb and grayscale:
@@ -66,7 +65,6 @@ class DigitsDataModule(ImageDataModule):
             grayscale=grayscale,
             crop_size=crop_size,
             seed=seed,
-            norm_scale=norm_scale,
             pin_memory=pin_memory,
         )
         self.rgb = bool(rgb)

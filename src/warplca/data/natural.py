@@ -1,34 +1,41 @@
-"""``natural``: deterministic random crops of the colour photos bundled with scikit-image (offline default).
+"""``natural``: deterministic random crops of the photos bundled with scikit-image (offline default).
 
 The photos are split **by source image**, so validation/test crops come from scenes the dictionary and
 the predictor never saw. Only photos that scikit-image ships inside its wheel are used (the ones behind
-``pooch`` downloads — ``lily``, ``eagle``, ``kidney``, … — are not), and synthetic images (``logo``,
-``colorwheel``) and the ``cat`` alias of ``chelsea`` are left out.
+``pooch`` downloads — ``lily``, ``eagle``, ``kidney``, … — are not). The colour photos of natural scenes
+in the wheel are six; the microscopy, astronomy and retina images and the synthetic ones (``logo``,
+``colorwheel``) are not natural scenes and are not used.
 
-Split (fixed; the two stereo views of the motorcycle scene stay together in train):
+Default split (``sources`` in ``conf/data/natural.yaml``; the two stereo views of the motorcycle scene
+stay together in train):
 
 =======  ==============================================================================================
-train    astronaut, hubble_deep_field, immunohistochemistry, retina, motorcycle_left, motorcycle_right
+train    astronaut, motorcycle_left, motorcycle_right
 val      chelsea
 test     coffee, rocket
+gray     + camera, brick, grass, gravel, moon, coins, clock_motion in train (``grayscale=true`` only)
 =======  ==============================================================================================
+
+Training crops may come from several scales of each photo (``scale_jitter``: multipliers of ``scale``,
+a fixed part of the train split, so cached targets stay aligned with it) and may be flipped and rotated
+by multiples of 90° on the fly (``flip``, ``rot90``: train loader only).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from warplca.data.datamodule import SPLITS, ImageDataModule, _check_int, luminance
+from warplca.data.datamodule import SPLITS, FlipRotateDataset, ImageDataModule, _check_int, luminance
 
-__all__ = ["NaturalCrops", "NaturalDataModule", "load_photo"]
+__all__ = ["DEFAULT_SOURCES", "GRAY_SOURCES", "NaturalCrops", "NaturalDataModule", "load_photo"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,16 @@ def _skimage(name: str, index: int | None = None) -> Callable[[], np.ndarray]:
     return load
 
 
-#: photo name -> loader returning an (H, W, 3) uint8 array from scikit-image's bundled files
+#: photo name -> loader returning an (H, W, 3) or (H, W) uint8 array from scikit-image's bundled files
 _LOADERS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": _skimage("astronaut"),
+    "camera": _skimage("camera"),
+    "brick": _skimage("brick"),
+    "grass": _skimage("grass"),
+    "gravel": _skimage("gravel"),
+    "moon": _skimage("moon"),
+    "coins": _skimage("coins"),
+    "clock_motion": _skimage("clock"),
     "hubble_deep_field": _skimage("hubble_deep_field"),
     "immunohistochemistry": _skimage("immunohistochemistry"),
     "retina": _skimage("retina"),
@@ -75,6 +89,8 @@ def load_photo(name: str, scale: float = 1.0) -> Tensor:
         raise RuntimeError(
             f"could not load scikit-image's bundled photo {name!r} (scikit-image data files missing?): {exc}"
         ) from exc
+    if arr.ndim == 2:  # a grayscale photo: three equal channels (its luminance is itself)
+        arr = np.repeat(arr[..., None], 3, axis=-1)
     x = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).to(torch.float32) / 255.0
     if scale != 1.0:
         x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
@@ -83,15 +99,16 @@ def load_photo(name: str, scale: float = 1.0) -> Tensor:
 
 
 class NaturalCrops(Dataset):
-    """Fixed crops ``(source, top, left)`` of cached photos; items are ``(crop, -1)``."""
+    """Fixed crops ``(source, top, left)`` of cached photos; items are ``(crop, -1)``.
 
-    def __init__(
-        self, sources: list[str], positions: Tensor, crop_size: int, scale: float, grayscale: bool
-    ) -> None:
+    ``sources`` are ``(photo, scale)`` pairs; a position's first entry indexes them.
+    """
+
+    def __init__(self, sources: list[tuple[str, float]], positions: Tensor, crop_size: int,
+                 grayscale: bool) -> None:
         self.sources = list(sources)
         self.positions = positions  # (N, 3) int64: source index, top, left
         self.crop_size = crop_size
-        self.scale = scale
         self.grayscale = grayscale
 
     def __len__(self) -> int:
@@ -100,38 +117,36 @@ class NaturalCrops(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         s, top, left = (int(v) for v in self.positions[i])
         c = self.crop_size
-        x = load_photo(self.sources[s], self.scale)[:, top : top + c, left : left + c].clone()
+        x = load_photo(*self.sources[s])[:, top : top + c, left : left + c].clone()
         return (luminance(x) if self.grayscale else x), -1
 
 
-class NaturalDataModule(ImageDataModule):
-    """Random ``crop_size`` crops (default 32x32 RGB) of scikit-image's bundled colour photos.
+#: the default split by photo (``sources`` in conf/data/natural.yaml); no photo appears in two splits
+DEFAULT_SOURCES: dict[str, list[str]] = {
+    "train": ["astronaut", "motorcycle_left", "motorcycle_right"],
+    "val": ["chelsea"],
+    "test": ["coffee", "rocket"],
+}
+#: grayscale photos of natural scenes added to the train split when ``grayscale=true``
+GRAY_SOURCES: list[str] = ["camera", "brick", "grass", "gravel", "moon", "coins", "clock_motion"]
 
-    Every split draws the same number of crops from each of its photos (round robin), at positions from
-    ``torch.Generator().manual_seed(seed + split_offset)``; crops whose pixel std is below ``min_std``
-    (e.g. the black border of ``retina``) are redrawn. The same arguments therefore give bit-identical
+
+class NaturalDataModule(ImageDataModule):
+    """Random ``crop_size`` crops (default 32x32 RGB) of scikit-image's bundled photos, split by photo.
+
+    Every split draws the same number of crops from each of its (photo, scale) sources (round robin), at
+    positions from ``torch.Generator().manual_seed(seed + split_offset)``; crops whose pixel std is below
+    ``min_std`` (flat sky, black borders) are redrawn. The same arguments therefore give bit-identical
     data. ``scale`` downscales the photos before cropping (0.5: crops hold edges and texture rather than
-    flat patches). ``crop_size`` may go up to the smallest photo of a split (OOD tests use 64/96).
+    flat patches); ``scale_jitter`` adds training crops at ``scale × m`` for each multiplier ``m``.
+    ``flip`` and ``rot90`` randomly flip / rotate training crops on the fly (train loader only).
+    ``crop_size`` may go up to the smallest photo of a split (OOD tests use 64/96).
     """
 
     name = "natural"
     num_classes = None
     native_channels = 3
     crop_is_augmentation = False
-
-    #: split -> source photos; no photo appears in two splits
-    SOURCES: dict[str, list[str]] = {
-        "train": [
-            "astronaut",
-            "hubble_deep_field",
-            "immunohistochemistry",
-            "retina",
-            "motorcycle_left",
-            "motorcycle_right",
-        ],
-        "val": ["chelsea"],
-        "test": ["coffee", "rocket"],
-    }
 
     def __init__(
         self,
@@ -145,8 +160,12 @@ class NaturalDataModule(ImageDataModule):
         n_test: int = 256,
         scale: float = 0.5,
         min_std: float = 0.02,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
+        sources: Mapping[str, Sequence[str]] | None = None,
+        gray_sources: Sequence[str] | None = None,
+        scale_jitter: Sequence[float] = (1.0,),
+        flip: bool = False,
+        rot90: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -154,7 +173,6 @@ class NaturalDataModule(ImageDataModule):
             grayscale=grayscale,
             crop_size=32 if crop_size is None else crop_size,
             seed=seed,
-            norm_scale=norm_scale,
             pin_memory=pin_memory,
         )
         self.n = {
@@ -168,16 +186,50 @@ class NaturalDataModule(ImageDataModule):
         if not (0.0 <= float(min_std) < 0.5):
             raise ValueError(f"min_std must be in [0, 0.5), got {min_std!r}")
         self.min_std = float(min_std)
+        self.sources = self._check_sources(DEFAULT_SOURCES if sources is None else sources,
+                                           GRAY_SOURCES if gray_sources is None else gray_sources)
+        jitter = [float(m) for m in scale_jitter]
+        if not jitter or any(not (0.0 < m * self.scale <= 1.0) for m in jitter):
+            raise ValueError(f"scale_jitter must be a non-empty list of multipliers m with 0 < scale·m ≤ 1 "
+                             f"(scale={self.scale}), got {list(scale_jitter)}")
+        self.scale_jitter = jitter
+        self.flip, self.rot90 = bool(flip), bool(rot90)
+
+    def _check_sources(self, sources: Mapping[str, Sequence[str]],
+                       gray_sources: Sequence[str]) -> dict[str, list[str]]:
+        """The per-split photo lists (gray photos added to train in gray mode), validated."""
+        if set(sources) != set(SPLITS):
+            raise ValueError(f"sources must name the photos of each split {list(SPLITS)}, got keys "
+                             f"{sorted(sources)}")
+        out = {split: [str(p) for p in sources[split]] for split in SPLITS}
+        if self.grayscale:
+            out["train"] += [str(p) for p in gray_sources if str(p) not in out["train"]]
+        for split, photos in out.items():
+            if not photos:
+                raise ValueError(f"sources.{split} is empty")
+            unknown = sorted(set(photos) - set(_LOADERS))
+            if unknown:
+                raise ValueError(f"sources.{split}: unknown photos {unknown}; known: {sorted(_LOADERS)}")
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = sorted(set(out[a]) & set(out[b]))
+            if shared:
+                raise ValueError(f"photos {shared} are in both the {a} and the {b} split "
+                                 "(the split is by photo)")
+        return out
+
+    def _split_sources(self, split: str) -> list[tuple[str, float]]:
+        multipliers = self.scale_jitter if split == "train" else [1.0]
+        return [(photo, self.scale * m) for photo in self.sources[split] for m in multipliers]
 
     def _build_split(self, split: str) -> NaturalCrops:
         assert split in SPLITS
-        sources = self.SOURCES[split]
+        sources = self._split_sources(split)
         c = int(self.crop_size)  # type: ignore[arg-type]
-        photos = [load_photo(s, self.scale) for s in sources]
+        photos = [load_photo(name, sc) for name, sc in sources]
         smallest = min(min(p.shape[-2:]) for p in photos)
         if c > smallest:
             raise ValueError(
-                f"crop_size={c} is larger than the smallest '{split}' photo at scale={self.scale} "
+                f"crop_size={c} is larger than the smallest '{split}' photo at its scale "
                 f"({smallest} px); use a smaller crop_size or a larger scale"
             )
         n = self.n[split]
@@ -186,9 +238,16 @@ class NaturalDataModule(ImageDataModule):
         rows: list[Tensor] = []
         for k, (photo, want) in enumerate(zip(photos, counts, strict=True)):
             if want:
-                rows.append(self._draw(k, sources[k], photo, want, c, gen))
+                rows.append(self._draw(k, sources[k][0], photo, want, c, gen))
         positions = torch.cat(rows)
-        return NaturalCrops(sources, positions, c, self.scale, self.grayscale)
+        return NaturalCrops(sources, positions, c, self.grayscale)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training loader, randomly flipped/rotated when ``flip``/``rot90`` are on."""
+        ds: Dataset = self.split_dataset("train")
+        if self.flip or self.rot90:
+            ds = FlipRotateDataset(ds, flip=self.flip, rot90=self.rot90)
+        return self._loader(ds, shuffle=True)
 
     def _draw(self, k: int, source: str, photo: Tensor, want: int, c: int, gen: torch.Generator) -> Tensor:
         """``want`` crop positions in ``photo`` whose std >= min_std, drawn in batches from ``gen``."""

@@ -1,8 +1,26 @@
-"""Per-channel normalisation between [0, 1] pixels and the space LCA codes in.
+"""Normalisation between [0, 1] pixels and the space LCA codes in (the ``norm`` config group).
 
-LCA reconstructs ``x = (images - mean_c) / scale``: removing the channel mean keeps the dictionary from
-spending atoms on the DC level, and ``scale`` sets the dynamic range the threshold λ is measured in.
-PSNR/SSIM are always reported on the [0, 1] pixel scale, i.e. after :meth:`Normalization.invert`.
+Every option splits an image into a part kept *outside* the code (the ``base``, on the pixel scale) and
+the part LCA codes::
+
+    x = (images − base(images)) / gain(images)          apply
+    images ≈ x̂ · gain(images) + base(images)            invert (x̂ = Φa, the reconstruction)
+
+=================  ==========================================  =========================================
+kind               base (kept outside the code)                gain; what λ is measured in
+=================  ==========================================  =========================================
+``dataset_mean``   the train split's channel means (constant)  ``scale``; pixel units / scale
+``image_mean``     each image's own channel means              ``scale``; pixel units / scale
+``standardize``    each image's mean over all channels         (image std + eps)·``scale``; units of the
+                                                               image's own standard deviation (lca-pytorch)
+``lowpass``        a Tikhonov low-pass of the image            ``scale``; pixel units / scale, on the
+                   (sporco's convention, ``lowpass_lambda``)   high-pass detail only
+=================  ==========================================  =========================================
+
+The per-image options need the source images to undo the normalisation: :meth:`Normalization.invert`
+takes them (``images=``) and recomputes the base and gain from them, so nothing per-image has to be
+carried around. PSNR/SSIM are always reported on the [0, 1] pixel scale after :meth:`invert`; the base is
+free (it costs no active coefficient), which is why rate–distortion curves name the normalisation.
 """
 
 from __future__ import annotations
@@ -13,21 +31,56 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Normalization"]
+__all__ = ["KINDS", "Normalization", "tikhonov_lowpass"]
+
+#: the normalisation options (``norm.kind``)
+KINDS: tuple[str, ...] = ("dataset_mean", "image_mean", "standardize", "lowpass")
+_PER_IMAGE = frozenset({"image_mean", "standardize", "lowpass"})
+
+
+def tikhonov_lowpass(images: Tensor, lam: float, pad: int = 16) -> Tensor:
+    """argmin_l ½‖l − s‖² + (λ/2)(‖∂ₓl‖² + ‖∂ᵧl‖²) per channel, solved in the Fourier domain.
+
+    The image is reflect-padded by ``pad`` pixels first (less at small sizes) so the circular solve
+    does not wrap borders into each other — sporco's ``tikhonov_filter`` convention.
+    """
+    height, width = images.shape[-2:]
+    p = max(0, min(int(pad), height - 1, width - 1))
+    work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    padded = F.pad(work, (p, p, p, p), mode="reflect") if p else work
+    h, w = padded.shape[-2:]
+    wy = torch.fft.fftfreq(h, device=images.device, dtype=work.dtype) * (2 * math.pi)
+    wx = torch.fft.fftfreq(w, device=images.device, dtype=work.dtype) * (2 * math.pi)
+    denominator = 1 + lam * ((2 - 2 * torch.cos(wy))[:, None] + (2 - 2 * torch.cos(wx))[None, :])
+    low = torch.fft.ifft2(torch.fft.fft2(padded) / denominator).real
+    return low[..., p : p + height, p : p + width].to(images.dtype)
 
 
 @dataclass(frozen=True)
 class Normalization:
-    """Affine map ``x = (images - mean_c) / scale`` with one mean per channel.
+    """One of :data:`KINDS`, with the train split's channel means (which also fix the channel count).
 
-    ``mean`` is on the [0, 1] pixel scale; ``scale`` > 0 divides after the mean is removed.
+    Args:
+        mean: per-channel means of the train split, on the [0, 1] pixel scale (the base of
+            ``dataset_mean``; the other kinds keep it for the channel count and for reference).
+        scale: divides the centred image (all kinds).
+        kind: see the module docstring.
+        lowpass_lambda: λ of the Tikhonov low-pass (``lowpass``): larger keeps less outside the code.
+        lowpass_pad: reflect padding of the low-pass solve, in pixels.
+        eps: floor added to the per-image standard deviation (``standardize``), so flat images stay finite.
+
     Works on ``(C, H, W)`` or ``(B, C, H, W)`` tensors on any device and floating dtype.
     """
 
     mean: tuple[float, ...]
     scale: float = 1.0
+    kind: str = "dataset_mean"
+    lowpass_lambda: float = 5.0
+    lowpass_pad: int = 16
+    eps: float = 1e-2
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -38,15 +91,32 @@ class Normalization:
         scale = float(self.scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"Normalization.scale must be a finite number > 0, got {self.scale!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Normalization.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if not (math.isfinite(float(self.lowpass_lambda)) and float(self.lowpass_lambda) > 0):
+            raise ValueError(f"Normalization.lowpass_lambda must be > 0, got {self.lowpass_lambda!r}")
+        pad = self.lowpass_pad
+        if isinstance(pad, bool) or not isinstance(pad, (int, float)) or int(pad) != pad or pad < 0:
+            raise ValueError(f"Normalization.lowpass_pad must be an integer ≥ 0, got {self.lowpass_pad!r}")
+        if not (math.isfinite(float(self.eps)) and float(self.eps) > 0):
+            raise ValueError(f"Normalization.eps must be > 0, got {self.eps!r}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "lowpass_lambda", float(self.lowpass_lambda))
+        object.__setattr__(self, "lowpass_pad", int(self.lowpass_pad))
+        object.__setattr__(self, "eps", float(self.eps))
 
     @property
     def channels(self) -> int:
         """Number of channels this normalisation expects."""
         return len(self.mean)
 
-    def _mean_like(self, x: Tensor) -> Tensor:
+    @property
+    def per_image(self) -> bool:
+        """Whether undoing it needs the source images (every kind but ``dataset_mean``)."""
+        return self.kind in _PER_IMAGE
+
+    def _check(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
         if x.ndim not in (3, 4):
@@ -55,34 +125,71 @@ class Normalization:
             )
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point tensor, got dtype {x.dtype}")
-        got = x.shape[-3]
-        if got != self.channels:
-            raise ValueError(f"channel mismatch: expected {self.channels} channels, got {got}")
-        return torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        if x.shape[-3] != self.channels:
+            raise ValueError(f"channel mismatch: expected {self.channels} channels, got {x.shape[-3]}")
+
+    def base(self, images: Tensor) -> Tensor:
+        """The part of ``images`` kept outside the code, on the pixel scale (broadcastable to them)."""
+        self._check(images)
+        if self.kind == "dataset_mean":
+            return torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        if self.kind == "image_mean":
+            return images.mean(dim=(-2, -1), keepdim=True)
+        if self.kind == "standardize":
+            return images.mean(dim=(-3, -2, -1), keepdim=True)
+        return tikhonov_lowpass(images, self.lowpass_lambda, self.lowpass_pad)
+
+    def gain(self, images: Tensor) -> Tensor | float:
+        """What the centred image is divided by: ``scale``, times (std + eps) for ``standardize``."""
+        if self.kind != "standardize":
+            return self.scale
+        std = images.std(dim=(-3, -2, -1), keepdim=True, unbiased=False)
+        return (std + self.eps) * self.scale
 
     def apply(self, images: Tensor) -> Tensor:
-        """[0, 1] images -> normalised space: ``(images - mean_c) / scale``."""
-        return (images - self._mean_like(images)) / self.scale
+        """[0, 1] images -> normalised space: ``(images − base) / gain``."""
+        return (images - self.base(images)) / self.gain(images)
 
-    def invert(self, x: Tensor) -> Tensor:
-        """Normalised space -> pixel scale: ``x * scale + mean_c`` (not clamped)."""
-        return x * self.scale + self._mean_like(x)
+    def invert(self, x: Tensor, images: Tensor | None = None) -> Tensor:
+        """Normalised space -> pixel scale: ``x · gain + base`` (not clamped).
+
+        ``images`` are the pixels ``x`` was computed from (or that a reconstruction ``x`` stands for);
+        the per-image kinds recompute their base and gain from them and refuse to guess without.
+        """
+        if images is None:
+            if self.per_image:
+                raise ValueError(f"normalisation {self.kind!r} is per image: pass the source images "
+                                 f"(invert(x, images=...)) to undo it")
+            self._check(x)
+            return x * self.scale + self.base(x)
+        self._check(x)
+        if tuple(images.shape[-3:]) != tuple(x.shape[-3:]):
+            raise ValueError(f"invert: images of shape {tuple(images.shape)} do not match x of shape "
+                             f"{tuple(x.shape)}")
+        return x * self.gain(images) + self.base(images)
 
     __call__ = apply
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form for checkpoints, manifests and JSON."""
-        return {"mean": list(self.mean), "scale": self.scale}
+        return {"kind": self.kind, "mean": list(self.mean), "scale": self.scale,
+                "lowpass_lambda": self.lowpass_lambda, "lowpass_pad": self.lowpass_pad, "eps": self.eps}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Normalization:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; artifacts written before ``kind`` existed are ``dataset_mean``."""
         if "mean" not in d:
             raise ValueError(f"Normalization.from_dict needs a 'mean' key, got keys {sorted(d)}")
-        return cls(mean=tuple(d["mean"]), scale=float(d.get("scale", 1.0)))
+        unknown = set(d) - {"kind", "mean", "scale", "lowpass_lambda", "lowpass_pad", "eps"}
+        if unknown:
+            raise ValueError(f"Normalization.from_dict: unknown keys {sorted(unknown)}")
+        options = {k: d[k] for k in ("lowpass_lambda", "lowpass_pad", "eps") if k in d}
+        return cls(mean=tuple(d["mean"]), scale=float(d.get("scale", 1.0)),
+                   kind=str(d.get("kind", "dataset_mean")), **options)
 
     @classmethod
-    def fit(cls, images: Tensor, scale: float = 1.0) -> Normalization:
+    def fit(cls, images: Tensor, scale: float = 1.0, kind: str = "dataset_mean",
+            **options: Any) -> Normalization:
         """Per-channel mean of a ``(B, C, H, W)`` (or ``(C, H, W)``) tensor of [0, 1] images.
 
         Fit on the training split only, so that validation/test statistics never leak into the model.
@@ -96,7 +203,7 @@ class Normalization:
             raise ValueError("Normalization.fit got an empty tensor")
         x = images if images.ndim == 4 else images.unsqueeze(0)
         mean = x.detach().to(torch.float64).mean(dim=(0, 2, 3))
-        return cls(mean=tuple(mean.tolist()), scale=scale)
+        return cls(mean=tuple(mean.tolist()), scale=scale, kind=kind, **options)
 
     @classmethod
     def identity(cls, channels: int) -> Normalization:

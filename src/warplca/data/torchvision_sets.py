@@ -100,7 +100,6 @@ class _DiskDataModule(ImageDataModule):
         seed: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
     ) -> None:
         super().__init__(
@@ -109,7 +108,6 @@ class _DiskDataModule(ImageDataModule):
             grayscale=grayscale,
             crop_size=crop_size,
             seed=seed,
-            norm_scale=norm_scale,
             pin_memory=pin_memory,
         )
         self.data_dir = Path(data_dir).expanduser()
@@ -241,7 +239,6 @@ class PetsDataModule(_DiskDataModule):
         seed: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
         image_size: int = 64,
     ) -> None:
@@ -255,7 +252,6 @@ class PetsDataModule(_DiskDataModule):
             seed=seed,
             val_fraction=val_fraction,
             split_seed=split_seed,
-            norm_scale=norm_scale,
             pin_memory=pin_memory,
         )
         self.image_size = _check_int("image_size", image_size, 1)
@@ -331,7 +327,6 @@ class FolderDataModule(_DiskDataModule):
         seed: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        norm_scale: float = 1.0,
         pin_memory: bool = False,
         image_size: int | None = None,
     ) -> None:
@@ -345,7 +340,6 @@ class FolderDataModule(_DiskDataModule):
             seed=seed,
             val_fraction=val_fraction,
             split_seed=split_seed,
-            norm_scale=norm_scale,
             pin_memory=pin_memory,
         )
         self.image_size = None if image_size is None else _check_int("image_size", image_size, 1)

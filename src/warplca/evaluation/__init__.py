@@ -1,4 +1,4 @@
-"""The paper's experiments as reports (DESIGN §6): one module per experiment.
+"""The paper's experiments as reports (README, "Experiments and reports"): one module per experiment.
 
 - :mod:`~warplca.evaluation.convergence` — cold LCA vs WARP-LCA against iterations, timing,
   iterations-to-match (the main job's closing table).
@@ -10,6 +10,8 @@
 - :mod:`~warplca.evaluation.examples` — example reconstructions, code-energy maps, atom grids.
 - :mod:`~warplca.evaluation.report` — metrics.json merging, CSV, report.md sections, logger output,
   the README results page.
+- :mod:`~warplca.evaluation.experiments` — the ``eval`` settings (YAML defaults), the evaluation images,
+  the convergence run and the robustness section, shared by ``evaluate.py`` and the pipeline's stages.
 
 ``python evaluate.py`` (:func:`warplca.tasks.evaluate.evaluate`) drives them from the ``eval`` config;
 modules are imported on use, so importing this package is cheap.
@@ -20,6 +22,7 @@ __all__ = [
     "convergence",
     "denoise",
     "examples",
+    "experiments",
     "ood",
     "report",
     "robustness",

@@ -1,7 +1,7 @@
 """Shared pieces of the evaluations: models, data, devices, iteration grids and pixel metrics.
 
-Every experiment evaluates a *model* with the WarpLCA interface (DESIGN §3): ``model.lca`` (the
-solver), ``model.predict_states(x)`` (WARP-CNN states), ``model.preprocess`` / ``model.postprocess``
+Every experiment evaluates a *model* with the WarpLCA interface (README, "Python API"): ``model.lca``
+(the solver), ``model.predict_states(x)`` (WARP-CNN states), ``model.preprocess`` / ``model.postprocess``
 (between [0, 1] pixels and the coded space) and ``model(x, iters, warm, trace)``. Anything with those
 attributes works, which keeps the evaluations testable without a trained bundle.
 """
@@ -75,7 +75,7 @@ class EvalModel(Protocol):
 
     def preprocess(self, images: Tensor) -> Tensor: ...
 
-    def postprocess(self, recon: Tensor) -> Tensor: ...
+    def postprocess(self, recon: Tensor, images: Tensor | None = None) -> Tensor: ...
 
 
 # -- iteration grids ---------------------------------------------------------------------------------
@@ -138,13 +138,13 @@ def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
 
 
 # -- pixel metrics ------------------------------------------------------------------------------------
-def to_pixels(model: EvalModel, recon: Tensor) -> Tensor:
-    """Reconstructions in the coded space -> [0, 1] pixels (postprocess, clamped)."""
-    return model.postprocess(recon).clamp(0.0, 1.0)
+def to_pixels(model: EvalModel, recon: Tensor, images: Tensor) -> Tensor:
+    """Reconstructions in the coded space -> [0, 1] pixels (postprocess with the coded ``images``)."""
+    return model.postprocess(recon, images).clamp(0.0, 1.0)
 
 
 def pixel_quality(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image PSNR and SSIM (B,) on the [0, 1] scale with ``data_range=1.0`` (DESIGN §2).
+    """Per-image PSNR and SSIM (B,) on the [0, 1] scale with ``data_range=1.0`` (README, "The maths").
 
     The means of these equal what :func:`warplca.metrics.reconstruction_metrics` accumulates.
     """

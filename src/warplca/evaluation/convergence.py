@@ -1,4 +1,5 @@
-"""Experiment 1 — convergence: cold LCA vs WARP-LCA against the iteration count (DESIGN §6.1).
+"""Experiment 1 — convergence: cold LCA vs WARP-LCA against the iteration count (README, "Experiments
+and reports").
 
 For each condition (cold: u₀ = 0; warm: u₀ = WARP-CNN(x)) the solver runs **once** per batch up to
 the budget T, in segments between log-spaced checkpoints k ∈ {0, 1, 2, 3, 5, 10, …, T}: each segment
@@ -10,8 +11,17 @@ solver's trace at *every* iteration; PSNR and SSIM (on [0, 1] pixels after ``pos
 Wall-clock time is measured separately, without tracing, through the public ``model(x, iters, warm)``
 call (warm includes the predictor), as the median over repeats.
 
-Iterations-to-match (DESIGN §2): the first k at which warm-start energy ≤ cold-start energy at T,
+Iterations-to-match: the first k at which warm-start energy ≤ cold-start energy at T,
 per image and on the mean curve; ``NaN`` when WARP-LCA never gets there within T.
+
+Equal-energy speed-up (:func:`equal_energy_speedup`, generalising iterations-to-match to every budget):
+for each WARP-LCA budget k on the grid, the cold iterations needed to reach the same mean energy, and
+the ratio cold / k; for each cold budget, the WARP-LCA iterations needed. Per image the same, summarised
+by quartiles. A method that never gets there within T is reported as "> T", never as a number.
+
+Start guard: WARP-LCA's start is taken through ``model.warm_start(x)`` where the model has it
+(:class:`warplca.bundle.WarpLCA`), so the curves are those of ``model(x, warm=True)``, guard included;
+the fraction of images the guard sent back to the cold start and its time per image are reported.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warplca.config_defaults import option_defaults
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -55,13 +66,18 @@ __all__ = [
     "ConvergenceResult",
     "Curves",
     "TimingSettings",
+    "equal_energy_speedup",
     "evaluate_convergence",
     "iterations_to_match",
     "plot_convergence",
+    "plot_speedup",
     "run_curves",
+    "speedup_display",
+    "speedup_markdown",
     "summary_rows",
     "table_markdown",
     "time_per_image",
+    "warm_start",
 ]
 
 #: per-k metrics in the CSV tables, in column order
@@ -81,6 +97,8 @@ class Curves:
         numel: values per image (C·H·W); code_numel: code entries per image (K·H'·W').
         kept: k -> [0, 1] reconstructions of the first images (for example figures).
         kept_codes: k -> activations of the first images.
+        guarded: (N,) bool, images whose WARP-LCA start the start guard replaced by the cold start
+            (warm runs of a model with a guard; None otherwise).
     """
 
     method: str
@@ -94,6 +112,7 @@ class Curves:
     code_numel: int
     kept: dict[int, Tensor] = field(default_factory=dict)
     kept_codes: dict[int, Tensor] = field(default_factory=dict)
+    guarded: Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -121,15 +140,23 @@ class Curves:
         }
 
 
+def _timing_default(key: str) -> Any:
+    """``eval.convergence.timing.<key>`` of ``conf/eval/convergence.yaml`` (the only place it is set)."""
+    return option_defaults("eval", "convergence")["convergence"]["timing"][key]
+
+
 @dataclass
 class TimingSettings:
     """Wall-clock measurement: ``images`` per timed batch, up to ``repeats`` runs per budget, but stop
-    repeating once a budget has used ``max_seconds`` (large budgets on CPUs); the median is reported."""
+    repeating once a budget has used ``max_seconds`` (large budgets on CPUs); the median is reported.
 
-    images: int = 64
-    repeats: int = 5
-    max_seconds: float = 20.0
-    enabled: bool = True
+    A field not given takes its value from ``eval.convergence.timing`` in ``conf/eval/convergence.yaml``.
+    """
+
+    images: int = field(default_factory=lambda: int(_timing_default("images")))
+    repeats: int = field(default_factory=lambda: int(_timing_default("repeats")))
+    max_seconds: float = field(default_factory=lambda: float(_timing_default("max_seconds")))
+    enabled: bool = field(default_factory=lambda: bool(_timing_default("enabled")))
 
 
 @dataclass
@@ -154,6 +181,19 @@ def _fixed_iteration_solver(model: EvalModel) -> Any:
     return solver
 
 
+def warm_start(model: EvalModel, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """WARP-LCA's u₀ for ``x`` (coded space) and which images the start guard sent back (None: no guard).
+
+    ``model.warm_start`` (a :class:`warplca.bundle.WarpLCA`) gives exactly the start ``model(x)`` takes;
+    models without it start from ``model.predict_states(x)``.
+    """
+    start = getattr(model, "warm_start", None)
+    if callable(start):
+        ws = start(x)
+        return ws.states, ws.guarded
+    return model.predict_states(x), None
+
+
 @torch.no_grad()
 def run_curves(
     model: EvalModel,
@@ -173,7 +213,7 @@ def run_curves(
 
     Args:
         ks: checkpoints; 0 and T = max(ks) are added. One solver run per batch, in segments.
-        warm: start from ``model.predict_states(x)`` (WARP-LCA) instead of zeros.
+        warm: start from WARP-LCA's u₀ (:func:`warm_start`: the prediction, guarded) instead of zeros.
         target: clean images for PSNR/SSIM (default: ``images``; denoising passes the clean ones).
         keep, keep_ks: keep reconstructions and codes of the first ``keep`` images at ``keep_ks``.
     """
@@ -186,6 +226,7 @@ def run_curves(
     solver = _fixed_iteration_solver(model)
     n = images.shape[0]
     energy, l0, mse, psnr, ssim = [], [], [], [], []
+    guarded: list[Tensor] = []
     kept: dict[int, list[Tensor]] = {k: [] for k in keep_ks}
     kept_codes: dict[int, list[Tensor]] = {k: [] for k in keep_ks}
     method = "warm" if warm else "cold"
@@ -196,7 +237,11 @@ def run_curves(
             img = images[sl].to(device)
             tgt = target[sl]
             x = model.preprocess(img)
-            u = model.predict_states(x) if warm else None
+            u = None
+            if warm:
+                u, fired = warm_start(model, x)
+                if fired is not None:
+                    guarded.append(fired.detach().to("cpu", torch.bool))
             segs: dict[str, list[Tensor]] = {"energy": [], "l0": [], "mse": []}
             q_psnr, q_ssim = [], []
             prev = 0
@@ -207,7 +252,7 @@ def run_curves(
                 first = 0 if k == 0 else 1  # row 0 of a segment repeats the previous segment's last row
                 for key in segs:
                     segs[key].append(res.trace[key][first:].detach().to("cpu", torch.float64))
-                pixels = to_pixels(model, res.recon)
+                pixels = to_pixels(model, res.recon, img)
                 p, s = pixel_quality(pixels, tgt)
                 q_psnr.append(p)
                 q_ssim.append(s)
@@ -239,6 +284,7 @@ def run_curves(
         code_numel=code_numel,
         kept={k: torch.cat(v) for k, v in kept.items() if v},
         kept_codes={k: torch.cat(v) for k, v in kept_codes.items() if v},
+        guarded=torch.cat(guarded) if guarded and len(guarded) == len(energy) else None,
     )
 
 
@@ -314,6 +360,129 @@ def iterations_to_match(cold: Curves, warm: Curves, total: int | None = None) ->
     }
 
 
+#: per-image quantiles of the equal-energy speed-up (nearest rank, as the iterations-to-match median)
+SPEEDUP_QUANTILES = (0.25, 0.5, 0.75)
+SPEEDUP_COLUMNS = (
+    "budget", "k", "energy", "warm_iterations", "cold_iterations", "speedup",
+    "q25_iterations", "q50_iterations", "q75_iterations", "q25_speedup", "q50_speedup", "q75_speedup",
+    "never_frac", "T",
+)
+
+
+def _first_reach(trace: Tensor, targets: Tensor) -> Tensor:
+    """First row j of ``trace`` (T + 1, …) with trace[j] ≤ target, for targets (M, …); inf where none."""
+    ok = trace.unsqueeze(0) <= targets.unsqueeze(1)  # (M, T + 1, …)
+    first = ok.to(torch.int8).argmax(1).to(torch.float64)
+    return torch.where(ok.any(1), first, torch.full_like(first, math.inf))
+
+
+def _nearest_rank(values: Tensor, q: float) -> float:
+    """The nearest-rank q-quantile of ``values`` (inf sorts last; no interpolation across "never")."""
+    ordered = torch.sort(values.flatten()).values
+    return float(ordered[max(0, math.ceil(q * ordered.numel()) - 1)]) if ordered.numel() else math.nan
+
+
+def equal_energy_speedup(cold: Curves, warm: Curves, ks: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Equal-energy iterations of cold LCA and WARP-LCA from their per-iteration energy traces (pure).
+
+    For every budget k of ``ks`` (default: the warm curves' checkpoints), two kinds of rows:
+
+    - ``budget="warm"``: the mean WARP-LCA energy after k iterations and ``cold_iterations``, the first
+      iteration at which cold LCA's mean energy is ≤ it; ``speedup`` = cold_iterations / k (NaN at k = 0,
+      where the row says what the start alone is worth in cold iterations).
+    - ``budget="cold"`` (k ≥ 1): the mean cold energy after k iterations and ``warm_iterations`` to reach
+      it; ``speedup`` = k / max(warm_iterations, 1) (a start already below counts as one iteration, as
+      in :func:`iterations_to_match`, which is this row at k = T).
+
+    Per image the same first-reach count against the image's own energy gives nearest-rank quartiles
+    ``q25/q50/q75_iterations`` and ``q25/q50/q75_speedup`` (the speed-up quartiles of the images), and
+    ``never_frac``, the fraction of images the other method does not reach within T. A count that is
+    never reached within T is ``math.inf``; its speed-up is ``inf`` (warm budget: the true ratio is
+    above T/k) or ``0.0`` (cold budget: below k/T) — :func:`speedup_display` shows them as bounds.
+    A warm-budget count of 0 (speed-up 0) means WARP-LCA after k iterations is no lower than the cold
+    start itself (e.g. both still on the hard threshold's plateau at ½‖x‖²).
+    """
+    total = min(cold.total, warm.total)
+    grid = sorted({int(k) for k in (warm.ks if ks is None else ks) if 0 <= int(k) <= total})
+    ce, we = cold.energy[: total + 1].double(), warm.energy[: total + 1].double()
+    rows: list[dict[str, Any]] = []
+    for budget, given, other in (("warm", we, ce), ("cold", ce, we)):
+        kk = [k for k in grid if budget == "warm" or k >= 1]
+        if not kk:
+            continue
+        idx = torch.tensor(kk)
+        mean_iters = _first_reach(other.mean(1), given.mean(1)[idx])  # (K,)
+        image_iters = _first_reach(other, given[idx])  # (K, N)
+        for j, k in enumerate(kk):
+            it = float(mean_iters[j])
+            per_image = image_iters[j]
+            qs = [_nearest_rank(per_image, q) for q in SPEEDUP_QUANTILES]
+            if budget == "warm":
+                ratio = (lambda c, k=k: c / k if k else math.nan)
+                pair = {"warm_iterations": k, "cold_iterations": it}
+                q_speed = [ratio(v) for v in qs]
+            else:
+                ratio = (lambda w, k=k: k / max(w, 1.0))
+                pair = {"warm_iterations": it, "cold_iterations": k}
+                q_speed = [ratio(v) for v in reversed(qs)]  # more iterations: smaller speed-up
+            rows.append({
+                "budget": budget,
+                "k": k,
+                "energy": float(given[k].mean()),
+                **pair,
+                "speedup": ratio(it),
+                **{f"q{round(100 * q)}_iterations": v for q, v in zip(SPEEDUP_QUANTILES, qs, strict=True)},
+                **{f"q{round(100 * q)}_speedup": v for q, v in zip(SPEEDUP_QUANTILES, q_speed, strict=True)},
+                "never_frac": float(torch.isinf(per_image).double().mean()),
+                "T": total,
+            })
+    return rows
+
+
+def speedup_display(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`equal_energy_speedup` rows for tables: "never within T" as bounds ("> T", "> T/k", "< k/T"),
+    finite iteration counts as integers."""
+    out = []
+    for row in rows:
+        r = dict(row)
+        total, k, warm_budget = int(row["T"]), int(row["k"]), row["budget"] == "warm"
+        counts = ("warm_iterations", "cold_iterations", "q25_iterations", "q50_iterations", "q75_iterations")
+        for key in counts:
+            v = float(r[key])
+            r[key] = f"> {total}" if math.isinf(v) else int(v)
+        for key in ("speedup", "q25_speedup", "q50_speedup", "q75_speedup"):
+            v = float(r[key])
+            if warm_budget and math.isinf(v):
+                r[key] = f"> {fmt(total / k)}"
+            elif not warm_budget and v == 0.0:
+                r[key] = f"< {fmt(k / total)}"
+        out.append(r)
+    return out
+
+
+def speedup_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The two equal-energy tables (WARP-LCA budgets; cold budgets) as markdown."""
+    shown = speedup_display(rows)
+    warm = [r for r in shown if r["budget"] == "warm"]
+    cold = [r for r in shown if r["budget"] == "cold"]
+    for r in (*warm, *cold):
+        r["quartiles"] = " / ".join(fmt(r[f"q{q}_speedup"], 3) if isinstance(r[f"q{q}_speedup"], float)
+                                    else str(r[f"q{q}_speedup"]) for q in (25, 50, 75))
+        r["never"] = f"{100 * r['never_frac']:.0f}%"
+    parts = []
+    if warm:
+        parts.append(markdown_table(
+            warm, ["k", "energy", "cold_iterations", "speedup", "quartiles", "never"],
+            ["WARP-LCA iterations k", "mean energy", "cold iterations to equal energy", "speed-up (cold / k)",
+             "per-image speed-up: 25 / 50 / 75 %", "images cold never reaches"], digits=4))
+    if cold:
+        parts.append(markdown_table(
+            cold, ["k", "energy", "warm_iterations", "speedup", "quartiles", "never"],
+            ["cold iterations k", "mean energy", "WARP-LCA iterations to equal energy", "speed-up (k / warm)",
+             "per-image speed-up: 25 / 50 / 75 %", "images WARP-LCA never reaches"], digits=4))
+    return "\n".join(parts)
+
+
 @torch.no_grad()
 def time_per_image(
     model: EvalModel,
@@ -367,6 +536,29 @@ def predictor_ms(
         synchronize(device)
         t0 = time.perf_counter()
         model.predict_states(x)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times) / x.shape[0]
+
+
+@torch.no_grad()
+def start_guard_ms(
+    model: EvalModel, images: Tensor, settings: TimingSettings, device: torch.device | None = None
+) -> float:
+    """Median milliseconds per image of the start guard alone (``model.guard(x, û)`` on given
+    predictions: the energy of the predicted start and of the cold start); NaN for models without one."""
+    guard = getattr(model, "guard", None)
+    if not callable(guard):
+        return math.nan
+    device = device or model.dictionary.weight.device
+    x = model.preprocess(images[: settings.images].to(device))
+    u = model.predict_states(x)
+    guard(x, u)
+    times = []
+    for _ in range(max(1, settings.repeats)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        guard(x, u)
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times) / x.shape[0]
@@ -433,6 +625,21 @@ def match_sentence(match: Mapping[str, Any]) -> str:
     )
 
 
+def guard_sentence(model: EvalModel, guarded: Tensor | None, guard_ms: float, pred_ms: float) -> str:
+    """One line on the start guard: on/off, how often it fired, what it costs."""
+    if not hasattr(model, "start_guard"):
+        return "Start guard: this model has none (WARP-LCA starts from the raw prediction)."
+    if not model.start_guard or guarded is None:  # type: ignore[attr-defined]
+        return ("Start guard: off for this bundle (`start_guard=False`): WARP-LCA starts from the raw "
+                "prediction.")
+    n, fired = guarded.numel(), int(guarded.sum())
+    return (
+        f"Start guard: on; the predicted start's energy exceeded cold LCA's ½‖x‖² for **{fired} of {n}** "
+        f"images ({100 * fired / max(n, 1):.1f} %), which start cold instead. It costs "
+        f"{fmt(guard_ms, 3)} ms / image (the predictor alone: {fmt(pred_ms, 3)} ms / image)."
+    )
+
+
 # -- figures -------------------------------------------------------------------------------------------
 def plot_convergence(
     curves: Mapping[str, Curves], title: str = "", match: Mapping[str, Any] | None = None
@@ -479,6 +686,66 @@ def plot_convergence(
     return fig
 
 
+def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """Equal-energy iterations, log–log: x = WARP-LCA iterations, y = cold iterations to the same mean energy.
+
+    The line is the warm-budget rows (mean curves) with the per-image 25–75 % band; the hollow squares
+    are the cold-budget rows (x = WARP-LCA iterations to reach cold's energy at y); the dotted diagonals
+    mark speed-ups 1×, 10×, 100×. "Never within T" is drawn at T with a triangle pointing out of the plot.
+    """
+    import matplotlib.pyplot as plt
+
+    warm = [r for r in rows if r["budget"] == "warm" and int(r["k"]) >= 1]
+    cold = [r for r in rows if r["budget"] == "cold"]
+    total = int(rows[0]["T"]) if rows else 1
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    clip = lambda v: min(max(float(v), 1.0), float(total))  # noqa: E731 - the log axes span [1, T]
+    if warm:
+        ks = [int(r["k"]) for r in warm]
+        lo = [clip(r["q25_iterations"]) for r in warm]
+        hi = [clip(r["q75_iterations"]) for r in warm]
+        ax.fill_between(ks, lo, hi, color="tab:orange", alpha=0.2, lw=0,
+                        label="per image: 25–75 % (clipped to [1, T])")
+        ok = [(int(r["k"]), float(r["cold_iterations"])) for r in warm
+              if 1 <= float(r["cold_iterations"]) < math.inf]
+        if ok:
+            ax.plot(*zip(*ok, strict=True), "o-", color="tab:orange", ms=4,
+                    label="WARP-LCA budget k → cold iterations (mean energy)")
+        never = [int(r["k"]) for r in warm if math.isinf(float(r["cold_iterations"]))]
+        if never:
+            ax.plot(never, [total] * len(never), "^", color="tab:red", ms=8,
+                    label=f"cold LCA never reaches it within T = {total}")
+    if cold:
+        pts = [(clip(r["warm_iterations"]), int(r["k"])) for r in cold
+               if math.isfinite(float(r["warm_iterations"]))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "s", mfc="none", color="tab:blue", ms=6,
+                    label="cold budget → WARP-LCA iterations (mean energy; 0 drawn at 1)")
+        never = [int(r["k"]) for r in cold if math.isinf(float(r["warm_iterations"]))]
+        if never:
+            ax.plot([total] * len(never), never, ">", color="tab:purple", ms=8,
+                    label=f"WARP-LCA never reaches it within T = {total}")
+    span = [1.0, float(total)]
+    for factor, style in ((1, ":"), (10, "--"), (100, "--")):
+        alpha = 0.8 if factor == 1 else 0.4
+        ax.plot(span, [v * factor for v in span], style, color="gray", lw=0.8, alpha=alpha)
+        if factor * 1.0 <= total:
+            ax.annotate(f"{factor}×" if factor > 1 else "1× (y = x)", (1.05, factor * 1.05), color="gray",
+                        fontsize=8)
+    ax.axhline(total, color="gray", lw=0.8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(0.8, total * 1.25)
+    ax.set_ylim(0.8, total * 1.6)
+    ax.set_xlabel("WARP-LCA iterations k")
+    ax.set_ylabel("cold LCA iterations to the same mean energy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")  # below y = x: WARP-LCA slower than cold, rarely any data
+    ax.set_title(title or "Equal-energy speed-up of WARP-LCA over cold LCA", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # -- the experiment ------------------------------------------------------------------------------------
 def evaluate_convergence(
     model: EvalModel,
@@ -501,9 +768,12 @@ def evaluate_convergence(
     """Cold LCA vs WARP-LCA on ``images`` ([0, 1]) up to ``iters`` = T; writes CSVs and PNGs.
 
     Files (in ``out_dir``, names prefixed by ``prefix``): ``<prefix>.csv`` (means at every checkpoint),
-    ``<prefix>_table.csv`` (the budgets table with ms per image), ``<prefix>_iters_to_match.csv`` (per
-    image), ``<prefix>.png``, ``<prefix>_examples.png`` and ``atoms.png``. Returns flat metrics keyed
-    ``<prefix>/<cold|warm>/<metric>@<k>`` plus ``<prefix>/iters_to_match`` & co.
+    ``<prefix>_table.csv`` (the budgets table with ms per image), ``<prefix>_iterations_to_match.csv`` (per
+    image), ``<prefix>.png``, ``<prefix>_examples.png``, ``atoms.png``, and the equal-energy speed-up
+    ``speedup.csv`` / ``speedup.png`` (``<prefix>_speedup.*`` for another prefix). Returns flat metrics keyed
+    ``<prefix>/<cold|warm>/<metric>@<k>`` plus ``<prefix>/iterations_to_match`` & co.,
+    ``<prefix>/equal_energy/<cold|warm>_iterations@<warm|cold><k>`` and ``…/speedup@<warm|cold><k>`` (NaN:
+    not reached within T), ``<prefix>/start_guard_frac`` and ``<prefix>/start_guard_ms_per_image``.
     """
     from warplca.plotting import save_png
 
@@ -526,9 +796,10 @@ def evaluate_convergence(
         name=name,
         ks=ks,
     )
+    speed = equal_energy_speedup(curves["cold"], curves["warm"])
     timing = timing or TimingSettings()
     times: dict[str, dict[int, float]] = {}
-    pred_ms = math.nan
+    pred_ms = guard_ms = math.nan
     if timing.enabled:
         times = {
             m: time_per_image(
@@ -543,6 +814,7 @@ def evaluate_convergence(
             for m in ("cold", "warm")
         }
         pred_ms = predictor_ms(model, images, timing, device)
+        guard_ms = start_guard_ms(model, images, timing, device)
     rows = curve_rows(curves)
     table = summary_rows(curves, budgets, times)
 
@@ -550,11 +822,23 @@ def evaluate_convergence(
     for row in table:
         for key in ("energy", "energy_norm", "psnr", "ssim", "l0", "l0_frac", "ms_per_image"):
             metrics[f"{prefix}/{row['key']}/{key}@{row['iters']}"] = float(row[key])
-    metrics[f"{prefix}/iters_to_match"] = match["mean"]
-    metrics[f"{prefix}/iters_to_match_median"] = match["median"]
+    metrics[f"{prefix}/iterations_to_match"] = match["mean"]
+    metrics[f"{prefix}/iterations_to_match_median"] = match["median"]
     metrics[f"{prefix}/matched_frac"] = match["matched_frac"]
     metrics[f"{prefix}/speedup"] = match["speedup"]
     metrics[f"{prefix}/predictor_ms_per_image"] = pred_ms
+    metrics[f"{prefix}/start_guard_ms_per_image"] = guard_ms
+    guarded = curves["warm"].guarded
+    metrics[f"{prefix}/start_guard_frac"] = math.nan if guarded is None else float(guarded.double().mean())
+    for row in speed:  # "never within T" is NaN here, as for iterations-to-match; speedup.csv gives the bound
+        if row["k"] in budgets:
+            other = "cold" if row["budget"] == "warm" else "warm"
+            never = math.isinf(float(row[f"{other}_iterations"]))
+            key = f"{row['budget']}{row['k']}"
+            metrics[f"{prefix}/equal_energy/{other}_iterations@{key}"] = (
+                math.nan if never else float(row[f"{other}_iterations"])
+            )
+            metrics[f"{prefix}/equal_energy/speedup@{key}"] = math.nan if never else float(row["speedup"])
     cold_t, warm_t = curves["cold"].at(total), curves["warm"].at(total)
     metrics[f"{prefix}/energy_ratio@T"] = (
         warm_t["energy"] / cold_t["energy"] if cold_t["energy"] else math.nan
@@ -574,7 +858,7 @@ def evaluate_convergence(
             out_dir / f"{prefix}_table.csv", table, ["iters", "key", "method", *CURVE_METRICS, "ms_per_image"]
         )
         files["match"] = write_csv(
-            out_dir / f"{prefix}_iters_to_match.csv",
+            out_dir / f"{prefix}_iterations_to_match.csv",
             [
                 {"image": i, "k": k, "cold_energy_T": float(curves["cold"].energy[total, i])}
                 for i, k in enumerate(match["per_image"])
@@ -590,6 +874,11 @@ def evaluate_convergence(
                 plot_examples(images[:keep], recons, codes, title), out_dir / f"{prefix}_examples.png"
             )
         files["atoms"] = save_png(plot_atoms(model.dictionary.weight), out_dir / "atoms.png")
+        stem = "speedup" if prefix == "convergence" else f"{prefix}_speedup"
+        files["speedup"] = write_csv(out_dir / f"{stem}.csv", speedup_display(speed), SPEEDUP_COLUMNS)
+        files["speedup_plot"] = save_png(
+            plot_speedup(speed, f"Equal-energy speed-up — {title}"), out_dir / f"{stem}.png"
+        )
 
     md = [
         f"## Convergence{': ' + name if name else ''}",
@@ -600,11 +889,15 @@ def evaluate_convergence(
         f"the same LCA (τ = {fmt(tau_used)}{' (auto)' if info['tau'] == 'auto' else ''}). "
         f"PSNR/SSIM on [0, 1] pixels; ms / image from "
         f"{min(timing.images, images.shape[0])}-image batches without tracing, median of up to "
-        f"{timing.repeats} repeats (WARP-LCA includes the predictor: {fmt(pred_ms, 3)} ms / image).",
+        f"{timing.repeats} repeats (WARP-LCA includes the predictor, {fmt(pred_ms, 3)} ms / image"
+        + (f", and the start guard, {fmt(guard_ms, 3)} ms / image)." if getattr(model, "start_guard", False)
+           else ")."),
         "",
         table_markdown(table, match),
         f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(metrics[f'{prefix}/energy_ratio@T'], 6)} "
         f"(< 1: WARP-LCA settles in a lower minimum).",
+        "",
+        guard_sentence(model, guarded, guard_ms, pred_ms),
         "",
     ]
     for key, label in (
@@ -614,9 +907,24 @@ def evaluate_convergence(
     ):
         if key in files:
             md.append(f"![{label}]({files[key].name})")
+    md += [
+        "",
+        "### Equal-energy speed-up",
+        "",
+        "From the per-iteration energy traces above: for each WARP-LCA budget k, the cold-LCA iterations "
+        "that reach the same mean energy (speed-up = cold / k), and for each cold budget the WARP-LCA "
+        "iterations that reach its mean energy (the row at T is iterations-to-match). Per image the same "
+        f"count against each image's own energy, as 25 / 50 / 75 % quantiles of the speed-up (0: that "
+        f"WARP-LCA energy is no lower than the cold start's); \"> {total}\": not reached within T = {total}.",
+        "",
+        speedup_markdown(speed),
+    ]
+    if "speedup_plot" in files:
+        md.append(f"![equal-energy speed-up]({files['speedup_plot'].name})")
     tables = {
         f"{prefix}/curves": (["method", "k", *CURVE_METRICS], rows),
         f"{prefix}/table": (["iters", "method", *CURVE_METRICS, "ms_per_image"], table),
+        f"{prefix}/speedup": (list(SPEEDUP_COLUMNS), speedup_display(speed)),
     }
     return ConvergenceResult(
         name=prefix,

@@ -1,4 +1,4 @@
-"""Experiment 3 — denoising (DESIGN §6.3; PAPER claim 5).
+"""Experiment 3 — denoising (README, "Experiments and reports").
 
 Clean [0, 1] images get additive Gaussian noise of std σ (``warplca.data.corrupt``, clamped to
 [0, 1], seeded). Cold LCA and WARP-LCA code the *noisy* image; the reconstruction Φa, mapped back to

@@ -81,14 +81,15 @@ def examples_figure(
     """Run cold LCA and WARP-LCA on ``images`` for each budget in ``iters`` and plot the examples grid
     (codes shown at the largest budget)."""
     device = model.dictionary.weight.device
-    x = model.preprocess(images.to(device))
+    images = images.to(device)
+    x = model.preprocess(images)
     recons: dict[str, Tensor] = {}
     codes: dict[str, Tensor] = {}
     last = max(iters)
     for k in iters:
         for warm, label in ((False, "LCA"), (True, "WARP-LCA")):
             res = model(x, iters=int(k), warm=warm)
-            recons[f"{label} @ {k}"] = to_pixels(model, res.recon).cpu()
+            recons[f"{label} @ {k}"] = to_pixels(model, res.recon, images).cpu()
             if k == last:
                 codes[f"Σa² {label} @ {k}"] = res.a.cpu()
     return plot_examples(images.cpu(), recons, codes, title)

@@ -1,19 +1,25 @@
-"""Experiment 4 — out of distribution (DESIGN §6.4; PAPER claim 7).
+"""Experiment 4 — out of distribution (README, "Experiments and reports").
 
 A bundle trained on one dataset is applied, unchanged (its own normalisation, dictionary and
 predictor), to other datasets and to larger images — WARP-CNN is fully convolutional, so 64×64 or
-96×96 inputs just give larger state maps. Each source is a datamodule config plus a split; a source
-whose files are missing (STL-10, Pets without ``paths.data_dir`` contents) is skipped with a note.
-Channel mismatches are bridged when that is lossless in meaning: 1-channel images are replicated to
-3 channels, 3-channel images are converted to luminance for a 1-channel model.
+96×96 inputs just give larger state maps. Each source is a datamodule config plus a split, or
+``photos``: deterministic crops of scikit-image's bundled grayscale photos of other scenes
+(:func:`photo_crops`; camera, brick, grass, gravel, moon, coins, clock — loaded as 3 equal channels).
+A source whose files are missing (STL-10, Pets without ``paths.data_dir`` contents) is skipped with a
+note. Channel mismatches are bridged when that is lossless in meaning: 1-channel images (digits) are
+replicated to 3 channels, 3-channel images are converted to luminance for a 1-channel model.
 
-Energies are compared per pixel value (``energy_norm`` = E / (C·H·W)) since image sizes differ.
+Energies are compared per pixel value (``energy_norm`` = E / (C·H·W)) across image sets, since image
+sizes differ; within an image set, :func:`cold_warm_rows` compares cold LCA and WARP-LCA directly
+(mean energy and ℓ0 at k = 0, 1, 10 and the budgets, warm ≤ cold?). Measuring (:func:`measure_sets`,
+:func:`cold_warm_rows`) is kept apart from writing (:func:`evaluate_ood`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,20 +42,43 @@ from warplca.evaluation.report import fmt, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OODSource", "evaluate_ood", "load_source", "plot_ood"]
+__all__ = [
+    "COMPARE_COLUMNS",
+    "OODSource",
+    "PHOTOS",
+    "cold_warm_markdown",
+    "cold_warm_rows",
+    "evaluate_ood",
+    "load_source",
+    "measure_sets",
+    "photo_crops",
+    "plot_ood",
+]
 
 COLUMNS = ["dataset", "size", "method", "k", "energy", "energy_norm", "psnr", "ssim", "l0", "l0_frac"]
+#: the cold vs warm comparison (``<prefix>_cold_vs_warm.csv``)
+COMPARE_COLUMNS = [
+    "dataset", "size", "n_images", "k", "cold_energy", "warm_energy", "warm_le_cold", "warm_le_cold_frac",
+    "cold_energy_norm", "warm_energy_norm", "cold_l0", "warm_l0", "start_guard_frac",
+]
+#: iteration counts the comparison always reports (plus the experiment's budgets)
+COMPARE_KS = (0, 1, 10)
+#: scikit-image's bundled grayscale photos of natural scenes: in no split of the RGB natural data (the
+#: ``grayscale=true`` natural data adds them to its train split: not out of distribution for such a run)
+PHOTOS = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock_motion")
 
 
 @dataclass
 class OODSource:
-    """One evaluation dataset: a name, a datamodule config (``name``/``_target_`` + kwargs), a split
-    and how many images to take (None: the experiment's default)."""
+    """One evaluation dataset: a name, a datamodule config (``name``/``_target_`` + kwargs) and a split,
+    or ``photos`` (keyword arguments of :func:`photo_crops` but ``n``), and how many images to take
+    (None: the experiment's default)."""
 
     name: str
     data: Mapping[str, Any] = field(default_factory=dict)
     split: str = "test"
     n_images: int | None = None
+    photos: Mapping[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> OODSource:
@@ -58,12 +87,76 @@ class OODSource:
         d = _plain(cfg)
         if "name" not in d:
             raise ValueError(f"an OOD source needs a name, got {d}")
+        if bool(d.get("data")) == bool(d.get("photos")):
+            raise ValueError(f"OOD source {d['name']!r} needs either `data` (a datamodule config) or "
+                             f"`photos` (photo crops), got {sorted(k for k in d if k in ('data', 'photos'))}")
+        if d.get("photos"):
+            import inspect
+
+            known = set(inspect.signature(photo_crops).parameters) - {"n"}
+            unknown = sorted(set(dict(d["photos"])) - known)
+            if unknown:
+                raise ValueError(f"OOD source {d['name']!r}: unknown `photos` keys {unknown}; known: "
+                                 f"{sorted(known)}")
         return cls(
             name=str(d["name"]),
             data=dict(d.get("data") or {}),
             split=str(d.get("split", "test")),
             n_images=d.get("n_images"),
+            photos=dict(d["photos"]) if d.get("photos") else None,
         )
+
+
+def photo_crops(
+    names: Sequence[str] = PHOTOS,
+    crop_size: int = 32,
+    n: int = 32,
+    scale: float = 0.5,
+    seed: int = 0,
+    min_std: float = 0.02,
+) -> Tensor:
+    """``n`` deterministic ``crop_size`` crops (N, 3, c, c) in [0, 1] of bundled photos, round robin.
+
+    Image i comes from ``names[i % len(names)]`` (the first len(names) images: one per photo), each photo
+    downscaled by ``scale`` (the natural data's default 0.5) through
+    :func:`warplca.data.natural.load_photo` (grey photos: 3 equal channels). A photo's crop positions come
+    from its own generator (``seed`` and the photo's name), in fixed batches of candidates of which those
+    with pixel std ≥ ``min_std`` are kept in order: the crops of one photo do not depend on ``n`` or on
+    the other photos. A crop larger than a photo raises ValueError.
+    """
+    from warplca.data.natural import load_photo
+
+    names = [str(p) for p in names]
+    if not names:
+        raise ValueError("photo_crops needs at least one photo name")
+    c, n = int(crop_size), int(n)
+    if c < 1 or n < 1:
+        raise ValueError(f"crop_size and n must be >= 1, got crop_size={crop_size}, n={n}")
+    want = [len(range(i, n, len(names))) for i in range(len(names))]
+    per_photo: list[Tensor] = []
+    for name, count in zip(names, want, strict=True):
+        photo = load_photo(name, scale)
+        h, w = photo.shape[-2:]
+        if c > min(h, w):
+            raise ValueError(f"crop_size={c} is larger than photo {name!r} at scale {scale} ({h}×{w} px)")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
+        kept: list[Tensor] = []
+        for _ in range(200):
+            if len(kept) >= count:
+                break
+            tops = torch.randint(0, h - c + 1, (64,), generator=gen)
+            lefts = torch.randint(0, w - c + 1, (64,), generator=gen)
+            for top, left in zip(tops.tolist(), lefts.tolist(), strict=True):
+                crop = photo[:, top : top + c, left : left + c]
+                if float(crop.std()) >= min_std:
+                    kept.append(crop)
+                    if len(kept) == count:
+                        break
+        if len(kept) < count:
+            raise ValueError(f"photo {name!r}: fewer than {count} {c}×{c} crops with pixel std ≥ {min_std}")
+        per_photo.append(torch.stack(kept) if kept else photo.new_zeros((0, 3, c, c)))
+    order = [per_photo[i % len(names)][i // len(names)] for i in range(n)]
+    return torch.stack(order).contiguous()
 
 
 def match_channels(images: Tensor, channels: int) -> tuple[Tensor, str | None]:
@@ -85,8 +178,11 @@ def load_source(source: OODSource, channels: int, default_n: int) -> tuple[Tenso
     from warplca.data import DatasetNotFoundError
 
     try:
-        dm = build_datamodule_from_config(source.data)
-        images = load_images(dm, source.split, source.n_images or default_n)
+        if source.photos:
+            images = photo_crops(**{**source.photos, "n": source.n_images or default_n})
+        else:
+            dm = build_datamodule_from_config(source.data)
+            images = load_images(dm, source.split, source.n_images or default_n)
     except (DatasetNotFoundError, FileNotFoundError) as exc:
         return None, f"skipped: {exc}"
     except ValueError as exc:  # e.g. a crop larger than the photos
@@ -129,6 +225,74 @@ def plot_ood(curves: Mapping[str, Mapping[str, Curves]], title: str = "") -> Any
     return fig
 
 
+def measure_sets(
+    model: EvalModel,
+    datasets: Sequence[tuple[str, Tensor]],
+    total: int,
+    budgets: Sequence[int],
+    *,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, tuple[dict[str, Curves], dict[str, Any]]]:
+    """Cold and warm :class:`Curves` (+ iterations-to-match) of every ``(name, images)`` set up to ``total``,
+    with the checkpoints ``budgets`` and :data:`COMPARE_KS` on the grid (no files)."""
+    grid = sorted({*(int(b) for b in budgets), *COMPARE_KS})
+    return {
+        name: measure(
+            model, images, total, grid, batch_size=batch_size, device=device, show_progress=show_progress,
+            name=name,
+        )
+        for name, images in datasets
+    }
+
+
+def cold_warm_rows(
+    curves: Mapping[str, Mapping[str, Curves]], ks: Sequence[int], sizes: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Cold LCA vs WARP-LCA per image set and k ∈ ``ks`` (those ≤ T; pure): mean energy (and per pixel
+    value), mean ℓ0 (active coefficients per image), whether warm ≤ cold on the means and the fraction
+    of images where it holds, and the fraction of images whose start the start guard sent back."""
+    rows = []
+    for name, cond in curves.items():
+        cold, warm = cond["cold"], cond["warm"]
+        guarded = warm.guarded
+        guard = math.nan if guarded is None else float(guarded.double().mean())
+        for k in sorted({int(k) for k in ks if 0 <= int(k) <= min(cold.total, warm.total)}):
+            ce, we = cold.energy[k], warm.energy[k]
+            rows.append({
+                "dataset": name,
+                "size": (sizes or {}).get(name, ""),
+                "n_images": cold.n_images,
+                "k": k,
+                "cold_energy": float(ce.mean()),
+                "warm_energy": float(we.mean()),
+                "warm_le_cold": bool(we.mean() <= ce.mean()),
+                "warm_le_cold_frac": float((we <= ce).double().mean()),
+                "cold_energy_norm": float(ce.mean()) / cold.numel,
+                "warm_energy_norm": float(we.mean()) / warm.numel,
+                "cold_l0": float(cold.l0[k].mean()),
+                "warm_l0": float(warm.l0[k].mean()),
+                "start_guard_frac": guard,
+            })
+    return rows
+
+
+def cold_warm_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`cold_warm_rows` as a markdown table (✓ where WARP-LCA's mean energy is ≤ cold LCA's)."""
+    shown = [
+        dict(r, le="✓" if r["warm_le_cold"] else "✗ (warm higher)",
+             frac=f"{100 * r['warm_le_cold_frac']:.0f}%")
+        for r in rows
+    ]
+    return markdown_table(
+        shown,
+        ["dataset", "size", "k", "cold_energy", "warm_energy", "le", "frac", "cold_l0", "warm_l0"],
+        ["dataset", "size", "iterations", "energy cold", "energy warm", "warm ≤ cold", "images warm ≤ cold",
+         "ℓ0 cold", "ℓ0 warm"],
+    )
+
+
 def evaluate_ood(
     model: EvalModel,
     sources: Sequence[OODSource],
@@ -145,8 +309,10 @@ def evaluate_ood(
 ) -> ExperimentResult:
     """Cold LCA vs WARP-LCA on each source (and the in-distribution ``reference`` images, if given).
 
-    Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets), ``<prefix>.png``.
-    Metrics: ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>`` and ``<prefix>/<dataset>/iters_to_match``.
+    Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets),
+    ``<prefix>_cold_vs_warm.csv`` (:func:`cold_warm_rows` at k = 0, 1, 10 and the budgets), ``<prefix>.png``.
+    Metrics: ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>``, ``<prefix>/<dataset>/warm_le_cold@<k>``,
+    ``<prefix>/<dataset>/iterations_to_match`` and ``<prefix>/<dataset>/start_guard_frac``.
     """
     from warplca.plotting import save_png
 
@@ -168,25 +334,26 @@ def evaluate_ood(
             continue
         datasets.append((source.name, images, note))
 
-    curves: dict[str, dict[str, Curves]] = {}
+    measured = measure_sets(
+        model,
+        [(name, images) for name, images, _ in datasets],
+        total,
+        budgets,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        device=device,
+    )
+    curves: dict[str, dict[str, Curves]] = {name: cond for name, (cond, _) in measured.items()}
+    matches: dict[str, dict[str, Any]] = {name: match for name, (_, match) in measured.items()}
+    sizes = {name: f"{images.shape[-2]}×{images.shape[-1]}" for name, images, _ in datasets}
+    compare_ks = sorted({*COMPARE_KS, *budgets})
+    compare = cold_warm_rows(curves, compare_ks, sizes)
     rows: list[dict[str, Any]] = []
     table: list[dict[str, Any]] = []
-    matches: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
     for name, images, note in datasets:
-        size = f"{images.shape[-2]}×{images.shape[-1]}"
-        cond, match = measure(
-            model,
-            images,
-            total,
-            budgets,
-            batch_size=batch_size,
-            device=device,
-            show_progress=show_progress,
-            name=name,
-        )
-        curves[name], matches[name] = cond, match
-        for method, c in cond.items():
+        size = sizes[name]
+        for method, c in curves[name].items():
             for k in c.ks:
                 row = {"dataset": name, "size": size, "method": method, "k": k, **c.at(k)}
                 rows.append(row)
@@ -194,17 +361,25 @@ def evaluate_ood(
                     table.append(row)
                     for key in ("energy_norm", "psnr", "ssim", "l0_frac"):
                         metrics[f"{prefix}/{name}/{method}/{key}@{k}"] = row[key]
-        metrics[f"{prefix}/{name}/iters_to_match"] = match["mean"]
-        metrics[f"{prefix}/{name}/matched_frac"] = match["matched_frac"]
+        metrics[f"{prefix}/{name}/iterations_to_match"] = matches[name]["mean"]
+        metrics[f"{prefix}/{name}/matched_frac"] = matches[name]["matched_frac"]
         metrics[f"{prefix}/{name}/n_images"] = float(images.shape[0])
         if note:
             notes.append(f"`{name}` ({size}, {images.shape[0]} images): {note}")
+    for r in compare:
+        name, k = r["dataset"], r["k"]
+        for method in ("cold", "warm"):
+            metrics[f"{prefix}/{name}/{method}/energy@{k}"] = r[f"{method}_energy"]
+            metrics[f"{prefix}/{name}/{method}/l0@{k}"] = r[f"{method}_l0"]
+        metrics[f"{prefix}/{name}/warm_le_cold@{k}"] = float(r["warm_le_cold"])
+        metrics[f"{prefix}/{name}/start_guard_frac"] = r["start_guard_frac"]
 
     files: dict[str, Path] = {}
     info = describe_model(model)
     title = f"Out of distribution — {info['threshold']} threshold, λ={fmt(info['lam'])}, T={total}"
     files["csv"] = write_csv(out_dir / f"{prefix}.csv", rows, COLUMNS)
     files["table"] = write_csv(out_dir / f"{prefix}_table.csv", table, COLUMNS)
+    files["compare"] = write_csv(out_dir / f"{prefix}_cold_vs_warm.csv", compare, COMPARE_COLUMNS)
     md = [
         "## Out of distribution",
         "",
@@ -232,18 +407,38 @@ def evaluate_ood(
             )
         )
         md += [f"- **{name}**: {match_sentence(m)}" for name, m in matches.items()]
+        md += [
+            "",
+            "### Cold LCA vs WARP-LCA per image set",
+            "",
+            "Mean energy ½‖x − Φa‖² + ΣP(a) and mean ℓ0 (active coefficients per image) after k iterations; "
+            "warm ≤ cold on the means, and the share of images where it holds per image.",
+            "",
+            cold_warm_markdown(compare),
+        ]
+        guard = [
+            f"{r['dataset']} {100 * r['start_guard_frac']:.0f}%"
+            for r in compare
+            if r["k"] == 0 and not math.isnan(r["start_guard_frac"])
+        ]
+        if guard:
+            md += [
+                "Start guard (WARP-LCA started cold because the predicted start's energy exceeded ½‖x‖²): "
+                + ", ".join(guard) + " of the images.",
+            ]
         md += ["", f"![out-of-distribution curves]({files['plot'].name})"]
     else:
         md.append("No dataset could be evaluated.")
     if notes:
         md += ["", "Notes:", *[f"- {n}" for n in notes]]
     summary = [
-        {"dataset": n, "iters_to_match": m["mean"], "matched_frac": m["matched_frac"]}
+        {"dataset": n, "iterations_to_match": m["mean"], "matched_frac": m["matched_frac"]}
         for n, m in matches.items()
     ]
     tables = {
         f"{prefix}/curves": (COLUMNS, rows),
-        f"{prefix}/iters_to_match": (["dataset", "iters_to_match", "matched_frac"], summary),
+        f"{prefix}/iterations_to_match": (["dataset", "iterations_to_match", "matched_frac"], summary),
+        f"{prefix}/cold_vs_warm": (COMPARE_COLUMNS, compare),
     }
     if any(math.isnan(m["mean"]) for m in matches.values()):
         log.info("some OOD datasets never matched the cold energy within T=%d", total)

@@ -1,6 +1,6 @@
 """Writing evaluation results: metrics.json (merged), CSV tables, report.md sections, logger output.
 
-Every experiment produces the same kinds of artifacts in its output directory (DESIGN §6):
+Every experiment produces the same kinds of artifacts in its output directory:
 
 - ``metrics.json`` — one flat JSON object; new keys are *merged* into what other stages wrote.
 - CSV tables — one row per (condition, iteration count); plain ``csv`` module, header first.

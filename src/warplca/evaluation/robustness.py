@@ -9,8 +9,10 @@ Shared by the ``classify`` stage (which writes the artifacts) and the report (wh
   the DDP sharding, and different images get independent noise.
 - ``robustness.csv`` has exactly the columns :data:`CSV_COLUMNS`
   (``frontend, corruption, level, accuracy, ms_per_image``), one row per front end × condition.
-- The mean corruption accuracy (mCA) of a front end is the mean accuracy over all corrupted
-  conditions (every corruption × level, clean excluded).
+- ``accuracy`` is the plain (micro-averaged) accuracy of one condition's test set: correctly
+  classified images / images, in [0, 1] (not balanced accuracy, the mean of per-class recalls).
+- The mean corruption accuracy (mCA) of a front end is the unweighted mean of those accuracies over
+  all corrupted conditions (every corruption × level, clean excluded).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset
 from warplca.data.corruptions import CORRUPTIONS, DEFAULT_LEVELS, corrupt
 
 __all__ = [
+    "ACCURACY_NOTE",
     "CLEAN",
     "CSV_COLUMNS",
     "CorruptedDataset",
@@ -45,6 +48,9 @@ __all__ = [
 
 CLEAN = "clean"
 CSV_COLUMNS: tuple[str, ...] = ("frontend", "corruption", "level", "accuracy", "ms_per_image")
+#: what every accuracy of these tables is (printed under the markdown summary table)
+ACCURACY_NOTE = ("Accuracy: correctly classified test images / test images (micro-averaged, not "
+                 "balanced accuracy), in %; mCA: its mean over every corruption × level.")
 
 Condition = tuple[str, float]
 
@@ -190,8 +196,9 @@ def _corruptions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per front end: ``clean``, ``mca`` (mean corruption accuracy), ``<corruption>`` (mean over its
-    levels) and ``ms_per_image`` (mean over conditions)."""
+    """Per front end: ``clean`` (accuracy = correct / images on the clean test set), ``mca`` (mean
+    corruption accuracy: mean of the accuracies over every corruption × level), ``<corruption>``
+    (mean over its levels) and ``ms_per_image`` (mean over conditions)."""
     out: dict[str, dict[str, float]] = {}
     for fe in _frontends(rows):
         mine = [r for r in rows if r["frontend"] == fe]
@@ -211,13 +218,14 @@ def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 
 def robustness_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = "Noisy classification") -> str:
     """Markdown: a summary table (clean, mCA, per-corruption means, ms/image per front end) and one
-    accuracy table per corruption (levels × front ends). Accuracies in percent."""
+    accuracy table per corruption (levels × front ends). Accuracies in percent, micro-averaged
+    (correct / images); a line under the summary table says so."""
     rows = list(rows)
     fes = _frontends(rows)
     corrs = _corruptions(rows)
     summary = robustness_summary(rows)
     lines: list[str] = [f"## {title}", ""] if title else []
-    head = ["front end", "clean", "mCA", *corrs, "ms / image"]
+    head = ["front end", "clean acc. %", "mCA %", *corrs, "ms / image"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fe in fes:
         s = summary[fe]
@@ -229,12 +237,13 @@ def robustness_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = "
             f"{s['ms_per_image']:.3g}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ACCURACY_NOTE]
     acc = {(str(r["frontend"]), str(r["corruption"]), float(r["level"])): float(r["accuracy"]) for r in rows}
     for corr in corrs:
         levels = sorted({float(r["level"]) for r in rows if r["corruption"] == corr})
         lines += [
             "",
-            f"**{corr}** (accuracy %, level 0 = clean)",
+            f"**{corr}** (accuracy % = correct / images, level 0 = clean)",
             "",
             "| level | " + " | ".join(fes) + " |",
             "|" + "---|" * (len(fes) + 1),
@@ -251,7 +260,8 @@ def _pct(x: float) -> str:
 
 
 def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Accuracy vs level, one panel per corruption, one line per front end (clean accuracy at level 0)."""
+    """Accuracy (correct / images, %) vs level, one panel per corruption, one line per front end (clean
+    accuracy at level 0)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -275,7 +285,7 @@ def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         ax.set_title(corr)
         ax.set_xlabel("level")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylabel("accuracy (% correct)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

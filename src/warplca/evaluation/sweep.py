@@ -1,4 +1,4 @@
-"""Sweep summaries (DESIGN §6.6): gather a Hydra multirun directory into one table and plots.
+"""Sweep summaries (docs/scaling.md, "Sweeps"): gather a Hydra multirun directory into one table and plots.
 
 ``python train.py -m lca.lam=0.25,0.5,1.0`` (or ``hparams_search=lam``) leaves one job directory per
 point, each with ``.hydra/overrides.yaml`` (what was swept) and, when it finished, ``metrics.json``.
@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_METRICS", "SweepJob", "find_jobs", "parse_overrides", "read_
 
 #: metric-name fragments plotted by default (the first key containing each one, if any)
 DEFAULT_METRICS = (
-    "convergence/iters_to_match",
+    "convergence/iterations_to_match",
     "convergence/warm/energy@10",
     "convergence/cold/energy@1000",
     "convergence/warm/psnr@10",

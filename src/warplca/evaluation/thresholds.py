@@ -1,4 +1,4 @@
-"""Experiment 2 — other thresholds (DESIGN §6.2; PAPER claim 8).
+"""Experiment 2 — other thresholds (README, "Experiments and reports").
 
 The convergence comparison for soft (ℓ1), cel0 (firm) and half (ℓ1/2) thresholds, each with its own
 WARP-CNN trained on states of that threshold (``python train.py experiment=thresholds_<name>``), next
@@ -123,7 +123,7 @@ def evaluate_thresholds(
 
     Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets), ``<prefix>_summary.csv``
     (one row per threshold), ``<prefix>.png``. Metrics: ``<prefix>/<threshold>/<cold|warm>/<metric>@<k>``,
-    ``<prefix>/<threshold>/iters_to_match``, ``<prefix>/<threshold>/energy_ratio@T``.
+    ``<prefix>/<threshold>/iterations_to_match``, ``<prefix>/<threshold>/energy_ratio@T``.
     """
     from warplca.plotting import save_png
 
@@ -169,8 +169,8 @@ def evaluate_thresholds(
         entry = {
             "threshold": name,
             "lam": info["lam"],
-            "iters_to_match": match["mean"],
-            "iters_to_match_median": match["median"],
+            "iterations_to_match": match["mean"],
+            "iterations_to_match_median": match["median"],
             "matched_frac": match["matched_frac"],
             "speedup": match["speedup"],
             "energy_ratio": warm_t["energy"] / ref if ref else math.nan,
@@ -180,7 +180,7 @@ def evaluate_thresholds(
             "warm_l0_frac": warm_t["l0_frac"],
         }
         summary.append(entry)
-        for key in ("iters_to_match", "matched_frac", "speedup"):
+        for key in ("iterations_to_match", "matched_frac", "speedup"):
             metrics[f"{prefix}/{name}/{key}"] = entry[key]
         metrics[f"{prefix}/{name}/energy_ratio@T"] = entry["energy_ratio"]
 
@@ -189,8 +189,8 @@ def evaluate_thresholds(
     summary_cols = [
         "threshold",
         "lam",
-        "iters_to_match",
-        "iters_to_match_median",
+        "iterations_to_match",
+        "iterations_to_match_median",
         "matched_frac",
         "speedup",
         "energy_ratio",
@@ -218,7 +218,7 @@ def evaluate_thresholds(
                 [
                     "threshold",
                     "λ",
-                    "iters-to-match",
+                    "iterations-to-match",
                     "median (per image)",
                     "matched",
                     "speedup",
@@ -259,8 +259,8 @@ def evaluate_thresholds(
 
 def _match(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "mean": entry["iters_to_match"],
-        "median": entry["iters_to_match_median"],
+        "mean": entry["iterations_to_match"],
+        "median": entry["iterations_to_match_median"],
         "matched_frac": entry["matched_frac"],
         "speedup": entry["speedup"],
     }

@@ -1,4 +1,4 @@
-"""Scoring WARP-CNN variants: the ablation and the learning curve of the warm start (DESIGN §6.1).
+"""Scoring WARP-CNN variants: the ablation and the learning curve of the warm start (README, "Results").
 
 Every variant (a loss, an input, a training-set size, an epoch count) is scored the same way, against
 one cold-LCA run on the same held-out images: warm-start energy after k ∈ budgets iterations,

@@ -1,7 +1,7 @@
 """WARP-CNN: the fully convolutional state predictor f_θ of WARP-LCA.
 
 f_θ maps images x (B, C, H, W) in the normalised space to LCA internal states û (B, K, H', W') on
-the dictionary's code grid, H' = ⌈H/s⌉, for any H, W. LCA then starts from u₀ = û (DESIGN §1).
+the dictionary's code grid, H' = ⌈H/s⌉, for any H, W. LCA then starts from u₀ = û (README, "The maths").
 
 Architecture (all layers at code resolution, so the output grid is exact by construction):
 

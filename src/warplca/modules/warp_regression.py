@@ -107,8 +107,8 @@ class WarpRegression(pl.LightningModule):
     def preprocess(self, images: Tensor) -> Tensor:
         return images if self.normalization is None else self.normalization.apply(images)
 
-    def postprocess(self, recon: Tensor) -> Tensor:
-        out = recon if self.normalization is None else self.normalization.invert(recon)
+    def postprocess(self, recon: Tensor, images: Tensor | None = None) -> Tensor:
+        out = recon if self.normalization is None else self.normalization.invert(recon, images)
         return out.clamp(0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ class WarpRegression(pl.LightningModule):
             assert res.energy is not None
             m["energy"].update(res.energy, numel)
             m["sparsity"].update(res.a)
-            m["recon"].update(self.postprocess(res.recon), images.clamp(0.0, 1.0))
+            m["recon"].update(self.postprocess(res.recon, images), images.clamp(0.0, 1.0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, states = self._batch(batch)

@@ -90,7 +90,11 @@ class RunContext:
         if self._datamodule is None:
             if self.cfg.get("data") is None:
                 raise ValueError("no data config: choose one with data=<name> (e.g. data=natural)")
-            self._datamodule = instantiate(self.cfg.data)
+            dm = instantiate(self.cfg.data)
+            norm = to_container(self.cfg.get("norm"))
+            if norm:
+                dm.configure_normalization(**norm)
+            self._datamodule = dm
         return self._datamodule
 
     # -- loggers, callbacks, trainer ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The evaluation task: ``evaluate(cfg)`` runs the paper's experiments on a trained run (DESIGN §6–7).
+"""The evaluation task: ``evaluate(cfg)`` runs the paper's experiments on a trained run.
 
 ``python evaluate.py run_dir=<dir> eval=convergence|thresholds|denoise|ood|all`` loads the run's
 ``warp_lca.pt``, takes images from the run's own data config (or ``data=<name>``), runs each
@@ -7,8 +7,9 @@ experiment of ``eval.modes`` and writes into ``out_dir`` (default ``run_dir``): 
 scalars, images and tables go to the configured loggers. ``sweep_dir=<multirun dir>`` builds a sweep
 summary instead; ``results_md=<file>`` writes a README-ready results page from the run's report.md.
 
-The pipeline's ``report`` stage (:mod:`warplca.tasks.stage_report`) reuses :func:`convergence_settings`
-and :func:`run_convergence`, so the main job's closing table and ``evaluate.py`` agree.
+This module is the command only: what the pipeline's ``report`` stage and the study share with it
+(the settings, the images, the convergence run, the robustness section) lives in
+:mod:`warplca.evaluation.experiments`, so the main job's closing table and ``evaluate.py`` agree.
 """
 
 from __future__ import annotations
@@ -17,144 +18,37 @@ import copy
 import logging
 import shlex
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from warplca.config_defaults import option_defaults
 from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
     build_datamodule_from_config,
-    load_images,
     load_model,
     resolve_device,
     run_data_config,
+)
+from warplca.evaluation.experiments import (
+    MODES,
+    eval_images,
+    eval_settings,
+    robustness_result,
+    run_convergence,
 )
 from warplca.evaluation.report import log_to_loggers, merge_metrics, write_report_section, write_results_page
 from warplca.tasks.utils import instantiate_loggers, seed_everything, task_wrapper, to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "convergence_settings", "eval_images", "evaluate", "robustness_result", "run_convergence"]
-
-MODES = ("convergence", "thresholds", "denoise", "ood", "robustness")
-
-#: the eval settings used when a config has no ``eval`` node (e.g. the report stage of train.yaml)
-DEFAULTS: dict[str, Any] = {
-    "split": "test",
-    "n_images": 64,
-    "batch_size": 64,
-    "iters": None,
-    "budgets": [1, 10, 100, 1000],
-    "convergence": {
-        "ks": None,
-        "timing": {"images": 32, "repeats": 3, "max_seconds": 10.0, "enabled": True},
-        "examples": {"images": 6, "iters": 10},
-    },
-}
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any] | None) -> dict[str, Any]:
-    out = copy.deepcopy(dict(base))
-    for k, v in (over or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def convergence_settings(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``eval`` node of ``cfg`` (if any) over :data:`DEFAULTS`, as plain Python."""
-    node = None
-    if cfg is not None:
-        node = cfg.get("eval") if hasattr(cfg, "get") else None
-    return _merge(DEFAULTS, to_container(node) if node is not None else None)
+__all__ = ["evaluate"]
 
 
 def _describe_data(dm: Any, split: str) -> str:
     return f"{getattr(dm, 'name', type(dm).__name__)}/{split}"
-
-
-def eval_images(dm: Any, model: EvalModel, split: str, n_images: int | None) -> Any:
-    """The first ``n_images`` of ``split``, channels matched to the model (grey -> RGB, RGB -> luminance)."""
-    from warplca.evaluation.ood import match_channels
-
-    images = load_images(dm, split, n_images)
-    images, note = match_channels(images, model.dictionary.in_channels)
-    if note:
-        log.warning("evaluation data: %s", note)
-    return images
-
-
-def run_convergence(
-    model: EvalModel,
-    images: Any,
-    out_dir: Path,
-    settings: Mapping[str, Any],
-    name: str = "",
-    show_progress: bool = True,
-    device: Any = None,
-) -> Any:
-    """Experiment 1 with the ``eval`` settings (T defaults to the bundle's ``lca.iters``)."""
-    from warplca.evaluation.convergence import TimingSettings, evaluate_convergence
-
-    conv = settings.get("convergence", {})
-    total = int(settings.get("iters") or model.lca.iters)
-    timing = TimingSettings(**conv.get("timing", {}))
-    ex = conv.get("examples", {})
-    return evaluate_convergence(
-        model,
-        images,
-        out_dir,
-        iters=total,
-        ks=conv.get("ks"),
-        budgets=settings["budgets"],
-        batch_size=int(settings["batch_size"]),
-        timing=timing,
-        examples=int(ex.get("images", 6)),
-        examples_iters=int(ex.get("iters", 10)),
-        name=name,
-        show_progress=show_progress,
-        device=device,
-    )
-
-
-def robustness_result(run_dir: Path, out_dir: Path) -> ExperimentResult:
-    """Experiment 5 as a report section: the classify stage's ``robustness.csv`` (accuracy per front end,
-    corruption and level) as a markdown table, mean corruption accuracies and the plot.
-
-    Classification is not re-run here (it needs the trained classifier); without the CSV the section says so.
-    """
-    from warplca.evaluation import robustness as rb
-
-    csv_path = run_dir / "robustness.csv"
-    if not csv_path.is_file():
-        note = (
-            f"no `{csv_path.name}` in `{run_dir}`: run the classify stage first "
-            "(`python train.py run_dir=<run> stages=[classify]`)."
-        )
-        return ExperimentResult(
-            name="robustness", markdown=f"## Noisy classification\n\n{note}\n", notes=[note]
-        )
-    rows = rb.read_robustness_csv(csv_path)
-    files: dict[str, Path] = {}
-    plot = out_dir / "robustness.png"
-    if not plot.is_file():
-        rb.save_robustness_plot(rows, plot)
-    files["plot"] = plot
-    metrics: dict[str, float] = {}
-    for frontend, summary in rb.robustness_summary(rows).items():
-        for key, value in summary.items():
-            metrics[f"robustness/{frontend}/{key}"] = float(value)
-    md = rb.robustness_markdown(rows).rstrip() + f"\n\n![noisy classification]({plot.name})\n"
-    columns = list(rb.CSV_COLUMNS)
-    return ExperimentResult(
-        name="robustness",
-        metrics=metrics,
-        markdown=md,
-        files=files,
-        tables={"robustness/accuracy": (columns, [dict(r) for r in rows])},
-    )
 
 
 def _data_config(cfg: DictConfig, run_dir: Path | None) -> tuple[Any, str]:
@@ -174,7 +68,7 @@ class _Session:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.settings = convergence_settings(cfg)
+        self.settings = eval_settings(cfg)
         bundle = cfg.get("bundle")
         run_dir = cfg.get("run_dir")
         if not run_dir and not bundle:
@@ -233,9 +127,9 @@ class _Session:
         from warplca.evaluation.common import describe_model
         from warplca.evaluation.thresholds import evaluate_thresholds, load_threshold_models
 
-        conf = self.settings.get("thresholds") or {}
-        models, notes = load_threshold_models(conf.get("runs") or {}, self.device)
-        if conf.get("include_main", True):
+        conf = self.settings["thresholds"]
+        models, notes = load_threshold_models(conf["runs"] or {}, self.device)
+        if conf["include_main"]:
             label = f"{describe_model(self.model)['threshold']} (this run)"
             models = {label: self.model, **models}
         if not models:
@@ -255,16 +149,16 @@ class _Session:
     def denoise(self) -> ExperimentResult:
         from warplca.evaluation.denoise import evaluate_denoise
 
-        conf = self.settings.get("denoise") or {}
+        conf = self.settings["denoise"]
         return evaluate_denoise(
             self.model,
             self.images,
             self.out_dir,
-            sigmas=conf.get("sigmas", (0.05, 0.1, 0.2)),
-            budgets=conf.get("budgets", (10, 100, 1000)),
+            sigmas=conf["sigmas"],
+            budgets=conf["budgets"],
             batch_size=int(self.settings["batch_size"]),
             seed=int(self.cfg.get("seed", 0)),
-            examples=int(conf.get("examples", 4)),
+            examples=int(conf["examples"]),
             show_progress=self.show_progress,
             device=self.device,
         )
@@ -275,13 +169,14 @@ class _Session:
     def ood(self) -> ExperimentResult:
         from warplca.evaluation.ood import OODSource, evaluate_ood
 
-        conf = self.settings.get("ood") or {}
-        sources = [OODSource.from_config(s) for s in conf.get("sources") or []]
-        n = int(conf.get("n_images") or self.settings.get("n_images") or 32)
+        conf = self.settings["ood"]
+        sources = [OODSource.from_config(s) for s in conf["sources"] or []]
+        n = int(conf["n_images"] or self.settings.get("n_images")
+                or option_defaults("eval", "ood")["ood"]["n_images"])
         reference_images = self.images  # loads the run's data (and names it) first
         reference = (
             (f"{self.data_name or 'run data'} (in distribution)", reference_images)
-            if conf.get("reference", True)
+            if conf["reference"]
             else None
         )
         return evaluate_ood(

@@ -19,27 +19,44 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
+from warplca.config_defaults import fill_missing, primary_defaults
 from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
 from warplca.lca import ConvDictionary
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
-__all__ = ["DATA_KEYS", "build_module", "build_predictor", "fit_quietly", "loss_config", "target_sets",
-           "warp_data_settings"]
+__all__ = ["DATA_KEYS", "INPUTS", "PIPELINE_KEYS", "build_module", "build_predictor", "fit_quietly",
+           "loss_config", "target_sets", "warp_data_settings"]
 
 #: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
 DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer")
-_MODULE_TARGET = "warplca.modules.warp_regression.WarpRegression"
+#: WarpRegression arguments the pipeline passes itself, and where each one is configured instead
+PIPELINE_KEYS: dict[str, str] = {
+    "predictor": "the predictor is chosen with the top-level predictor group, e.g. predictor=medium "
+                 "(its keys: predictor.width=64, …)",
+    "loss": "the loss is chosen with the top-level loss group, e.g. loss=mse",
+    "gamma": "the Laplacian scale γ is set with loss.gamma=<γ> (with loss=laplacian)",
+    "dictionary": "the dictionary comes from the run (the dictionary stage, or dictionary_path=<file>)",
+    "lca_settings": "the LCA settings are the top-level lca group (lca.lam=…, lca.threshold=…)",
+    "normalization": "the normalisation is the top-level norm group (norm=<kind>)",
+}
+#: ablation input name (``study.ablation.inputs``) -> WarpCNN overrides
+INPUTS: dict[str, dict[str, Any]] = {
+    "image": {"use_drive": False},
+    "image+drive": {"use_drive": True, "drive_mode": "concat"},
+    "drive+residual": {"use_drive": True, "drive_mode": "residual"},
+}
 
 
 def predictor_config(ctx: RunContext) -> dict[str, Any]:
-    """The ``predictor`` group's settings (``model.warp.predictor`` wins when given)."""
-    conf = OmegaConf.select(ctx.cfg, "model.warp.predictor") or ctx.cfg.get("predictor")
+    """The ``predictor`` group's settings."""
+    conf = ctx.cfg.get("predictor")
     if conf is None:
         raise ValueError("no predictor config: choose one with predictor=small|medium|large")
     out = to_container(conf)
-    out.setdefault("_target_", "warplca.models.WarpCNN")
+    if "_target_" not in out:
+        out["_target_"] = primary_defaults("predictor")["_target_"]
     return out
 
 
@@ -58,18 +75,28 @@ def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
 
 
 def loss_config(ctx: RunContext) -> dict[str, Any]:
-    """``loss`` / ``gamma`` keyword arguments of WarpRegression from the ``loss`` group."""
-    conf = to_container(OmegaConf.select(ctx.cfg, "model.warp.loss") or ctx.cfg.get("loss")) or {}
-    return {"loss": conf.get("name", "laplacian"), "gamma": conf.get("gamma", 3.0)}
+    """``loss`` / ``gamma`` keyword arguments of WarpRegression from the ``loss`` group (keys it leaves
+    out from the option ``train.yaml`` chooses, ``conf/loss/laplacian.yaml``)."""
+    conf = fill_missing(to_container(ctx.cfg.get("loss")) or {}, primary_defaults("loss"))
+    return {"loss": conf["name"], "gamma": conf["gamma"]}
 
 
 def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`)."""
+    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`).
+
+    ``_target_``, ``batch_size``, ``num_workers`` and ``epochs`` the node leaves out come from the option
+    ``train.yaml`` chooses for it (``conf/model/warp_regression.yaml``).
+    """
+    defaults = primary_defaults("model.warp")
     node = to_container(ctx.stage_config("warp")) or {}
+    misplaced = [f"model.warp.{k}: {PIPELINE_KEYS[k]}" for k in node if k in PIPELINE_KEYS]
+    if misplaced:
+        raise ValueError("model.warp holds keys the pipeline sets itself; remove them:\n  "
+                         + "\n  ".join(misplaced))
     data = {k: node.pop(k) for k in DATA_KEYS if k in node}
-    node.pop("predictor", None)
-    node.pop("loss", None)
-    node.setdefault("_target_", _MODULE_TARGET)
+    for key in ("batch_size", "num_workers", "epochs"):
+        data.setdefault(key, defaults[key])
+    node.setdefault("_target_", defaults["_target_"])
     return node, data
 
 
@@ -118,8 +145,8 @@ def fit_quietly(ctx: RunContext, module: pl.LightningModule, train: TargetDatase
     dataset: Any = train
     if limit is not None and limit < len(train):
         dataset = Subset(train, range(int(limit)))
-    datamodule = TargetDataModule(dataset, None, batch_size=int(data.get("batch_size", 64)),
-                                  num_workers=int(data.get("num_workers", 0)), seed=seed)
+    datamodule = TargetDataModule(dataset, None, batch_size=int(data["batch_size"]),
+                                  num_workers=int(data["num_workers"]), seed=seed)
     trainer_cfg = to_container(ctx.cfg.get("trainer")) or {}
     accelerator = str(trainer_cfg.get("accelerator") or "auto")
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=int(epochs), logger=False,

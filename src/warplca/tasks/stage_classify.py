@@ -1,4 +1,5 @@
-"""Stage "classify": noisy classification with pixel, cold-LCA and WARP-LCA front ends (PAPER.md claim 6).
+"""Stage "classify": noisy classification with pixel, cold-LCA and WARP-LCA front ends (README, "Noisy
+classification").
 
 For each front end in ``model.classify.frontends`` (default ``[pixels, lca, warp_lca]``) a classifier
 (:class:`~warplca.modules.noisy_classification.NoisyClassification`, backbone ``model.classify.backbone``)
@@ -11,12 +12,14 @@ level of ``model.classify.corruptions``.
   normalisation (``warp_lca.pt`` / ``warp_path``), so they differ only in the start. Without a
   bundle (``frontends=[pixels,lca]``) the run's dictionary and ``lca`` settings are used.
 - Writes ``classifier_<frontend>.ckpt`` per front end (its test rows inside, so a re-run skips
-  finished front ends), ``classifier.ckpt`` (a copy of ``main_frontend``'s), ``robustness.csv``
-  (its artifact: ``frontend, corruption, level, accuracy, ms_per_image``), ``robustness.png`` and
-  ``robustness.md``.
+  finished front ends; rows computed under another accuracy definition are recomputed),
+  ``classifier.ckpt`` (a copy of ``main_frontend``'s), ``robustness.csv`` (its artifact:
+  ``frontend, corruption, level, accuracy, ms_per_image``), ``robustness.png`` and ``robustness.md``.
 - Returns (and logs to ``metrics.json`` under ``classify``) per front end ``<fe>/clean``,
   ``<fe>/mca``, ``<fe>/ms_per_image``, ``<fe>/val_acc``, ``<fe>/acc/<corruption>@<level>``, plus the
   comparisons ``warp_minus_lca/mca``, ``warp_minus_pixels/mca`` and ``cost_ratio/lca_over_warp``.
+- Every accuracy is micro-averaged: correctly classified test images / test images (not balanced
+  accuracy); ``mca`` is the mean of the per-condition accuracies over every corruption × level.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from warplca.config_defaults import primary_defaults
 from warplca.evaluation.robustness import (
     condition_name,
     robustness_conditions,
@@ -54,20 +58,17 @@ ARTIFACT = "robustness.csv"
 STAGE_KEYS = ("frontends", "lca_iters_cold", "lca_iters_warm", "corruptions", "corruption_seed",
               "cache_features", "cache_dtype", "batch_size", "test_batch_size", "feature_batch_size",
               "epochs", "main_frontend", "trainer")
-_MODULE_TARGET = "warplca.modules.noisy_classification.NoisyClassification"
-_DEFAULTS: dict[str, Any] = {"frontends": ["pixels", "lca", "warp_lca"], "lca_iters_cold": 1000,
-                             "lca_iters_warm": 20, "corruptions": None, "corruption_seed": 0,
-                             "cache_features": "auto", "cache_dtype": "float32", "batch_size": None,
-                             "test_batch_size": None,
-                             "feature_batch_size": 256, "main_frontend": "warp_lca"}
 
 
 def settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(stage settings, module keyword arguments) from ``model.classify``, validated."""
+    """(stage settings, module keyword arguments) from ``model.classify``, validated; stage keys and
+    ``_target_`` it leaves out come from the option ``train.yaml`` chooses for it
+    (``conf/model/noisy_classification.yaml``)."""
+    defaults = primary_defaults("model.classify")
     node = to_container(ctx.stage_config("classify")) or {}
-    stage = {k: node.pop(k, _DEFAULTS.get(k)) for k in STAGE_KEYS if k != "trainer"}
+    stage = {k: node.pop(k, defaults.get(k)) for k in STAGE_KEYS if k != "trainer"}
     node.pop("trainer", None)
-    node.setdefault("_target_", _MODULE_TARGET)
+    node.setdefault("_target_", defaults["_target_"])
     kinds = list(stage["frontends"] or [])
     unknown = [k for k in kinds if k not in FRONTENDS]
     if not kinds or unknown:
@@ -126,14 +127,22 @@ def build_frontends(ctx: RunContext, stage: dict[str, Any]) -> dict[str, FrontEn
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]] | None:
-    """The robustness rows stored in a finished ``classifier_<fe>.ckpt`` (None if unreadable)."""
+    """The robustness rows stored in a finished ``classifier_<fe>.ckpt`` (None if unreadable, or if its
+    accuracies were averaged another way than :attr:`NoisyClassification.ACCURACY_AVERAGE`)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated file: redo that front end
         log.warning("classify: cannot read %s (%s); retraining", path, exc)
         return None
     rows = ckpt.get("robustness_rows") if isinstance(ckpt, dict) else None
-    return list(rows) if rows else None
+    if not rows:
+        return None
+    average = ckpt.get("accuracy_average", "macro")  # older checkpoints: torchmetrics' default, macro
+    if average != NoisyClassification.ACCURACY_AVERAGE:
+        log.warning("classify: %s holds %s-averaged accuracies (now %s: correct / images); recomputing",
+                    path, average, NoisyClassification.ACCURACY_AVERAGE)
+        return None
+    return list(rows)
 
 
 def _set_checkpoint_dir(trainer: Any, directory: Path) -> None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from warplca.lca import LCA, ConvDictionary, random_dictionary_like
+from warplca.coder import SparseCoder
+from warplca.lca import LCA, ConvDictionary, atom_usage, random_dictionary_like, used_atoms
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
 from warplca.plotting import atom_grid, image_grid, save_png
 from warplca.tasks.context import RunContext
@@ -46,24 +48,26 @@ def build_dictionary(ctx: RunContext) -> ConvDictionary:
 @torch.no_grad()
 def evaluate_dictionary(dictionary: ConvDictionary, lca_settings: dict[str, Any], normalization: Any,
                         loader: Any, iters: int, max_batches: int | None = None) -> dict[str, float]:
-    """PSNR/SSIM (pixel scale), sparsity and energy of LCA codes of ``loader``'s images.
+    """PSNR/SSIM (pixel scale), sparsity, energy and atom usage of LCA codes of ``loader``'s images.
 
-    The same metrics the module logs, without Lightning: for baselines (the random dictionary).
+    The same metrics the module logs, without Lightning: for the learned dictionary and baselines.
+    ``atoms_used`` counts the atoms with at least a twentieth of a uniform share of the activations.
     """
-    lca = LCA(dictionary, **{**lca_settings, "iters": iters})
+    coder = SparseCoder(dictionary, LCA(dictionary, **{**lca_settings, "iters": iters}), normalization)
     recon_m, sparsity, energy = reconstruction_metrics(), SparsityMetric(), EnergyMetric()
     device = dictionary.weight.device
+    usage = torch.zeros(dictionary.n_atoms, dtype=torch.float64)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-        x = normalization.apply(images)
-        res = lca(x)
-        recon_m.update(normalization.invert(res.recon).clamp(0.0, 1.0), images)
-        sparsity.update(res.a)
-        energy.update(res.energy, x[0].numel())
+        coded = coder.code(images, warm=False)
+        recon_m.update(coded.pixels, images)
+        sparsity.update(coded.result.a)
+        energy.update(coded.result.energy, images[0].numel())
+        usage += atom_usage(coded.result.a).cpu()
     out = {**recon_m.compute(), **sparsity.compute(), **energy.compute()}
-    return {k: float(v) for k, v in out.items()}
+    return {**{k: float(v) for k, v in out.items()}, "atoms_used": float(used_atoms(usage))}
 
 
 def _test_batches(trainer: Any, available: int) -> int | None:
@@ -99,6 +103,8 @@ def run(ctx: RunContext) -> dict[str, float]:
         if ckpt is not None:
             log.info("resuming the dictionary stage from %s", ckpt)
     trainer = ctx.trainer("dictionary")
+    started = time.perf_counter()
+    epoch_before = trainer.current_epoch
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -107,6 +113,7 @@ def run(ctx: RunContext) -> dict[str, float]:
         raise RuntimeError(f"could not resume the dictionary stage from {ckpt} (written with another "
                            f"config?): {exc}. Pass force=true or resume=false to train afresh") from exc
 
+    fit_seconds = time.perf_counter() - started
     # Test outside Lightning, learned and random alike: one code path for every strategy (a second
     # ddp_spawn launch for trainer.test would cost a process start and trips the CSV logger).
     root = trainer.strategy.root_device
@@ -131,6 +138,11 @@ def run(ctx: RunContext) -> dict[str, float]:
     metrics["global_step"] = float(trainer.global_step)
     learned = learned.cpu()
     metrics["atom_change"] = float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean())
+    height, width = (int(v) for v in next(iter(loader))[0].shape[-2:])
+    metrics["lipschitz"] = float(learned.operator_norm(height, width))
+    metrics["fit_time_s"] = fit_seconds
+    metrics["epoch_time_s"] = fit_seconds / max(1, trainer.current_epoch - epoch_before)
+    metrics["atoms_resampled"] = float(module.resampled_total)
 
     meta = {
         "normalization": normalization.to_dict(),
@@ -144,12 +156,13 @@ def run(ctx: RunContext) -> dict[str, float]:
         path = learned.save(ctx.artifact(ARTIFACT), **meta)
         save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"), upscale=4)
         images = next(iter(dm.test_dataloader()))[0][:16]
-        res = LCA(learned, **{**lca_settings, "iters": iters})(normalization.apply(images))
-        recon = normalization.invert(res.recon).clamp(0.0, 1.0)
+        coder = SparseCoder(learned, LCA(learned, **{**lca_settings, "iters": iters}), normalization)
+        recon = coder.code(images, warm=False).pixels
         save_png(image_grid(torch.stack([images, recon], 1).flatten(0, 1), ncol=8),
                  ctx.artifact("reconstructions.png"), upscale=2)
         log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f) "
-                 "after %d LCA steps", path, scores["psnr"], baseline["psnr"], scores["l0_per_image"],
-                 baseline["l0_per_image"], iters)
+                 "after %d LCA steps; %d of %d atoms used, L = %.1f, %.1f s per epoch", path, scores["psnr"],
+                 baseline["psnr"], scores["l0_per_image"], baseline["l0_per_image"], iters,
+                 scores["atoms_used"], learned.n_atoms, metrics["lipschitz"], metrics["epoch_time_s"])
     ctx.set_dictionary(learned, meta)
     return metrics

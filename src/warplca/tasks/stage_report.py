@@ -1,8 +1,8 @@
 """Stage "report": the convergence evaluation of the run's WARP-LCA bundle, ending the main job.
 
 Loads ``warp_lca.pt`` (or ``warp_path``), runs cold LCA and WARP-LCA on the test split of the run's
-data (``eval.*`` settings when the config has an ``eval`` node, else
-:data:`warplca.tasks.evaluate.DEFAULTS`: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
+data (:func:`warplca.evaluation.experiments.eval_settings`: the config's ``eval`` node, if any, over
+``conf/eval/convergence.yaml``: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
 ``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact: the convergence section, then
 the classify stage's robustness table and the ablation / learning-curve sections if those stages ran,
 and the training stages' metrics) into the run
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from warplca.evaluation.common import describe_model, load_model, resolve_device
+from warplca.evaluation.experiments import eval_images, eval_settings, robustness_result, run_convergence
 from warplca.evaluation.report import fmt, log_to_loggers, markdown_table, write_report_section
 from warplca.tasks.context import RunContext
-from warplca.tasks.evaluate import convergence_settings, eval_images, robustness_result, run_convergence
 from warplca.tasks.utils import evaluation_device_name
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     """Evaluate convergence on the test split, write the report and print the closing table."""
     if not ctx.is_rank_zero:
         return {}
-    settings = convergence_settings(ctx.cfg)
+    settings = eval_settings(ctx.cfg)
     device = _device(ctx)
     model = load_model(_bundle_path(ctx), device)
     dm = ctx.datamodule

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from warplca.config_defaults import primary_defaults
 from warplca.data.target_cache import (
     TargetCache,
     TargetCacheIncompleteError,
@@ -34,13 +35,9 @@ from warplca.tasks.utils import to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT", "DEFAULTS", "cache_dir", "expected", "is_done", "run", "settings"]
+__all__ = ["ARTIFACT", "cache_dir", "expected", "is_done", "run", "settings"]
 
 ARTIFACT = "targets/COMPLETE"
-
-#: the ``targets`` config keys and their defaults
-DEFAULTS: dict[str, Any] = {"iters": 200, "splits": ["train", "val"], "batch_size": 128, "chunk_size": 256,
-                            "limit": None, "num_workers": 0, "solver": "cold", "continuation": None}
 
 
 def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
@@ -51,15 +48,17 @@ def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
 
 
 def settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``targets`` config with defaults filled in (unknown keys refused).
+    """The ``targets`` config, keys it leaves out or null taken from ``conf/targets/default.yaml``
+    (the YAML is the only place a default lives); unknown keys refused.
 
     Under ``trainer.fast_dev_run`` only the first chunk of each split is cached (a smoke test).
     """
+    defaults = primary_defaults("targets")
     conf = to_container(ctx.cfg.get("targets")) or {}
-    unknown = sorted(set(conf) - set(DEFAULTS))
+    unknown = sorted(set(conf) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown targets config keys {unknown}; known: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **{k: v for k, v in conf.items() if v is not None or k == "limit"}}
+        raise ValueError(f"unknown targets config keys {unknown}; known: {sorted(defaults)}")
+    out = {**defaults, **{k: v for k, v in conf.items() if v is not None or k == "limit"}}
     out["splits"] = [str(s) for s in out["splits"]]
     if "train" not in out["splits"]:
         raise ValueError(f"targets.splits must include train (the warp stage trains on it), "

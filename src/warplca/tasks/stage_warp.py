@@ -36,8 +36,8 @@ def run(ctx: RunContext) -> dict[str, float]:
     _, data = warp_data_settings(ctx)
     module, n_params = build_module(ctx, dictionary, lca, norm)
     predictor = module.predictor
-    datamodule = TargetDataModule(sets["train"], sets.get("val"), batch_size=int(data.get("batch_size", 64)),
-                                  num_workers=int(data.get("num_workers", 0)),
+    datamodule = TargetDataModule(sets["train"], sets.get("val"), batch_size=int(data["batch_size"]),
+                                  num_workers=int(data["num_workers"]),
                                   seed=int(ctx.cfg.get("seed") or 0))
 
     overrides: dict[str, Any] = {}

@@ -24,15 +24,17 @@ from typing import Any
 import torch
 
 from warplca.bundle import WarpLCA
+from warplca.config_defaults import primary_defaults
 from warplca.data.target_cache import TargetDataset
 from warplca.evaluation.common import resolve_device
 from warplca.evaluation.convergence import Curves
+from warplca.evaluation.experiments import eval_images
 from warplca.evaluation.report import write_csv
 from warplca.evaluation.warm_start_study import cold_reference, cold_row, format_scores, score_warm_start
 from warplca.serialization import write_text_atomic
 from warplca.tasks.context import RunContext
-from warplca.tasks.evaluate import eval_images
 from warplca.tasks.predictor_fit import (
+    INPUTS,
     build_module,
     build_predictor,
     fit_quietly,
@@ -43,41 +45,25 @@ from warplca.tasks.utils import evaluation_device_name, to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULTS", "Study", "study_settings"]
-
-#: the ``study`` node's defaults (conf/study/default.yaml documents them)
-DEFAULTS: dict[str, Any] = {
-    "split": "val",
-    "n_images": 64,
-    "iters": None,
-    "budgets": [10, 100],
-    "batch_size": 64,
-    "ablation": {"losses": ["laplacian", "mse", "l1"], "inputs": ["image", "image+drive"], "epochs": None},
-    "learning_curve": {"sizes": [256, 512, 1024, 2048], "epochs": [10, 20, 40]},
-}
-
-#: ablation input name -> WarpCNN overrides
-INPUTS: dict[str, dict[str, Any]] = {
-    "image": {"use_drive": False},
-    "image+drive": {"use_drive": True, "drive_mode": "concat"},
-    "drive+residual": {"use_drive": True, "drive_mode": "residual"},
-}
+__all__ = ["INPUTS", "Study", "study_settings"]
 
 
 def study_settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``study`` config over :data:`DEFAULTS` (unknown keys refused, naming them)."""
+    """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (the YAML is the
+    only place a default lives); unknown keys refused, naming them."""
+    defaults = primary_defaults("study")
     conf = to_container(ctx.cfg.get("study")) or {}
-    unknown = sorted(set(conf) - set(DEFAULTS))
-    out = copy.deepcopy(DEFAULTS)
+    unknown = sorted(set(conf) - set(defaults))
+    out = copy.deepcopy(defaults)
     for key in ("ablation", "learning_curve"):
         sub = conf.pop(key, None) or {}
-        bad = sorted(set(sub) - set(DEFAULTS[key]))
+        bad = sorted(set(sub) - set(defaults[key]))
         unknown += [f"{key}.{b}" for b in bad]
         out[key].update(sub)
     if unknown:
-        raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(DEFAULTS)} "
-                         f"(ablation: {sorted(DEFAULTS['ablation'])}, "
-                         f"learning_curve: {sorted(DEFAULTS['learning_curve'])})")
+        raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(defaults)} "
+                         f"(ablation: {sorted(defaults['ablation'])}, "
+                         f"learning_curve: {sorted(defaults['learning_curve'])})")
     out.update(conf)
     bad_inputs = [i for i in out["ablation"]["inputs"] if i not in INPUTS]
     if bad_inputs:
@@ -169,10 +155,11 @@ class Study:
         return row
 
     def warp_epochs(self) -> int:
-        """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else 20)."""
+        """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else the
+        epochs of ``conf/model/warp_regression.yaml``)."""
         _, data = warp_data_settings(self.ctx)
         epochs = data.get("epochs") or (data.get("trainer") or {}).get("max_epochs")
-        return int(epochs or 20)
+        return int(epochs or primary_defaults("model.warp")["epochs"])
 
     # -- outputs --------------------------------------------------------------------------------------
     def finish(self, rows: list[dict[str, Any]], markdown: str,

@@ -35,6 +35,7 @@ __all__ = [
     "get_metric_value",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "is_user_error",
     "rank_suffix",
     "seed_everything",
     "task_wrapper",
@@ -176,12 +177,43 @@ def close_wandb() -> None:
         log.warning("wandb.finish() failed", exc_info=True)
 
 
-def task_wrapper(fn: F) -> F:
-    """Decorate a task ``fn(cfg)``: log a failure with its traceback, always close wandb.
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the config or the files are wrong rather than the code: a ``ValueError``
+    (a bad config value, :class:`~warplca.config_validation.ConfigError`), a ``FileNotFoundError`` (a
+    missing artifact, :class:`~warplca.data.datamodule.DatasetNotFoundError`) or a
+    :class:`~warplca.tasks.stages.StageNotAvailableError`. Their messages name the key or file and the fix."""
+    from warplca.tasks.stages import StageNotAvailableError
 
-    A failure is recorded as ``FAILED`` in the job directory (:mod:`warplca.runtime`). Inside a Hydra
-    multirun the wrapper then returns :data:`warplca.runtime.FAILED_METRICS` instead of raising, so the
-    basic launcher goes on with the other jobs (``+fail_fast=true`` re-raises); a single run re-raises.
+    return isinstance(exc, (ValueError, FileNotFoundError, StageNotAvailableError))
+
+
+def _started_by_hydra_app() -> bool:
+    """Whether this call runs inside Hydra's ``run_job`` (``python train.py``, ``warplca-train``, …) rather
+    than as a plain function call (tests, notebooks, :func:`compose_config`)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "run_job" and frame.f_globals.get("__name__") == "hydra.core.utils":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def task_wrapper(fn: F) -> F:
+    """Decorate a task ``fn(cfg)``: record a failure, report it once, always close wandb.
+
+    A failure is recorded as ``FAILED`` in the job directory (:mod:`warplca.runtime`: the error, then the
+    traceback). Then:
+
+    - inside a Hydra multirun the wrapper logs the error with its traceback and returns
+      :data:`warplca.runtime.FAILED_METRICS` instead of raising, so the sweep goes on with the other jobs
+      (``+fail_fast=true`` re-raises);
+    - a single run started by the Hydra app (``python train.py …``) that fails with a user error
+      (:func:`is_user_error`: a bad config value, a missing dataset or artifact) logs the message once —
+      console and job log, no traceback — and exits with status 1 (``SystemExit(1)``); with
+      ``HYDRA_FULL_ERROR=1`` it re-raises, and Python prints the full traceback;
+    - otherwise (a bug, or a plain function call from tests or notebooks) it logs one line and
+      re-raises the exception unchanged; whoever catches it (Hydra, Python, the caller) shows the
+      traceback, once.
     """
 
     @functools.wraps(fn)
@@ -194,11 +226,18 @@ def task_wrapper(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            log.exception("task %s failed", fn.__name__)
             marker = runtime.record_failure(job, exc)
             if cfg is not None and runtime.continue_on_failure(cfg):
+                log.exception("task %s failed", fn.__name__)
                 log.error("job failed (recorded in %s); the sweep goes on with the next job", marker)
                 return dict(runtime.FAILED_METRICS)
+            where = f" (traceback in {marker})" if marker is not None else ""
+            if (is_user_error(exc) and os.environ.get("HYDRA_FULL_ERROR") != "1"
+                    and _started_by_hydra_app()):
+                log.error("%s: %s", type(exc).__name__, exc)
+                log.error("%s failed%s; HYDRA_FULL_ERROR=1 prints the traceback", fn.__name__, where)
+                raise SystemExit(1) from None
+            log.error("task %s failed: %s: %s%s", fn.__name__, type(exc).__name__, exc, where)
             raise
         finally:
             close_wandb()
@@ -235,8 +274,10 @@ def get_metric_value(metrics: Mapping[str, float], name: str | None) -> float | 
 
 
 def default_config_dir() -> Path:
-    """The repository's ``conf/`` directory (next to ``train.py``)."""
-    return Path(__file__).resolve().parents[3] / "conf"
+    """The Hydra config tree shipped inside the package (``warplca/conf``)."""
+    from warplca.config_defaults import config_dir
+
+    return config_dir()
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,
