@@ -19,8 +19,10 @@ start) on the natural test split (crops of coffee and rocket, never seen by any 
 Each dictionary is coded under one common normalisation (``--norm``, default the project default
 ``image_mean``) so that what is kept outside the code is the same for all, and additionally under the
 normalisation it was trained with. The table interpolates PSNR at 40, 80 and 150 active coefficients per
-image (log-linear in the coefficient count); the JSON has every point. Prints JSON, then the table;
-writes ``rate_distortion.json``, ``rate_distortion.md`` and ``rate_distortion.png`` into ``--out``.
+image (log-linear in the coefficient count); the JSON has every point. Each finished curve is cached in
+``--out`` (keyed by the dictionary's fingerprint and the settings), so an interrupted run resumes.
+Prints JSON, then the table; writes ``rate_distortion.json``, ``rate_distortion.md`` and
+``rate_distortion.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="+",
                         default=[0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.56, 0.8, 1.1, 1.6])
     parser.add_argument("--iters", type=int, default=500, help="LCA steps per code (cold start)")
-    parser.add_argument("--n-test", type=int, default=128, help="test crops")
+    parser.add_argument("--n-test", type=int, default=64, help="test crops")
     parser.add_argument("--norm", default="image_mean", help="the common normalisation")
     parser.add_argument("--sporco-crops", type=int, default=160, help="training crops for sporco")
     parser.add_argument("--sporco-iters", type=int, default=60)
@@ -256,7 +258,17 @@ def main() -> None:
                 entry["own"] = entry["common"]
                 continue
             started = time.perf_counter()
-            pts = curve(dictionary, norm, test_images, args.lams, args.iters)
+            key = {"dictionary": dictionary.fingerprint(), "norm": norm.to_dict(), "lams": args.lams,
+                   "iters": args.iters, "n_test": len(test_images)}
+            cache = args.out / f"curve_{name}_{norm.kind}.json"
+            cached = json.loads(cache.read_text()) if cache.is_file() else None
+            if cached is not None and cached.get("key") == key:
+                pts = cached["points"]
+            else:
+                pts = curve(dictionary, norm, test_images, args.lams, args.iters)
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"key": key, "points": pts}))
+                tmp.replace(cache)  # atomic: a killed run leaves no half-written curve
             entry[key] = {"norm": norm.kind, "points": pts,
                           "at": {str(a): at(pts, a) for a in ANCHORS}}
             results["base_psnr"][norm.kind] = base_psnr(norm, test_images)
