@@ -138,7 +138,8 @@ def run(ctx: RunContext) -> dict[str, float]:
     metrics["global_step"] = float(trainer.global_step)
     learned = learned.cpu()
     metrics["atom_change"] = float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean())
-    height, width = (int(v) for v in next(iter(loader))[0].shape[-2:])
+    preview = next(iter(loader))[0][:16]  # one test batch: the image size for L, and the figure below
+    height, width = (int(v) for v in preview.shape[-2:])
     metrics["lipschitz"] = float(learned.operator_norm(height, width))
     metrics["fit_time_s"] = fit_seconds
     metrics["epoch_time_s"] = fit_seconds / max(1, trainer.current_epoch - epoch_before)
@@ -155,9 +156,8 @@ def run(ctx: RunContext) -> dict[str, float]:
     if ctx.is_rank_zero:
         path = learned.save(ctx.artifact(ARTIFACT), **meta)
         save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"), upscale=4)
-        images = next(iter(dm.test_dataloader()))[0][:16]
         coder = SparseCoder(learned, LCA(learned, **{**lca_settings, "iters": iters}), normalization)
-        recon = coder.code(images, warm=False).pixels
+        images, recon = preview, coder.code(preview, warm=False).pixels
         save_png(image_grid(torch.stack([images, recon], 1).flatten(0, 1), ncol=8),
                  ctx.artifact("reconstructions.png"), upscale=2)
         log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f) "
