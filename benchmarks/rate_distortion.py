@@ -258,16 +258,16 @@ def main() -> None:
                 entry["own"] = entry["common"]
                 continue
             started = time.perf_counter()
-            key = {"dictionary": dictionary.fingerprint(), "norm": norm.to_dict(), "lams": args.lams,
-                   "iters": args.iters, "n_test": len(test_images)}
+            cache_key = {"dictionary": dictionary.fingerprint(), "norm": norm.to_dict(), "lams": args.lams,
+                         "iters": args.iters, "n_test": len(test_images)}
             cache = args.out / f"curve_{name}_{norm.kind}.json"
             cached = json.loads(cache.read_text()) if cache.is_file() else None
-            if cached is not None and cached.get("key") == key:
+            if cached is not None and cached.get("key") == cache_key:
                 pts = cached["points"]
             else:
                 pts = curve(dictionary, norm, test_images, args.lams, args.iters)
                 tmp = cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"key": key, "points": pts}))
+                tmp.write_text(json.dumps({"key": cache_key, "points": pts}))
                 tmp.replace(cache)  # atomic: a killed run leaves no half-written curve
             entry[key] = {"norm": norm.kind, "points": pts,
                           "at": {str(a): at(pts, a) for a in ANCHORS}}

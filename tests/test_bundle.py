@@ -231,3 +231,20 @@ def test_start_guard_is_saved_and_old_bundles_load_with_it_on(tmp_path: Path) ->
     assert torch.equal(old(x, iters=3).u, model(x, iters=3).u)
     with pytest.raises(ValueError, match="start_guard"):
         WarpLCA(model.dictionary, model.predictor, model.lca, start_guard="yes")  # type: ignore[arg-type]
+
+
+def test_a_bundle_from_before_the_norm_group_loads_as_dataset_mean(tmp_path: Path) -> None:
+    """Bundles written before normalisation kinds existed saved only ``mean`` and ``scale``: they load,
+    undo the dataset mean as they did then, and reconstruct exactly as the same model built today."""
+    from warplca.bundle import FORMAT
+    from warplca.serialization import save_atomic
+
+    norm = Normalization(mean=(0.4, 0.5, 0.6), scale=2.0, kind="dataset_mean")
+    model = _model(normalization=norm)
+    payload = model.to_payload()
+    payload["normalization"] = {"mean": [0.4, 0.5, 0.6], "scale": 2.0}  # the old layout
+    save_atomic({**payload, "meta": {}}, tmp_path / "old.pt", FORMAT)
+    old = WarpLCA.load(tmp_path / "old.pt")
+    assert old.normalization is not None and old.normalization.kind == "dataset_mean"
+    x = _images()
+    assert torch.equal(old.code(x, iters=4).pixels, model.code(x, iters=4).pixels)

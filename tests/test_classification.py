@@ -114,6 +114,14 @@ def test_frontends_are_frozen_copies_and_time_themselves() -> None:
     assert not feats.requires_grad and ms >= 0.0
 
 
+def test_lca_frontend_loads_the_atoms_of_older_classifier_checkpoints() -> None:
+    """Checkpoints from before the front end held a SparseCoder store the atoms as ``dictionary.weight``."""
+    fe = LCAFrontEnd(_dictionary(), {"lam": 0.3, "tau": "auto"}, iters=2, normalization=NORM)
+    atoms = _dictionary().weight.detach() + 1.0
+    fe.load_state_dict({"dictionary.weight": atoms})
+    assert torch.equal(fe.dictionary.weight, atoms) and fe.lca.dictionary is fe.dictionary
+
+
 def test_frontend_errors_are_clear() -> None:
     d = _dictionary()
     fe = LCAFrontEnd(d, {"lam": 0.3, "tau": "auto"}, iters=2)

@@ -626,3 +626,14 @@ def test_corrupt_is_device_independent() -> None:
         cpu = corrupt(images, name, DEFAULT_LEVELS[name][2], seed=3)
         gpu = corrupt(images.cuda(), name, DEFAULT_LEVELS[name][2], seed=3).cpu()
         assert torch.allclose(cpu, gpu, atol=1e-5)
+
+
+def test_a_data_config_from_before_the_norm_group_gives_the_same_test_crops() -> None:
+    """Runs made before the ``norm`` group saved ``norm_scale`` and no ``sources``: evaluating them
+    still builds the natural datamodule (the stale key dropped), on the same test crops as today."""
+    from warplca.evaluation.common import build_datamodule_from_config
+
+    old = {"_target_": "warplca.data.NaturalDataModule", "n_train": 8, "n_val": 4, "n_test": 6, "seed": 0,
+           "scale": 0.5, "min_std": 0.02, "norm_scale": 1.0}
+    today = NaturalDataModule(n_train=8, n_val=4, n_test=6, seed=0)
+    assert torch.equal(build_datamodule_from_config(old).tensor("test")[0], today.tensor("test")[0])

@@ -145,7 +145,7 @@ def test_log_spaced_ks() -> None:
 
 def test_segmented_run_equals_one_long_run(model: Any) -> None:
     """Restarting LCA from the previous states at every checkpoint is the same computation."""
-    from warplca.evaluation.convergence import run_curves
+    from warplca.evaluation.curves import run_curves
 
     images = test_images()
     x = model.preprocess(images)
@@ -163,19 +163,20 @@ def test_segmented_run_equals_one_long_run(model: Any) -> None:
 
 
 def test_iterations_to_match_rules() -> None:
-    from warplca.evaluation.convergence import iterations_to_match
+    from warplca.evaluation.curves import iterations_to_match
 
     cold = _curves([[9, 9, 9], [6, 6, 6], [5, 5, 4], [4, 4, 3]])  # T = 3: reference (4, 4, 3)
     warm = _curves([[8, 8, 8], [4, 7, 5], [3, 5, 4], [3, 4, 3.5]])
     m = iterations_to_match(cold, warm)
     assert m["per_image"][0] == 1 and m["per_image"][1] == 3 and math.isnan(m["per_image"][2])
-    assert m["mean"] == 3  # mean curve: 8, 5.33, 4, 3.5 vs reference 11/3 -> first at k = 3
-    assert m["median"] == 3 and m["matched_frac"] == pytest.approx(2 / 3) and m["speedup"] == 1.0
+    assert m["iterations_to_match"] == 3  # mean curve: 8, 5.33, 4, 3.5 vs reference 11/3 -> first at k = 3
+    assert m["iterations_to_match_median"] == 3 and m["matched_frac"] == pytest.approx(2 / 3)
+    assert m["speedup"] == 1.0
 
 
 def _curves(energy: list[list[float]]) -> Any:
     """Curves with the given energy trace (rows: iterations 0..T, columns: images), other metrics 0."""
-    from warplca.evaluation.convergence import Curves
+    from warplca.evaluation.curves import Curves
 
     e = torch.tensor(energy, dtype=torch.float64)
     z = torch.zeros_like(e)
@@ -184,7 +185,8 @@ def _curves(energy: list[list[float]]) -> Any:
 
 
 def test_equal_energy_speedup_rules() -> None:
-    from warplca.evaluation.convergence import equal_energy_speedup, iterations_to_match, speedup_display
+    from warplca.evaluation.convergence import speedup_display
+    from warplca.evaluation.curves import equal_energy_speedup, iterations_to_match
 
     # T = 4, three images; image 2's cold run never gets below 10
     cold = _curves([[10, 10, 10], [10, 9, 10], [6, 8, 10], [4, 7, 10], [3.5, 6, 10]])
@@ -207,7 +209,7 @@ def test_equal_energy_speedup_rules() -> None:
     assert by[("warm", 4)]["cold_iterations"] == math.inf and by[("warm", 4)]["speedup"] == math.inf
     # cold budget k = T is iterations-to-match: warm reaches 6.5 after 2 -> speed-up 2
     r = by[("cold", 4)]
-    assert r["warm_iterations"] == 2 == iterations_to_match(cold, warm)["mean"]
+    assert r["warm_iterations"] == 2 == iterations_to_match(cold, warm)["iterations_to_match"]
     assert r["cold_iterations"] == 4 and r["speedup"] == 2.0 and r["never_frac"] == 0.0
     # per image warm iterations 3, 2, 0 -> speed-ups 4/3, 2, 4 (a 0-iteration start counts as 1)
     assert (r["q25_iterations"], r["q50_iterations"], r["q75_iterations"]) == (0, 2, 3)
@@ -276,6 +278,26 @@ def test_log_to_loggers_sends_scalars_images_tables(tmp_path: Path) -> None:
     assert kinds["image"] == ("img", (8, 9, 3))
     assert kinds["table"] == ("t", ["k", "v"], [[1, 2.5]])
     assert "x" in (tmp_path / "csv" / "eval" / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
+def test_measuring_writes_nothing_and_the_writer_writes_everything(model: Any, tmp_path: Path) -> None:
+    """An experiment measures into a result; :func:`write_result` alone turns it into files."""
+    from warplca.evaluation.convergence import TimingSettings, measure_convergence
+    from warplca.evaluation.report import write_result
+
+    before = set(Path.cwd().iterdir())
+    result = measure_convergence(model, test_images()[:4], iters=5, budgets=[1, 5], batch_size=4, examples=2,
+                                 examples_iters=1, timing=TimingSettings(enabled=False), show_progress=False)
+    assert set(Path.cwd().iterdir()) == before and result.files == {}
+    assert {"convergence.csv", "speedup.csv"} <= set(result.csv)
+    assert result.metrics["convergence/T"] == 5 and "convergence/iterations_to_match" in result.metrics
+    files = write_result(result, tmp_path, metrics_section="eval")
+    for name in (*result.csv, *(f.filename for f in result.figures.values())):
+        assert (tmp_path / name).is_file(), name
+    assert files["plot"] == tmp_path / "convergence.png"
+    assert "<!-- warplca:convergence -->" in (tmp_path / "report.md").read_text()
+    saved = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert saved["convergence/T"] == 5
 
 
 # -- convergence -----------------------------------------------------------------------------------

@@ -122,3 +122,43 @@ def test_bad_study_settings_are_refused(tmp_path: Path, dictionary_path: Path, o
 
     problems = check_train_config(compose_config(_overrides(dictionary_path, override), output_dir=tmp_path))
     assert any(k.startswith(key) for k, _ in problems), problems
+
+
+def test_symmetries_are_the_seven_non_identity_ones() -> None:
+    from warplca.tasks.stage_levers import symmetry
+
+    x = torch.arange(9.0).view(1, 1, 3, 3)
+    seen = {tuple(symmetry(x, i).flatten().tolist()) for i in range(1, 8)}
+    assert len(seen) == 7 and tuple(x.flatten().tolist()) not in seen
+
+
+def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dictionary_path: Path) -> None:
+    """Predictor variants, augmentation (twice the training pairs) and self-distillation, on val."""
+    from warplca.tasks import stage_levers
+    from warplca.tasks.train import train
+    from warplca.tasks.utils import compose_config
+
+    overrides = _overrides(dictionary_path, "stages=[targets,warp,levers,report]",
+                           "study.levers.predictors.medium={width: 48}", "~study.levers.predictors.kernel5")
+    run = tmp_path / "run"
+    seen: list[int] = []
+    real = stage_levers.Study.fit
+
+    def recording_fit(self, epochs, limit=None, predictor_overrides=None, loss_overrides=None, train=None):
+        seen.append(len(self.train if train is None else train))
+        return real(self, epochs, limit, predictor_overrides, loss_overrides, train)
+
+    stage_levers.Study.fit = recording_fit  # type: ignore[method-assign]
+    try:
+        metrics = train(compose_config(overrides, output_dir=run))
+    finally:
+        stage_levers.Study.fit = real  # type: ignore[method-assign]
+    rows = _rows(run / "levers.csv")
+    assert [r["variant"] for r in rows] == ["baseline", "predictor medium", "augment", "self-distill"]
+    assert seen == [64, 64, 128, 64]  # augmentation doubles the pairs; the baseline is not retrained
+    params = {r["variant"]: int(r["params"]) for r in rows}
+    assert params["predictor medium"] > params["baseline"]
+    for row in rows:
+        assert 0 < float(row["energy@20"]) <= float(row["energy@0"]) + 1e-6
+    assert "## Levers" in (run / "report.md").read_text(encoding="utf-8")
+    assert "levers/baseline/iterations_to_match" in metrics

@@ -223,3 +223,27 @@ def test_gamma_by_target_iters_sweep_end_to_end(tmp_path: Path) -> None:
     summary = summarize_sweep(sweep)
     assert summary.metrics["sweep/jobs"] == 4.0 and summary.metrics["sweep/failed"] == 0.0
     assert (sweep / "sweep_loss.gamma.png").is_file() and (sweep / "sweep_targets.iters.png").is_file()
+
+
+def test_a_two_parameter_sweep_gets_a_map_and_pivot_tables(tmp_path: Path) -> None:
+    """λ × norm: every cell of the pivot holds its own job's metric; a missing job is a NaN cell."""
+    import json
+
+    from warplca.evaluation.sweep import find_jobs, pivot, read_job, summarize_sweep
+
+    cells = {(0.1, "image_mean"): 40.0, (0.4, "image_mean"): 400.0, (0.1, "dataset_mean"): 90.0}
+    for n, ((lam, norm), value) in enumerate(cells.items()):
+        job = tmp_path / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"lca.lam={lam}", f"norm={norm}"]))
+        metrics = {"report": {"convergence": {"iterations_to_match": value}}}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    jobs = [read_job(p) for p in find_jobs(tmp_path)]
+    rows, cols, grid = pivot(jobs, "lca.lam", "norm", "report/convergence/iterations_to_match")
+    assert rows == [0.1, 0.4] and cols == ["image_mean", "dataset_mean"]
+    assert grid[0].tolist() == [40.0, 90.0] and grid[1, 0] == 400.0 and grid[1, 1] != grid[1, 1]
+
+    result = summarize_sweep(tmp_path, metrics=["iterations_to_match"])
+    assert (tmp_path / "sweep_map.png").stat().st_size > 0
+    assert "Maps over lca.lam × norm" in result.markdown
+    assert "| 0.4" in result.markdown and "400" in result.markdown

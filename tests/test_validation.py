@@ -84,7 +84,8 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     assert "  lca.lam=-1: must be a finite number ≥ 0" in text
     assert "  dictionary.kernel_size=8: must be odd" in text
     assert "  loss.name=laplacain: unknown loss; known: laplacian, mse, l1" in text
-    assert "unknown stage(s) ['bogus']" in text and "unknown threshold; known: hard, soft, cel0, half" in text
+    assert "stages=[dictionary,bogus]: unknown stage(s)" in text
+    assert "unknown threshold; known: hard, soft, cel0, half" in text
     assert isinstance(info.value, ValueError)
 
 
@@ -95,7 +96,8 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("lca.nonneg=maybe", "lca.nonneg", "must be true or false"),
     ("lca=cel0", None, None),
     ("lca.tol=0", "lca.tol", "> 0"),
-    ("+lca.lamda=1", "lca", "unknown lca config keys ['lamda']"),
+    ("+lca.lamda=1", "lca.lamda", "unknown key for LCA"),
+    ("+lca.lamm=1", "lca.lamm", "did you mean lca.lam?"),
     ("predictor.kernel_size=4", "predictor.kernel_size", "must be odd"),
     ("predictor.activation=tanh", "predictor.activation", "unknown activation"),
     ("model.warp.eval_iters=[]", "model.warp.eval_iters", "non-empty list"),
@@ -125,17 +127,15 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("+eval.n_image=8", "eval.n_image", "did you mean eval.n_images?"),
     ("+eval.convergence.timing.enable=false", "eval.convergence.timing.enable", "timing.enabled"),
     ("+eval.n_images=8", None, None),
-    ("trainer.precision=bf15", "trainer.precision", "unknown precision"),
-    ("++trainer.strategy=dpp", "trainer.strategy", "unknown strategy"),
-    ("trainer.devices=0", "trainer.devices", "integer ≥ 1"),
-    ("+trainer.num_node=2", "trainer", "unknown Trainer config keys ['num_node']"),
-    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches", "fraction"),
+    ("+trainer.num_node=2", "trainer.num_node", "did you mean trainer.num_nodes?"),
+    ("+model.warp.trainer.max_epoch=2", "model.warp.trainer.max_epoch", "unknown key for Trainer"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch", "≥ 1"),
     ("data._target_=warplca.data.NoSuchData", "data._target_", "cannot be imported"),
     ("data._target_=warplca.lca.ConvDictionary", "data._target_", "LightningDataModule"),
     ("+data.n_trian=4", "data.n_trian", "unknown key for NaturalDataModule"),
     ("data.crop_size=-3", "data.crop_size", "≥ 1"),
     ("norm.kind=zscore", "norm.kind", "unknown normalisation"),
-    ("+norm.lowpass_lam=3", "norm", "unknown norm config keys ['lowpass_lam']"),
+    ("+norm.lowpass_lam=3", "norm.lowpass_lam", "did you mean norm.lowpass_lambda?"),
     ("norm.scale=0", "norm.scale", "> 0"),
     ("norm=lowpass", None, None),
     ("model.dictionary.resample_every=-1", "model.dictionary.resample_every", "≥ 0"),
@@ -153,6 +153,25 @@ def test_single_problems(make_cfg, override: str, key: str | None, fragment: str
     matching = [m for k, m in problems if k == key]
     assert matching, f"{override}: no problem for {key} in {problems}"
     assert any(fragment in m for m in matching), matching
+
+
+@pytest.mark.parametrize("override", ["trainer.precision=bf15", "++trainer.strategy=dpp", "trainer.devices=0",
+                                      "trainer.accelerator=tpuu", "trainer.num_nodes=0",
+                                      "trainer.limit_train_batches=1.5", "+trainer.fast_dev_run=-1"])
+def test_trainer_values_lightning_refuses_are_left_to_it(make_cfg, override: str) -> None:
+    """Lightning refuses these when the first stage builds its Trainer, before any batch runs; the
+    validation does not repeat its rules (it checks the values Lightning would accept)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from warplca.tasks.context import RunContext
+
+    cfg = make_cfg(override)
+    assert check_train_config(cfg) == []
+    kwargs = RunContext.from_config(cfg).trainer_kwargs("dictionary")
+    kwargs.pop("_target_")
+    with pytest.raises((ValueError, TypeError, MisconfigurationException)):
+        pl.Trainer(**kwargs, logger=False, enable_checkpointing=False)
 
 
 def test_misplaced_warp_loss_is_refused_by_name(make_cfg) -> None:

@@ -24,18 +24,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from warplca.coder import SparseCoder
 from warplca.data.normalization import Normalization
 from warplca.lca import LCA, ConvDictionary, LCAResult
 
-__all__ = [
-    "FRONTENDS",
-    "FrontEnd",
-    "LCAFrontEnd",
-    "PixelFrontEnd",
-    "WarpLCAFrontEnd",
-    "WarpModel",
-    "build_frontend",
-]
+__all__ = ["FRONTENDS", "FrontEnd", "LCAFrontEnd", "PixelFrontEnd", "WarpLCAFrontEnd", "WarpModel",
+           "build_frontend"]
 
 #: solver settings an :class:`LCAFrontEnd` accepts (the keys of ``LCA.settings()`` / the ``lca`` config group)
 LCA_KEYS = ("threshold", "lam", "tau", "nonneg", "theta", "tol", "check_every", "backend")
@@ -156,53 +150,12 @@ class PixelFrontEnd(FrontEnd):
         return {**super().spec(), "normalization": self.normalization.to_dict()}
 
 
-class LCAFrontEnd(FrontEnd):
-    """Cold-started LCA codes: ``LCA(D, **lca_settings)(normalization.apply(images), iters).a``.
-
-    Args:
-        dictionary: the atoms (a frozen copy is kept).
-        lca_settings: an :class:`LCA` (its settings are copied) or a mapping with keys among
-            ``threshold, lam, tau, nonneg, theta, tol, check_every, backend`` (others, e.g. ``iters``,
-            are ignored: the front end's ``iters`` rules).
-        iters: LCA steps per image (the experiment's ``lca_iters_cold``, ≥ 500).
-        normalization: pixels → coded space (the dictionary's training normalisation); identity if None.
-    """
-
-    kind = "lca"
-
-    def __init__(self, dictionary: ConvDictionary, lca_settings: LCA | Mapping[str, Any] | None = None,
-                 iters: int = 500, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
-        if not isinstance(dictionary, ConvDictionary):
-            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
-        super().__init__(dictionary.in_channels)
-        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
-        self.iters = iters
-        settings = lca_settings.settings() if isinstance(lca_settings, LCA) else dict(lca_settings or {})
-        self.lca_settings = {k: v for k, v in settings.items() if k in LCA_KEYS}
-        self.dictionary = copy.deepcopy(dictionary)
-        self.normalization = _as_normalization(normalization, self.in_channels)
-        self.lca = LCA(self.dictionary, iters=iters, **self.lca_settings)
-        self.freeze_()
-
-    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        return self.dictionary.code_shape(height, width)
-
-    def _features(self, images: Tensor) -> Tensor:
-        x = self.normalization.apply(images).to(self.dictionary.weight.dtype)
-        return self.lca(x, iters=self.iters).a
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "iters": self.iters, "lca": dict(self.lca_settings),
-                "dictionary": self.dictionary.config(), "normalization": self.normalization.to_dict()}
-
-
 class WarpLCAFrontEnd(FrontEnd):
-    """WARP-LCA codes: ``bundle(bundle.preprocess(images), iters, warm=True).a``.
+    """Codes of a sparse coder: ``bundle(bundle.preprocess(images), iters, warm=warm).a``.
 
     Args:
         bundle: a WARP-LCA model (``warplca.bundle.WarpLCA``: dictionary + predictor + LCA settings +
-            normalisation); a frozen copy is kept.
+            normalisation) or any :class:`~warplca.coder.SparseCoder`; a frozen copy is kept.
         iters: LCA steps after the predicted warm start (the experiment's ``lca_iters_warm``, ≤ 20).
         warm: ``False`` runs the same bundle cold (an ablation: same solver, no predictor).
     """
@@ -221,21 +174,70 @@ class WarpLCAFrontEnd(FrontEnd):
         self.bundle = copy.deepcopy(bundle)
         self.freeze_()
 
+    @property
+    def dictionary(self) -> ConvDictionary:
+        return self.bundle.dictionary
+
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        return self.bundle.dictionary.code_shape(height, width)
+        return self.dictionary.code_shape(height, width)
 
     def _features(self, images: Tensor) -> Tensor:
-        x = self.bundle.preprocess(images).to(self.bundle.dictionary.weight.dtype)
+        x = self.bundle.preprocess(images).to(self.dictionary.weight.dtype)
         return self.bundle(x, iters=self.iters, warm=self.warm).a
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "iters": self.iters, "warm": self.warm,
-                "dictionary": self.bundle.dictionary.config()}
+                "dictionary": self.dictionary.config()}
 
 
-FRONTENDS: dict[str, type[FrontEnd]] = {
-    cls.kind: cls for cls in (PixelFrontEnd, LCAFrontEnd, WarpLCAFrontEnd)
-}
+class LCAFrontEnd(WarpLCAFrontEnd):
+    """Cold-started LCA codes: ``LCA(D, **lca_settings)(normalization.apply(images), iters).a``.
+
+    The warm front end over a plain :class:`~warplca.coder.SparseCoder`, run cold.
+
+    Args:
+        dictionary: the atoms (a frozen copy is kept).
+        lca_settings: an :class:`LCA` (its settings are copied) or a mapping with keys among
+            ``threshold, lam, tau, nonneg, theta, tol, check_every, backend`` (others, e.g. ``iters``,
+            are ignored: the front end's ``iters`` rules).
+        iters: LCA steps per image (the experiment's ``lca_iters_cold``, ≥ 500).
+        normalization: pixels → coded space (the dictionary's training normalisation); identity if None.
+    """
+
+    kind = "lca"
+
+    def __init__(self, dictionary: ConvDictionary, lca_settings: LCA | Mapping[str, Any] | None = None,
+                 iters: int = 500, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
+        if not isinstance(dictionary, ConvDictionary):
+            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
+        settings = lca_settings.settings() if isinstance(lca_settings, LCA) else dict(lca_settings or {})
+        settings = {k: v for k, v in settings.items() if k in LCA_KEYS}
+        norm = _as_normalization(normalization, dictionary.in_channels)
+        super().__init__(SparseCoder(dictionary, LCA(dictionary, **settings), norm), iters, warm=False)
+        self.lca_settings = settings
+
+    @property
+    def lca(self) -> LCA:
+        return self.bundle.lca
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.bundle.normalization
+
+    def spec(self) -> dict[str, Any]:
+        return {**FrontEnd.spec(self), "iters": self.iters, "lca": dict(self.lca_settings),
+                "dictionary": self.dictionary.config(), "normalization": self.normalization.to_dict()}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # classifier checkpoints written before this front end held a SparseCoder name the atoms
+        # "<prefix>dictionary.weight"
+        old = prefix + "dictionary.weight"
+        if old in state_dict:
+            state_dict[prefix + "bundle.dictionary.weight"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+FRONTENDS: dict[str, type[FrontEnd]] = {c.kind: c for c in (PixelFrontEnd, LCAFrontEnd, WarpLCAFrontEnd)}
 
 
 def build_frontend(kind: str, *, in_channels: int | None = None, dictionary: ConvDictionary | None = None,

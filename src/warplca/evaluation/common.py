@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,24 +22,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BUNDLE_NAME",
-    "METHODS",
-    "EvalModel",
-    "ExperimentResult",
-    "batch_slices",
-    "build_datamodule_from_config",
-    "describe_model",
-    "model_sentence",
-    "find_bundle",
-    "load_images",
-    "load_model",
-    "load_run_config",
-    "log_spaced_ks",
-    "pixel_quality",
-    "progress",
-    "resolve_device",
-    "run_data_config",
-    "to_pixels",
+    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices",
+    "build_datamodule_from_config", "describe_model", "find_bundle", "load_images", "load_model",
+    "log_spaced_ks", "model_sentence", "normalize_ks", "pixel_quality", "progress",
+    "resolve_device", "run_data_config", "synchronize", "to_pixels",
 ]
 
 #: the file name of the WARP-LCA bundle inside a run directory
@@ -51,9 +37,28 @@ METHODS: dict[str, str] = {"cold": "LCA (cold)", "warm": "WARP-LCA"}
 
 
 @dataclass
+class Figure:
+    """A PNG of an experiment: its file name, the alt text of its report link and ``draw()``, which builds
+    the matplotlib figure from the measured data (only the writer calls it)."""
+
+    filename: str
+    label: str
+    draw: Callable[[], Any]
+
+    @property
+    def link(self) -> str:
+        """The markdown image link to the file (the report section lives next to it)."""
+        return f"![{self.label}]({self.filename})"
+
+
+@dataclass
 class ExperimentResult:
-    """What an experiment returns: flat metrics, its report.md section, the files it wrote, and tables
-    (key -> (columns, rows)) for loggers (wandb ``Table``), plus notes on anything it skipped."""
+    """What an experiment measured, ready for :func:`warplca.evaluation.report.write_result`.
+
+    ``metrics``: flat scalars; ``markdown``: its report.md section; ``csv``: file name -> (columns, rows);
+    ``figures``: key -> :class:`Figure`; ``tables``: logger key -> (columns, rows) (wandb ``Table``);
+    ``notes``: anything it skipped; ``files``: key or file name -> path, filled by the writer.
+    """
 
     name: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -61,6 +66,8 @@ class ExperimentResult:
     files: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, tuple[list[str], list[dict[str, Any]]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    csv: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
 
 
 class EvalModel(Protocol):
@@ -182,18 +189,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> E
     return model
 
 
-def load_run_config(run_dir: str | os.PathLike | None) -> Any:
-    """The training config a run saved (``<run_dir>/.hydra/config.yaml``), or None."""
-    if run_dir is None:
-        return None
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(path)
-
-
 def run_data_config(
     run_dir: str | os.PathLike | None, paths: Mapping[str, Any] | None = None, seed: int = 0
 ) -> tuple[dict[str, Any], str]:
@@ -205,7 +200,8 @@ def run_data_config(
     """
     from omegaconf import OmegaConf
 
-    run_cfg = load_run_config(run_dir)
+    saved = Path(run_dir) / ".hydra" / "config.yaml" if run_dir is not None else None
+    run_cfg = OmegaConf.load(saved) if saved is not None and saved.is_file() else None
     if run_cfg is not None and run_cfg.get("data") is not None:
         source = f"{run_dir}/.hydra/config.yaml"
         try:
@@ -305,13 +301,3 @@ def describe_model(model: EvalModel) -> dict[str, Any]:
         out["predictor_params"] = sum(p.numel() for p in predictor.parameters())
     return out
 
-
-def style_iteration_axes(panels: Iterable[tuple[Any, str, str]], legend_size: float = 7) -> None:
-    """Log-x "LCA iterations" axes with a y label, title, grid and legend, for (ax, ylabel, title) panels."""
-    for ax, ylabel, title in panels:
-        ax.set_xscale("log")
-        ax.set_xlabel("LCA iterations")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=legend_size)

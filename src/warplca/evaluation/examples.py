@@ -19,12 +19,6 @@ from warplca.evaluation.common import EvalModel, pixel_quality, to_pixels
 __all__ = ["examples_figure", "plot_atoms", "plot_examples"]
 
 
-def _pyplot() -> Any:
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _show(ax: Any, img: Tensor) -> None:
     arr = img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
     gray = arr.shape[-1] == 1
@@ -44,31 +38,27 @@ def plot_examples(
         codes: column title -> activations (n, K, H', W'); shown as Σa² maps with a shared colour scale
             per row, ℓ0 printed under each.
     """
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     codes = dict(codes or {})
     n = min(images.shape[0], *(r.shape[0] for r in recons.values()), *(c.shape[0] for c in codes.values()))
     ncol = 1 + len(recons) + len(codes)
     fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n + 0.7), squeeze=False)
     for i in range(n):
         _show(axes[i, 0], images[i])
-        if i == 0:
-            axes[i, 0].set_title("image", fontsize=9)
-        for j, (name, rec) in enumerate(recons.items(), start=1):
+        for j, rec in enumerate(recons.values(), start=1):
             _show(axes[i, j], rec[i])
-            p, s = pixel_quality(rec[i : i + 1], images[i : i + 1])
+            p, _ = pixel_quality(rec[i : i + 1], images[i : i + 1])
             axes[i, j].set_xlabel(f"PSNR {float(p):.1f} dB", fontsize=8)
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=9)
         maps = [c[i].detach().cpu().pow(2).sum(0) for c in codes.values()]
         vmax = max([float(m.max()) for m in maps] + [1e-12])
-        for j, ((name, c), m) in enumerate(zip(codes.items(), maps, strict=True), start=1 + len(recons)):
+        for j, (c, m) in enumerate(zip(codes.values(), maps, strict=True), start=1 + len(recons)):
             axes[i, j].imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
             axes[i, j].set_xlabel(f"ℓ0 = {int(torch.count_nonzero(c[i]))}", fontsize=8)
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=9)
+    for j, name in enumerate(["image", *recons, *codes]):
+        axes[0, j].set_title(name, fontsize=9)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     fig.suptitle(title or "Reconstructions and code-energy maps (Σa²)")
     fig.tight_layout()
     return fig
@@ -97,9 +87,10 @@ def examples_figure(
 
 def plot_atoms(weight: Tensor, title: str = "") -> Any:
     """The dictionary atoms as one tiled image, enlarged (nearest neighbour) for legibility."""
+    import matplotlib.pyplot as plt
+
     from warplca.plotting import atom_grid
 
-    plt = _pyplot()
     grid = atom_grid(weight.detach().cpu())
     side = max(3.0, min(10.0, grid.shape[1] / 12))
     fig, ax = plt.subplots(figsize=(side, side * grid.shape[0] / grid.shape[1] + 0.5))

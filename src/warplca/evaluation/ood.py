@@ -11,18 +11,18 @@ replicated to 3 channels, 3-channel images are converted to luminance for a 1-ch
 
 Energies are compared per pixel value (``energy_norm`` = E / (C·H·W)) across image sets, since image
 sizes differ; within an image set, :func:`cold_warm_rows` compares cold LCA and WARP-LCA directly
-(mean energy and ℓ0 at k = 0, 1, 10 and the budgets, warm ≤ cold?). Measuring (:func:`measure_sets`,
-:func:`cold_warm_rows`) is kept apart from writing (:func:`evaluate_ood`).
+(mean energy and ℓ0 at k = 0, 1, 10 and the budgets, warm ≤ cold?). :func:`measure_ood` measures;
+:func:`~warplca.evaluation.report.write_result` writes.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,27 +32,22 @@ from warplca.evaluation.common import (
     METHODS,
     EvalModel,
     ExperimentResult,
+    Figure,
+    _plain,
     build_datamodule_from_config,
     describe_model,
     load_images,
-    style_iteration_axes,
 )
-from warplca.evaluation.convergence import Curves, match_sentence, measure
-from warplca.evaluation.report import fmt, markdown_table, write_csv
+from warplca.evaluation.convergence import match_sentence
+from warplca.evaluation.curves import Curves, curve_rows, measure
+from warplca.evaluation.plots import plot_sets
+from warplca.evaluation.report import fmt, markdown_table
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "COMPARE_COLUMNS",
-    "OODSource",
-    "PHOTOS",
-    "cold_warm_markdown",
-    "cold_warm_rows",
-    "evaluate_ood",
-    "load_source",
-    "measure_sets",
-    "photo_crops",
-    "plot_ood",
+    "COMPARE_COLUMNS", "OODSource", "PHOTOS", "cold_warm_markdown", "cold_warm_rows", "load_source",
+    "match_channels", "measure_ood", "photo_crops",
 ]
 
 COLUMNS = ["dataset", "size", "method", "k", "energy", "energy_norm", "psnr", "ssim", "l0", "l0_frac"]
@@ -82,8 +77,6 @@ class OODSource:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> OODSource:
-        from warplca.evaluation.common import _plain
-
         d = _plain(cfg)
         if "name" not in d:
             raise ValueError(f"an OOD source needs a name, got {d}")
@@ -91,20 +84,13 @@ class OODSource:
             raise ValueError(f"OOD source {d['name']!r} needs either `data` (a datamodule config) or "
                              f"`photos` (photo crops), got {sorted(k for k in d if k in ('data', 'photos'))}")
         if d.get("photos"):
-            import inspect
-
             known = set(inspect.signature(photo_crops).parameters) - {"n"}
             unknown = sorted(set(dict(d["photos"])) - known)
             if unknown:
                 raise ValueError(f"OOD source {d['name']!r}: unknown `photos` keys {unknown}; known: "
                                  f"{sorted(known)}")
-        return cls(
-            name=str(d["name"]),
-            data=dict(d.get("data") or {}),
-            split=str(d.get("split", "test")),
-            n_images=d.get("n_images"),
-            photos=dict(d["photos"]) if d.get("photos") else None,
-        )
+        return cls(name=str(d["name"]), data=dict(d.get("data") or {}), split=str(d.get("split", "test")),
+                   n_images=d.get("n_images"), photos=dict(d["photos"]) if d.get("photos") else None)
 
 
 def photo_crops(
@@ -177,74 +163,15 @@ def load_source(source: OODSource, channels: int, default_n: int) -> tuple[Tenso
     """Images of a source (matched to ``channels``) and a note; (None, reason) when it is unavailable."""
     from warplca.data import DatasetNotFoundError
 
+    n = source.n_images or default_n
     try:
         if source.photos:
-            images = photo_crops(**{**source.photos, "n": source.n_images or default_n})
+            images = photo_crops(**{**source.photos, "n": n})
         else:
-            dm = build_datamodule_from_config(source.data)
-            images = load_images(dm, source.split, source.n_images or default_n)
-    except (DatasetNotFoundError, FileNotFoundError) as exc:
+            images = load_images(build_datamodule_from_config(source.data), source.split, n)
+        return match_channels(images, channels)
+    except (DatasetNotFoundError, FileNotFoundError, ValueError) as exc:  # ValueError: e.g. a crop too large
         return None, f"skipped: {exc}"
-    except ValueError as exc:  # e.g. a crop larger than the photos
-        return None, f"skipped: {exc}"
-    try:
-        images, note = match_channels(images, channels)
-    except ValueError as exc:
-        return None, f"skipped: {exc}"
-    return images, note
-
-
-def plot_ood(curves: Mapping[str, Mapping[str, Curves]], title: str = "") -> Any:
-    """Energy per pixel value and PSNR against iterations; one colour per dataset, dashed = cold."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    cmap = plt.get_cmap("tab10")
-    for i, (name, cond) in enumerate(curves.items()):
-        for method, c in cond.items():
-            style = "--" if method == "cold" else "-"
-            label = f"{name} — {METHODS.get(method, method)}"
-            it = torch.arange(1, c.total + 1).numpy()
-            axes[0].plot(it, (c.energy[1:] / c.numel).mean(1).numpy(), style, color=cmap(i % 10), label=label)
-            ks = [k for k in c.ks if k >= 1]
-            axes[1].plot(
-                ks,
-                c.psnr[[c.ks.index(k) for k in ks]].mean(1).numpy(),
-                style,
-                marker="o",
-                ms=3,
-                color=cmap(i % 10),
-                label=label,
-            )
-    style_iteration_axes((
-        (axes[0], "energy / (C·H·W)", "Energy per pixel value"),
-        (axes[1], "PSNR (dB)", "PSNR vs clean image"),
-    ))
-    fig.suptitle(title or "Out of distribution: cold LCA (dashed) vs WARP-LCA (solid)")
-    fig.tight_layout()
-    return fig
-
-
-def measure_sets(
-    model: EvalModel,
-    datasets: Sequence[tuple[str, Tensor]],
-    total: int,
-    budgets: Sequence[int],
-    *,
-    batch_size: int = 64,
-    show_progress: bool = True,
-    device: torch.device | None = None,
-) -> dict[str, tuple[dict[str, Curves], dict[str, Any]]]:
-    """Cold and warm :class:`Curves` (+ iterations-to-match) of every ``(name, images)`` set up to ``total``,
-    with the checkpoints ``budgets`` and :data:`COMPARE_KS` on the grid (no files)."""
-    grid = sorted({*(int(b) for b in budgets), *COMPARE_KS})
-    return {
-        name: measure(
-            model, images, total, grid, batch_size=batch_size, device=device, show_progress=show_progress,
-            name=name,
-        )
-        for name, images in datasets
-    }
 
 
 def cold_warm_rows(
@@ -256,8 +183,6 @@ def cold_warm_rows(
     rows = []
     for name, cond in curves.items():
         cold, warm = cond["cold"], cond["warm"]
-        guarded = warm.guarded
-        guard = math.nan if guarded is None else float(guarded.double().mean())
         for k in sorted({int(k) for k in ks if 0 <= int(k) <= min(cold.total, warm.total)}):
             ce, we = cold.energy[k], warm.energy[k]
             rows.append({
@@ -273,7 +198,7 @@ def cold_warm_rows(
                 "warm_energy_norm": float(we.mean()) / warm.numel,
                 "cold_l0": float(cold.l0[k].mean()),
                 "warm_l0": float(warm.l0[k].mean()),
-                "start_guard_frac": guard,
+                "start_guard_frac": warm.guard_frac,
             })
     return rows
 
@@ -293,20 +218,10 @@ def cold_warm_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def evaluate_ood(
-    model: EvalModel,
-    sources: Sequence[OODSource],
-    out_dir: str | Path,
-    *,
-    iters: int = 1000,
-    budgets: Sequence[int] = (1, 10, 100, 1000),
-    n_images: int = 64,
-    batch_size: int = 64,
-    reference: tuple[str, Tensor] | None = None,
-    prefix: str = "ood",
-    show_progress: bool = True,
-    device: torch.device | None = None,
-) -> ExperimentResult:
+def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 1000,
+                budgets: Sequence[int] = (1, 10, 100, 1000), n_images: int = 64, batch_size: int = 64,
+                reference: tuple[str, Tensor] | None = None, prefix: str = "ood", show_progress: bool = True,
+                device: torch.device | None = None) -> ExperimentResult:
     """Cold LCA vs WARP-LCA on each source (and the in-distribution ``reference`` images, if given).
 
     Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets),
@@ -314,72 +229,50 @@ def evaluate_ood(
     Metrics: ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>``, ``<prefix>/<dataset>/warm_le_cold@<k>``,
     ``<prefix>/<dataset>/iterations_to_match`` and ``<prefix>/<dataset>/start_guard_frac``.
     """
-    from warplca.plotting import save_png
-
-    out_dir = Path(out_dir)
     total = int(iters)
     budgets = sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {total})
-    channels = model.dictionary.in_channels
     notes: list[str] = []
     datasets: list[tuple[str, Tensor, str | None]] = []
     if reference is not None:
-        datasets.append(
-            (reference[0], reference[1][:n_images], "in distribution (the training data's test split)")
-        )
+        note = "in distribution (the training data's test split)"
+        datasets.append((reference[0], reference[1][:n_images], note))
     for source in sources:
-        images, note = load_source(source, channels, n_images)
+        images, note = load_source(source, model.dictionary.in_channels, n_images)
         if images is None:
             notes.append(f"`{source.name}`: {note}")
             log.warning("OOD source %s %s", source.name, note)
             continue
         datasets.append((source.name, images, note))
 
-    measured = measure_sets(
-        model,
-        [(name, images) for name, images, _ in datasets],
-        total,
-        budgets,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        device=device,
-    )
-    curves: dict[str, dict[str, Curves]] = {name: cond for name, (cond, _) in measured.items()}
-    matches: dict[str, dict[str, Any]] = {name: match for name, (_, match) in measured.items()}
+    curves: dict[str, dict[str, Curves]] = {}
+    matches: dict[str, dict[str, Any]] = {}
+    for name, images, _ in datasets:
+        curves[name], matches[name] = measure(
+            model, images, total, [*budgets, *COMPARE_KS], name=name, batch_size=batch_size, device=device,
+            show_progress=show_progress)
     sizes = {name: f"{images.shape[-2]}×{images.shape[-1]}" for name, images, _ in datasets}
-    compare_ks = sorted({*COMPARE_KS, *budgets})
-    compare = cold_warm_rows(curves, compare_ks, sizes)
-    rows: list[dict[str, Any]] = []
-    table: list[dict[str, Any]] = []
-    metrics: dict[str, float] = {}
+    compare = cold_warm_rows(curves, sorted({*COMPARE_KS, *budgets}), sizes)
+    rows = [r for name in curves for r in curve_rows(curves[name], {"dataset": name, "size": sizes[name]})]
+    table = [r for r in rows if r["k"] in budgets]
+    p = prefix
+    metrics = {f"{p}/{r['dataset']}/{r['method']}/{key}@{r['k']}": r[key]
+               for r in table for key in ("energy_norm", "psnr", "ssim", "l0_frac")}
     for name, images, note in datasets:
-        size = sizes[name]
-        for method, c in curves[name].items():
-            for k in c.ks:
-                row = {"dataset": name, "size": size, "method": method, "k": k, **c.at(k)}
-                rows.append(row)
-                if k in budgets:
-                    table.append(row)
-                    for key in ("energy_norm", "psnr", "ssim", "l0_frac"):
-                        metrics[f"{prefix}/{name}/{method}/{key}@{k}"] = row[key]
-        metrics[f"{prefix}/{name}/iterations_to_match"] = matches[name]["mean"]
-        metrics[f"{prefix}/{name}/matched_frac"] = matches[name]["matched_frac"]
-        metrics[f"{prefix}/{name}/n_images"] = float(images.shape[0])
+        metrics[f"{p}/{name}/iterations_to_match"] = matches[name]["iterations_to_match"]
+        metrics[f"{p}/{name}/matched_frac"] = matches[name]["matched_frac"]
+        metrics[f"{p}/{name}/n_images"] = float(images.shape[0])
         if note:
-            notes.append(f"`{name}` ({size}, {images.shape[0]} images): {note}")
+            notes.append(f"`{name}` ({sizes[name]}, {images.shape[0]} images): {note}")
     for r in compare:
         name, k = r["dataset"], r["k"]
-        for method in ("cold", "warm"):
-            metrics[f"{prefix}/{name}/{method}/energy@{k}"] = r[f"{method}_energy"]
-            metrics[f"{prefix}/{name}/{method}/l0@{k}"] = r[f"{method}_l0"]
-        metrics[f"{prefix}/{name}/warm_le_cold@{k}"] = float(r["warm_le_cold"])
-        metrics[f"{prefix}/{name}/start_guard_frac"] = r["start_guard_frac"]
+        for method in METHODS:
+            metrics[f"{p}/{name}/{method}/energy@{k}"] = r[f"{method}_energy"]
+            metrics[f"{p}/{name}/{method}/l0@{k}"] = r[f"{method}_l0"]
+        metrics[f"{p}/{name}/warm_le_cold@{k}"] = float(r["warm_le_cold"])
+        metrics[f"{p}/{name}/start_guard_frac"] = r["start_guard_frac"]
 
-    files: dict[str, Path] = {}
     info = describe_model(model)
     title = f"Out of distribution — {info['threshold']} threshold, λ={fmt(info['lam'])}, T={total}"
-    files["csv"] = write_csv(out_dir / f"{prefix}.csv", rows, COLUMNS)
-    files["table"] = write_csv(out_dir / f"{prefix}_table.csv", table, COLUMNS)
-    files["compare"] = write_csv(out_dir / f"{prefix}_cold_vs_warm.csv", compare, COMPARE_COLUMNS)
     md = [
         "## Out of distribution",
         "",
@@ -387,27 +280,21 @@ def evaluate_ood(
         f"(E / C·H·W) makes image sizes comparable.",
         "",
     ]
+    figures: dict[str, Figure] = {}
     if curves:
-        files["plot"] = save_png(plot_ood(curves, title), out_dir / f"{prefix}.png")
+        figures["plot"] = Figure(f"{p}.png", "out-of-distribution curves", lambda: plot_sets(
+            curves, ["energy_norm", "psnr"], title + " (dashed: cold LCA, solid: WARP-LCA)", (12, 4.8)))
         shown = [dict(r, method=METHODS.get(r["method"], r["method"])) for r in table]
-        md.append(
+        guard = [f"{r['dataset']} {100 * r['start_guard_frac']:.0f}%"
+                 for r in compare if r["k"] == 0 and not math.isnan(r["start_guard_frac"])]
+        md += [
             markdown_table(
                 shown,
                 ["dataset", "size", "method", "k", "energy_norm", "psnr", "ssim", "l0_frac"],
-                [
-                    "dataset",
-                    "size",
-                    "method",
-                    "iterations",
-                    "energy / value",
-                    "PSNR (dB)",
-                    "SSIM",
-                    "ℓ0 fraction",
-                ],
-            )
-        )
-        md += [f"- **{name}**: {match_sentence(m)}" for name, m in matches.items()]
-        md += [
+                ["dataset", "size", "method", "iterations", "energy / value", "PSNR (dB)", "SSIM",
+                 "ℓ0 fraction"],
+            ),
+            *(f"- **{name}**: {match_sentence(m)}" for name, m in matches.items()),
             "",
             "### Cold LCA vs WARP-LCA per image set",
             "",
@@ -415,33 +302,28 @@ def evaluate_ood(
             "warm ≤ cold on the means, and the share of images where it holds per image.",
             "",
             cold_warm_markdown(compare),
+            *(["Start guard (WARP-LCA started cold because the predicted start's energy exceeded ½‖x‖²): "
+               + ", ".join(guard) + " of the images."] if guard else []),
+            "",
+            figures["plot"].link,
         ]
-        guard = [
-            f"{r['dataset']} {100 * r['start_guard_frac']:.0f}%"
-            for r in compare
-            if r["k"] == 0 and not math.isnan(r["start_guard_frac"])
-        ]
-        if guard:
-            md += [
-                "Start guard (WARP-LCA started cold because the predicted start's energy exceeded ½‖x‖²): "
-                + ", ".join(guard) + " of the images.",
-            ]
-        md += ["", f"![out-of-distribution curves]({files['plot'].name})"]
     else:
         md.append("No dataset could be evaluated.")
     if notes:
         md += ["", "Notes:", *[f"- {n}" for n in notes]]
-    summary = [
-        {"dataset": n, "iterations_to_match": m["mean"], "matched_frac": m["matched_frac"]}
-        for n, m in matches.items()
-    ]
-    tables = {
-        f"{prefix}/curves": (COLUMNS, rows),
-        f"{prefix}/iterations_to_match": (["dataset", "iterations_to_match", "matched_frac"], summary),
-        f"{prefix}/cold_vs_warm": (COMPARE_COLUMNS, compare),
-    }
-    if any(math.isnan(m["mean"]) for m in matches.values()):
-        log.info("some OOD datasets never matched the cold energy within T=%d", total)
+    summary = [{"dataset": n, **{k: m[k] for k in ("iterations_to_match", "matched_frac")}}
+               for n, m in matches.items()]
     return ExperimentResult(
-        name=prefix, metrics=metrics, markdown="\n".join(md) + "\n", files=files, tables=tables, notes=notes
+        name=prefix,
+        metrics=metrics,
+        markdown="\n".join(md) + "\n",
+        csv={f"{p}.csv": (COLUMNS, rows), f"{p}_table.csv": (COLUMNS, table),
+             f"{p}_cold_vs_warm.csv": (COMPARE_COLUMNS, compare)},
+        figures=figures,
+        tables={
+            f"{p}/curves": (COLUMNS, rows),
+            f"{p}/iterations_to_match": (["dataset", "iterations_to_match", "matched_frac"], summary),
+            f"{p}/cold_vs_warm": (COMPARE_COLUMNS, compare),
+        },
+        notes=notes,
     )

@@ -1,20 +1,23 @@
 """Writing evaluation results: metrics.json (merged), CSV tables, report.md sections, logger output.
 
-Every experiment produces the same kinds of artifacts in its output directory:
+:func:`write_result` is the one writer of every experiment: from an
+:class:`~warplca.evaluation.common.ExperimentResult` (what the experiment measured) it produces, in its
+output directory,
 
-- ``metrics.json`` — one flat JSON object; new keys are *merged* into what other stages wrote.
-- CSV tables — one row per (condition, iteration count); plain ``csv`` module, header first.
-- PNG plots — written by the experiment modules through :func:`warplca.plotting.save_png`.
-- ``report.md`` — one section per experiment between ``<!-- warplca:<name> -->`` markers, so
-  re-running one experiment replaces its own section and keeps the others.
+- CSV tables — one row per (condition, iteration count); plain ``csv`` module, header first;
+- PNG figures — drawn from the measured data through :func:`warplca.plotting.save_png`;
+- its ``report.md`` section, between ``<!-- warplca:<name> -->`` markers, so re-running one experiment
+  replaces its own section and keeps the others;
+- optionally its metrics, *merged* into ``metrics.json`` (one flat object per section);
 
-:func:`log_to_loggers` sends the same scalars, images and tables to the run's Lightning loggers
-(wandb: ``wandb.Table`` for curves and images; TensorBoard: images and text; CSV: scalars only).
+and sends the same scalars, images and tables to the run's Lightning loggers (:func:`log_to_loggers`;
+wandb: ``wandb.Table`` for curves and images; TensorBoard: images and text; CSV: scalars only).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -22,26 +25,20 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from warplca.serialization import write_text_atomic
 
+if TYPE_CHECKING:
+    from warplca.evaluation.common import ExperimentResult
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "REPORT_NAME",
-    "flatten",
-    "fmt",
-    "log_to_loggers",
-    "markdown_table",
-    "merge_metrics",
-    "read_csv",
-    "read_metrics",
-    "write_csv",
-    "write_report_section",
-    "write_text_atomic",
+    "REPORT_NAME", "flatten", "fmt", "log_to_loggers", "markdown_table", "merge_metrics", "read_csv",
+    "read_metrics", "write_csv", "write_report_section", "write_result", "write_text_atomic",
 ]
 
 REPORT_NAME = "report.md"
@@ -50,15 +47,15 @@ _HEADER = "# warp-lca evaluation report\n"
 
 
 # -- files ---------------------------------------------------------------------------------------------
+def _scalar(value: Any) -> Any:
+    """0-d tensors and numpy scalars as plain Python numbers; anything else unchanged."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value
+
+
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/Inf; null reads as "not available"
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return _jsonable(float(value))
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -127,24 +124,18 @@ def write_csv(
             for key in row:
                 seen.setdefault(key, None)
         columns = list(seen)
-    lines: list[str] = []
-
-    class _Sink:
-        def write(self, s: str) -> None:
-            lines.append(s)
-
-    writer = csv.DictWriter(_Sink(), fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-    return write_text_atomic(path, "".join(lines))
+    return write_text_atomic(path, buf.getvalue())
 
 
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)
     return value
@@ -161,8 +152,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     """Numbers for tables: ints as ints, floats with ``digits`` significant digits, None/NaN as '–'."""
     if value is None:
         return "–"
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, (int, np.integer)):
@@ -212,6 +202,41 @@ def write_report_section(
     return write_text_atomic(path, text)
 
 
+# -- the writer ----------------------------------------------------------------------------------
+def write_result(
+    result: ExperimentResult,
+    out_dir: str | os.PathLike,
+    loggers: Iterable[Any] | None = None,
+    prefix: str = "eval",
+    metrics_section: str | None = None,
+) -> dict[str, Path]:
+    """Write everything an experiment produces into ``out_dir``; returns the files (``result.files``).
+
+    CSV tables (``result.csv``), PNG figures (``result.figures``, drawn now), the report.md section
+    ``result.name``, the metrics merged into ``metrics.json`` under ``metrics_section`` (None: not
+    written, e.g. for a pipeline stage whose runner stores the metrics it returns), and scalars, images,
+    tables and the section's markdown to ``loggers``, every key under ``prefix``.
+    """
+    from warplca.plotting import save_png
+
+    out_dir = Path(out_dir)
+    for filename, (columns, rows) in result.csv.items():
+        result.files[filename] = write_csv(out_dir / filename, rows, columns)
+    for key, figure in result.figures.items():
+        result.files[key] = save_png(figure.draw(), out_dir / figure.filename)
+    write_report_section(out_dir, result.name, result.markdown)
+    if metrics_section is not None:
+        merge_metrics(out_dir, result.metrics, section=metrics_section)
+    log_to_loggers(
+        loggers,
+        {f"{prefix}/{k}": v for k, v in result.metrics.items()},
+        images={f"{prefix}/{result.name}/{key}": result.files[key] for key in result.figures},
+        tables={f"{prefix}/{k}": v for k, v in result.tables.items()},
+        text={f"{prefix}/{result.name}/report": result.markdown},
+    )
+    return result.files
+
+
 # -- loggers ---------------------------------------------------------------------------------------------
 def log_to_loggers(
     loggers: Iterable[Any] | None,
@@ -251,7 +276,7 @@ def log_to_loggers(
                 for key, arr in arrays.items():
                     lg.log_image(key=key, images=[arr])
                 for key, (cols, rows) in (tables or {}).items():
-                    data = [[_table_value(r.get(c)) for c in cols] for r in rows]
+                    data = [[_scalar(r.get(c)) for c in cols] for r in rows]
                     lg.log_table(key=key, columns=list(cols), data=data)
                 for key, md in (text or {}).items():
                     lg.log_text(key=key, columns=["markdown"], data=[[md]])
@@ -265,13 +290,6 @@ def log_to_loggers(
                 lg.save()
         except Exception as exc:  # a logger failing must not lose the files already written
             log.warning("logging evaluation results to %s failed: %s", kind, exc)
-
-
-def _table_value(value: Any) -> Any:
-    """Cells for ``wandb.Table``: plain numbers and strings (tensors/numpy scalars unwrapped)."""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    return value
 
 
 def _as_image(value: Any) -> np.ndarray:
@@ -335,18 +353,7 @@ def write_results_page(
         return f"![{m.group(1)}]({os.path.relpath(dst, page.parent).replace(os.sep, '/')})"
 
     body = _IMAGE_LINK.sub(relink, body)
-    head = [
-        f"# {title}",
-        "",
-        "<!-- generated by warp-lca's evaluate.py; edit the code, not this file -->",
-        "",
-        "Regenerate this page (from the repository root):",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Source run: `{out_dir}`.",
-        "",
-    ]
-    return write_text_atomic(page, "\n".join(head) + "\n" + body.strip() + "\n")
+    head = (f"# {title}\n\n<!-- generated by warp-lca's evaluate.py; edit the code, not this file -->\n\n"
+            f"Regenerate this page (from the repository root):\n\n```bash\n{command}\n```\n\n"
+            f"Source run: `{out_dir}`.\n\n")
+    return write_text_atomic(page, head + body.strip() + "\n")

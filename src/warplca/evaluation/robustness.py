@@ -13,6 +13,7 @@ Shared by the ``classify`` stage (which writes the artifacts) and the report (wh
   classified images / images, in [0, 1] (not balanced accuracy, the mean of per-class recalls).
 - The mean corruption accuracy (mCA) of a front end is the unweighted mean of those accuracies over
   all corrupted conditions (every corruption × level, clean excluded).
+- :func:`robustness_result` turns a run's ``robustness.csv`` into a report section.
 """
 
 from __future__ import annotations
@@ -29,21 +30,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from warplca.data.corruptions import CORRUPTIONS, DEFAULT_LEVELS, corrupt
+from warplca.evaluation.common import ExperimentResult, Figure
+from warplca.evaluation.report import write_csv
 
 __all__ = [
-    "ACCURACY_NOTE",
-    "CLEAN",
-    "CSV_COLUMNS",
-    "CorruptedDataset",
-    "condition_name",
-    "corrupted_tensor",
-    "item_seed",
-    "read_robustness_csv",
-    "robustness_conditions",
-    "robustness_markdown",
-    "robustness_summary",
-    "save_robustness_plot",
-    "write_robustness_csv",
+    "ACCURACY_NOTE", "CLEAN", "CSV_COLUMNS", "CorruptedDataset", "condition_name", "corrupted_tensor",
+    "item_seed", "read_robustness_csv", "robustness_conditions", "robustness_markdown", "robustness_result",
+    "robustness_figure", "robustness_summary", "save_robustness_plot", "write_robustness_csv",
 ]
 
 CLEAN = "clean"
@@ -145,28 +138,16 @@ def corrupted_tensor(images: Tensor, corruption: str, level: float, seed: int = 
 
 # -- the table ----------------------------------------------------------------------------------
 def write_robustness_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows with keys :data:`CSV_COLUMNS` to ``path`` (atomically: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            missing = [c for c in CSV_COLUMNS if c not in row]
-            if missing:
-                raise ValueError(f"robustness row {dict(row)} lacks columns {missing}")
-            writer.writerow(
-                {
-                    "frontend": row["frontend"],
-                    "corruption": row["corruption"],
-                    "level": f"{float(row['level']):g}",
-                    "accuracy": f"{float(row['accuracy']):.6f}",
-                    "ms_per_image": f"{float(row['ms_per_image']):.6g}",
-                }
-            )
-    os.replace(tmp, path)
-    return path
+    """Write rows with keys :data:`CSV_COLUMNS` to ``path`` (atomically)."""
+    out = []
+    for row in rows:
+        missing = [c for c in CSV_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"robustness row {dict(row)} lacks columns {missing}")
+        out.append({"frontend": row["frontend"], "corruption": row["corruption"],
+                    "level": f"{float(row['level']):g}", "accuracy": f"{float(row['accuracy']):.6f}",
+                    "ms_per_image": f"{float(row['ms_per_image']):.6g}"})
+    return write_csv(path, out, CSV_COLUMNS)
 
 
 def read_robustness_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -175,16 +156,7 @@ def read_robustness_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         reader = csv.DictReader(fh)
         if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
             raise ValueError(f"{path}: expected columns {list(CSV_COLUMNS)}, got {reader.fieldnames}")
-        return [
-            {
-                "frontend": r["frontend"],
-                "corruption": r["corruption"],
-                "level": float(r["level"]),
-                "accuracy": float(r["accuracy"]),
-                "ms_per_image": float(r["ms_per_image"]),
-            }
-            for r in reader
-        ]
+        return [{**r, **{k: float(r[k]) for k in CSV_COLUMNS[2:]}} for r in reader]
 
 
 def _frontends(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -229,13 +201,8 @@ def robustness_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = "
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fe in fes:
         s = summary[fe]
-        cells = [
-            fe,
-            _pct(s["clean"]),
-            _pct(s["mca"]),
-            *(_pct(s.get(c, math.nan)) for c in corrs),
-            f"{s['ms_per_image']:.3g}",
-        ]
+        cells = [fe, _pct(s["clean"]), _pct(s["mca"]), *(_pct(s.get(c, math.nan)) for c in corrs),
+                 f"{s['ms_per_image']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", ACCURACY_NOTE]
     acc = {(str(r["frontend"]), str(r["corruption"]), float(r["level"])): float(r["accuracy"]) for r in rows}
@@ -259,7 +226,7 @@ def _pct(x: float) -> str:
     return "–" if math.isnan(x) else f"{100.0 * x:.1f}"
 
 
-def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+def robustness_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     """Accuracy (correct / images, %) vs level, one panel per corruption, one line per front end (clean
     accuracy at level 0)."""
     import matplotlib
@@ -274,11 +241,8 @@ def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     for ax, corr in zip(axes[0], corrs or [CLEAN], strict=False):
         for fe in fes:
             clean = [float(r["accuracy"]) for r in rows if r["frontend"] == fe and r["corruption"] == CLEAN]
-            pts = sorted(
-                (float(r["level"]), float(r["accuracy"]))
-                for r in rows
-                if r["frontend"] == fe and r["corruption"] == corr
-            )
+            pts = sorted((float(r["level"]), float(r["accuracy"]))
+                         for r in rows if r["frontend"] == fe and r["corruption"] == corr)
             pts = [(0.0, clean[0])] + pts if clean else pts
             if pts:
                 ax.plot([p[0] for p in pts], [100.0 * p[1] for p in pts], marker="o", ms=3, label=fe)
@@ -288,10 +252,36 @@ def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     axes[0][0].set_ylabel("accuracy (% correct)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
+
+
+def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """:func:`robustness_figure` as a PNG at ``path``."""
+    from warplca.plotting import save_png
+
+    return save_png(robustness_figure(rows), path)
+
+
+def robustness_result(run_dir: str | os.PathLike) -> ExperimentResult:
+    """Experiment 5 as a report section: the classify stage's ``robustness.csv`` (accuracy per front end,
+    corruption and level; micro-averaged: correct / images) as a markdown table, mean corruption
+    accuracies ``robustness/<front end>/<clean|mca|corruption|ms_per_image>`` and ``robustness.png``.
+
+    Classification is not re-run here (it needs the trained classifier); without the CSV the section says so.
+    """
+    csv_path = Path(run_dir) / "robustness.csv"
+    if not csv_path.is_file():
+        note = (f"no `{csv_path.name}` in `{run_dir}`: run the classify stage first "
+                "(`python train.py run_dir=<run> stages=[classify]`).")
+        return ExperimentResult("robustness", markdown=f"## Noisy classification\n\n{note}\n", notes=[note])
+    rows = read_robustness_csv(csv_path)
+    figure = Figure("robustness.png", "noisy classification", lambda: robustness_figure(rows))
+    metrics = {f"robustness/{fe}/{key}": float(value)
+               for fe, summary in robustness_summary(rows).items() for key, value in summary.items()}
+    return ExperimentResult(
+        name="robustness",
+        metrics=metrics,
+        markdown=robustness_markdown(rows).rstrip() + f"\n\n{figure.link}\n",
+        figures={"plot": figure},
+        tables={"robustness/accuracy": (list(CSV_COLUMNS), [dict(r) for r in rows])},
+    )

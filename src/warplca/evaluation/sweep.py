@@ -5,9 +5,11 @@ point, each with ``.hydra/overrides.yaml`` (what was swept) and, when it finishe
 :func:`summarize_sweep` reads them all into ``sweep_summary.csv`` (one row per job: status, the
 overridden values, every metric flattened as ``stage/key``), draws ``sweep_<param>.png`` for every
 parameter that varies (selected metrics against that parameter, one line per combination of the other
-swept parameters) and writes ``sweep_summary.md``. A job with a ``FAILED`` marker (its exception, written
-by the task wrapper) or without ``metrics.json`` (crashed, killed, still running) is a row with status
-``failed``.
+swept parameters) and writes ``sweep_summary.md``. When exactly two parameters vary
+(``hparams_search=warm_map``: λ × normalisation) it also draws ``sweep_map.png`` (one heat map per
+selected metric) and writes one pivot table per metric into the markdown. A job with a ``FAILED``
+marker (its exception, written by the task wrapper) or without ``metrics.json`` (crashed, killed, still
+running) is a row with status ``failed``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from warplca.evaluation.common import ExperimentResult
 from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv
 from warplca.runtime import read_failure
@@ -28,7 +32,8 @@ from warplca.serialization import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METRICS", "SweepJob", "find_jobs", "parse_overrides", "read_job", "summarize_sweep"]
+__all__ = ["DEFAULT_METRICS", "SweepJob", "find_jobs", "parse_overrides", "pivot", "read_job",
+           "summarize_sweep"]
 
 #: metric-name fragments plotted by default (the first key containing each one, if any)
 DEFAULT_METRICS = (
@@ -197,6 +202,51 @@ def plot_parameter(
     return fig
 
 
+def _ordered(values: Sequence[Any]) -> list[Any]:
+    """Distinct values, numbers ascending, otherwise in order of appearance."""
+    distinct = list(dict.fromkeys(values))
+    return sorted(distinct) if all(_is_number(v) for v in distinct) else distinct
+
+
+def pivot(jobs: Sequence[SweepJob], rows: str, cols: str, metric: str) -> tuple[list, list, np.ndarray]:
+    """``metric`` of the finished jobs on the grid ``rows`` × ``cols`` (NaN where no job finished)."""
+    ok = [j for j in jobs if j.status == "ok" and rows in j.overrides and cols in j.overrides]
+    row_values = _ordered([j.overrides[rows] for j in ok])
+    col_values = _ordered([j.overrides[cols] for j in ok])
+    grid = np.full((len(row_values), len(col_values)), np.nan)
+    for j in ok:
+        grid[row_values.index(j.overrides[rows]), col_values.index(j.overrides[cols])] = j.metrics.get(
+            metric, np.nan)
+    return row_values, col_values, grid
+
+
+def plot_map(jobs: Sequence[SweepJob], rows: str, cols: str, metrics: Sequence[str]) -> Any:
+    """One annotated heat map per metric over the two swept parameters."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        row_values, col_values, grid = pivot(jobs, rows, cols, metric)
+        ax.imshow(grid, cmap="viridis", aspect="auto")
+        for (r, c), v in np.ndenumerate(grid):
+            ax.text(c, r, fmt(float(v), 3), ha="center", va="center", fontsize=8, color="w")
+        ax.set_xticks(range(len(col_values)), [str(v) for v in col_values], rotation=30, fontsize=8)
+        ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)
+        ax.set_xlabel(cols)
+        ax.set_ylabel(rows)
+        ax.set_title(metric.split("/", 1)[-1], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _pivot_markdown(jobs: Sequence[SweepJob], rows: str, cols: str, metric: str) -> str:
+    row_values, col_values, grid = pivot(jobs, rows, cols, metric)
+    table = [{rows: r, **{str(c): grid[i, k] for k, c in enumerate(col_values)}}
+             for i, r in enumerate(row_values)]
+    columns = [rows, *map(str, col_values)]
+    return f"`{metric}`\n\n" + markdown_table(table, columns, [f"{rows} \\ {cols}", *columns[1:]])
+
+
 def summarize_sweep(
     sweep_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -242,6 +292,9 @@ def summarize_sweep(
             files[f"plot:{param}"] = save_png(
                 plot_parameter(jobs, param, others, chosen), out / f"sweep_{safe}.png"
             )
+    two = [p for p in swept if any(j.status == "ok" and p in j.overrides for j in jobs)]
+    if len(two) == 2 and chosen:
+        files["map"] = save_png(plot_map(jobs, two[0], two[1], chosen), out / "sweep_map.png")
     failed = [j for j in jobs if j.status != "ok"]
     md = [
         f"## Sweep summary: `{root}`",
@@ -252,6 +305,10 @@ def summarize_sweep(
         markdown_table(rows, ["job", "status", *swept, *chosen], ["job", "status", *swept, *chosen]),
     ]
     md += [f"![sweep over {p}]({f.name})" for k, f in files.items() if k.startswith("plot:") for p in [k[5:]]]
+    if "map" in files:
+        md += ["", f"### Maps over {two[0]} × {two[1]}", ""]
+        md += [_pivot_markdown(jobs, two[0], two[1], metric) for metric in chosen]
+        md += [f"![map]({files['map'].name})"]
     if failed:
         md += ["", "Failed jobs:", *[f"- `{j.name}`: {j.error}" for j in failed]]
     md += ["", f"Regenerate: `python evaluate.py sweep_dir={root}`"]

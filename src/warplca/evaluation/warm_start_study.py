@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from warplca.evaluation.common import EvalModel
-from warplca.evaluation.convergence import Curves, iterations_to_match, run_curves
+from warplca.evaluation.curves import Curves, iterations_to_match, run_curves
 from warplca.evaluation.report import fmt, markdown_table
 
 __all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_ablation",
@@ -47,7 +47,7 @@ def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budge
     warm = run_curves(model, images, _grid(total, budgets), warm=True, batch_size=batch_size, device=device,
                       show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
     match = iterations_to_match(cold, warm, total)
-    return _row(warm, cold, budgets, float(match["mean"]), float(match["matched_frac"]))
+    return _row(warm, cold, budgets, float(match["iterations_to_match"]), float(match["matched_frac"]))
 
 
 def cold_row(cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
@@ -55,10 +55,10 @@ def cold_row(cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
     return _row(cold, cold, budgets, float(cold.total), 1.0)
 
 
-def _row(curves: Curves, cold: Curves, budgets: Sequence[int], match: float, matched_frac: float
-         ) -> dict[str, float]:
+def _row(curves: Curves, cold: Curves, budgets: Sequence[int], iterations_to_match: float,
+         matched_frac: float) -> dict[str, float]:
     total = cold.total
-    row: dict[str, float] = {"iterations_to_match": match, "matched_frac": matched_frac}
+    row: dict[str, float] = {"iterations_to_match": iterations_to_match, "matched_frac": matched_frac}
     for k in _grid(total, budgets):
         row[f"energy@{k}"] = float(curves.energy[k].mean())
     row["energy_ratio@T"] = float(curves.energy[total].mean() / cold.energy[total].mean())
@@ -98,24 +98,13 @@ def study_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], total: i
     return markdown_table(shown, columns)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, title: str, path: str | Path) -> Path:
     """Title, tight layout, write the PNG, close the figure."""
-    plt = _pyplot()
+    from warplca.plotting import save_png
+
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _match_value(row: Mapping[str, Any], total: int) -> float:
@@ -127,7 +116,8 @@ def _match_value(row: Mapping[str, Any], total: int) -> float:
 def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
                   path: str | Path) -> Path:
     """Two bar panels per variant: iterations-to-match (log) and energy after ``early`` / T iterations."""
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     labels = [str(r["variant"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(rows) + 4), 3.8))
     pos = list(range(len(rows)))
@@ -154,7 +144,8 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], to
 def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
                         path: str | Path) -> Path:
     """Training-set size (log₂ axis) against iterations-to-match and energy@``early``, a line per epochs."""
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for epochs in sorted({int(r["epochs"]) for r in rows}):
         sub = sorted((r for r in rows if int(r["epochs"]) == epochs), key=lambda r: int(r["train_size"]))

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from warplca.coder import SparseCoder
 from warplca.data.normalization import Normalization
 from warplca.lca import LCA, ConvDictionary, atom_usage, dead_atoms, resample_atoms, used_atoms
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
@@ -175,15 +176,21 @@ class DictionaryLearning(pl.LightningModule):
         self._total_steps: int | None = None  # set in on_train_start
 
     # -- the model ------------------------------------------------------------------------------
+    @property
+    def coder(self) -> SparseCoder:
+        """The dictionary being learned with its LCA and normalisation (built on access, not a submodule,
+        so checkpoints keep their keys)."""
+        return SparseCoder(self.dictionary, self.lca, self.normalization)
+
     def forward(self, images: Tensor) -> tuple[Tensor, Any]:
         """LCA-code [0, 1] images; returns (reconstruction on the [0, 1] pixel scale, LCAResult)."""
-        x = self.normalization.apply(images)
-        res = self.lca(x)
-        return self.normalization.invert(res.recon, images).clamp(0.0, 1.0), res
+        coded = self.coder.code(images)
+        return coded.pixels, coded.result
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = self.normalization.apply(images)
+        coder = self.coder
+        x = coder.preprocess(images)
         # no autograd: the codes are constants for the atom update
         res = self.lca(x, iters=self.test_iters if stage == "test" else None)
         if stage == "train":
@@ -201,7 +208,7 @@ class DictionaryLearning(pl.LightningModule):
         else:
             recon = res.recon
             loss = 0.5 * (x - recon).pow(2).sum() / x.shape[0]
-        pixels = self.normalization.invert(recon.detach(), images).clamp(0.0, 1.0)
+        pixels = coder.postprocess(recon.detach(), images)
         getattr(self, f"{stage}_recon").update(pixels, images)
         getattr(self, f"{stage}_sparsity").update(res.a)
         getattr(self, f"{stage}_energy").update(res.energy, x[0].numel())

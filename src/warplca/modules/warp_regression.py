@@ -104,20 +104,18 @@ class WarpRegression(pl.LightningModule):
         self.cold_values: dict[str, float] | None = None
 
     # -- model ----------------------------------------------------------------------------------
-    def preprocess(self, images: Tensor) -> Tensor:
-        return images if self.normalization is None else self.normalization.apply(images)
+    @property
+    def coder(self) -> WarpLCA:
+        """This module's predictor, dictionary, LCA and normalisation as a (live, unguarded) WARP-LCA.
 
-    def postprocess(self, recon: Tensor, images: Tensor | None = None) -> Tensor:
-        out = recon if self.normalization is None else self.normalization.invert(recon, images)
-        return out.clamp(0.0, 1.0)
+        Built on access rather than held as a submodule, so checkpoints keep the ``predictor.*`` and
+        ``dictionary.*`` keys; validation measures the raw prediction, hence no start guard.
+        """
+        return WarpLCA(self.dictionary, self.predictor, self.lca, self.normalization, start_guard=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Predicted states for images ``x`` in the coded space."""
-        drive = None
-        if getattr(self.predictor, "use_drive", False):
-            with torch.no_grad():
-                drive = self.dictionary.encode(x)
-        return self.predictor(x, drive)
+        """Predicted states for images ``x`` in the coded space (the drive Φᵀx carries no gradient)."""
+        return self.coder.predict_states(x, grad=True)
 
     def bundle(self) -> WarpLCA:
         """The trained WARP-LCA (a copy: dictionary, predictor, LCA settings, normalisation)."""
@@ -135,7 +133,7 @@ class WarpRegression(pl.LightningModule):
         images, states = self._batch(batch)
         if states is None:
             raise ValueError("WarpRegression trains on (images, target states) batches from a TargetDataset")
-        pred = self(self.preprocess(images))
+        pred = self(self.coder.preprocess(images))
         loss = self.loss_fn(pred.float(), states.float())
         # sync_dist: under DDP the logged loss is the mean over all ranks, not rank 0's alone
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
@@ -162,13 +160,13 @@ class WarpRegression(pl.LightningModule):
             assert res.energy is not None
             m["energy"].update(res.energy, numel)
             m["sparsity"].update(res.a)
-            m["recon"].update(self.postprocess(res.recon, images), images.clamp(0.0, 1.0))
+            m["recon"].update(self.coder.postprocess(res.recon, images), images.clamp(0.0, 1.0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, states = self._batch(batch)
         with torch.autocast(device_type=images.device.type, enabled=False):
             images = images.float()
-            x = self.preprocess(images)
+            x = self.coder.preprocess(images)
             pred = self(x).float()
             if states is not None:
                 states = states.float()

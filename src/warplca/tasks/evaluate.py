@@ -8,8 +8,9 @@ scalars, images and tables go to the configured loggers. ``sweep_dir=<multirun d
 summary instead; ``results_md=<file>`` writes a README-ready results page from the run's report.md.
 
 This module is the command only: what the pipeline's ``report`` stage and the study share with it
-(the settings, the images, the convergence run, the robustness section) lives in
-:mod:`warplca.evaluation.experiments`, so the main job's closing table and ``evaluate.py`` agree.
+(the settings, the images, the convergence run) lives in :mod:`warplca.evaluation.experiments`, so the
+main job's closing table and ``evaluate.py`` agree; every result is written by
+:func:`warplca.evaluation.report.write_result`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,8 @@ from warplca.evaluation.common import (
     resolve_device,
     run_data_config,
 )
-from warplca.evaluation.experiments import (
-    MODES,
-    eval_images,
-    eval_settings,
-    robustness_result,
-    run_convergence,
-)
-from warplca.evaluation.report import log_to_loggers, merge_metrics, write_report_section, write_results_page
+from warplca.evaluation.experiments import MODES, eval_images, eval_settings, run_convergence
+from warplca.evaluation.report import write_result, write_results_page
 from warplca.tasks.utils import instantiate_loggers, seed_everything, task_wrapper, to_container
 
 log = logging.getLogger(__name__)
@@ -116,7 +111,6 @@ class _Session:
         return run_convergence(
             self.model,
             self.images,
-            self.out_dir,
             self.settings,
             name=self.data_name,
             show_progress=self.show_progress,
@@ -125,7 +119,7 @@ class _Session:
 
     def thresholds(self) -> ExperimentResult:
         from warplca.evaluation.common import describe_model
-        from warplca.evaluation.thresholds import evaluate_thresholds, load_threshold_models
+        from warplca.evaluation.thresholds import load_threshold_models, measure_thresholds
 
         conf = self.settings["thresholds"]
         models, notes = load_threshold_models(conf["runs"] or {}, self.device)
@@ -134,10 +128,9 @@ class _Session:
             models = {label: self.model, **models}
         if not models:
             raise FileNotFoundError("eval=thresholds: no bundle found. " + " ".join(notes))
-        return evaluate_thresholds(
+        return measure_thresholds(
             models,
             self.images,
-            self.out_dir,
             iters=self.total(conf.get("iters")),
             budgets=self.settings["budgets"],
             batch_size=int(self.settings["batch_size"]),
@@ -147,13 +140,12 @@ class _Session:
         )
 
     def denoise(self) -> ExperimentResult:
-        from warplca.evaluation.denoise import evaluate_denoise
+        from warplca.evaluation.denoise import measure_denoise
 
         conf = self.settings["denoise"]
-        return evaluate_denoise(
+        return measure_denoise(
             self.model,
             self.images,
-            self.out_dir,
             sigmas=conf["sigmas"],
             budgets=conf["budgets"],
             batch_size=int(self.settings["batch_size"]),
@@ -164,10 +156,12 @@ class _Session:
         )
 
     def robustness(self) -> ExperimentResult:
-        return robustness_result(self.run_dir, self.out_dir)
+        from warplca.evaluation.robustness import robustness_result
+
+        return robustness_result(self.run_dir)
 
     def ood(self) -> ExperimentResult:
-        from warplca.evaluation.ood import OODSource, evaluate_ood
+        from warplca.evaluation.ood import OODSource, measure_ood
 
         conf = self.settings["ood"]
         sources = [OODSource.from_config(s) for s in conf["sources"] or []]
@@ -179,10 +173,9 @@ class _Session:
             if conf["reference"]
             else None
         )
-        return evaluate_ood(
+        return measure_ood(
             self.model,
             sources,
-            self.out_dir,
             iters=self.total(conf.get("iters")),
             budgets=self.settings["budgets"],
             n_images=n,
@@ -211,28 +204,6 @@ def _loggers(cfg: DictConfig, out_dir: Path, run_name: str) -> list[Any]:
     except Exception as exc:  # hyperparameters are a nicety; results are not
         log.debug("could not log hyperparameters: %s", exc)
     return loggers
-
-
-def publish(
-    result: ExperimentResult, out_dir: Path, loggers: list[Any], section: str = "eval", echo: bool = True
-) -> None:
-    """Write a result's report.md section and metrics.json entries, send it to the loggers, print it."""
-    write_report_section(out_dir, result.name, result.markdown)
-    merge_metrics(out_dir, result.metrics, section=section)
-    images = {
-        f"{section}/{result.name}/{key.replace(':', '_')}": path
-        for key, path in result.files.items()
-        if path.suffix == ".png"
-    }
-    log_to_loggers(
-        loggers,
-        {f"{section}/{k}": v for k, v in result.metrics.items()},
-        images=images,
-        tables={f"{section}/{k}": v for k, v in result.tables.items()},
-        text={f"{section}/{result.name}/report": result.markdown},
-    )
-    if echo:
-        print("\n" + result.markdown, flush=True)
 
 
 def command_line() -> str:
@@ -271,7 +242,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for mode in modes:
         log.info("evaluation %s: starting (results in %s)", mode, session.out_dir)
         result: ExperimentResult = getattr(session, mode)()
-        publish(result, session.out_dir, loggers)
+        write_result(result, session.out_dir, loggers, prefix="eval", metrics_section="eval")
+        print("\n" + result.markdown, flush=True)
         metrics.update({f"eval/{k}": float(v) for k, v in result.metrics.items()})
     for lg in loggers:
         if hasattr(lg, "finalize"):

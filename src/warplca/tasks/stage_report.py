@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from warplca.evaluation.common import describe_model, load_model, resolve_device
-from warplca.evaluation.experiments import eval_images, eval_settings, robustness_result, run_convergence
-from warplca.evaluation.report import fmt, log_to_loggers, markdown_table, write_report_section
+from warplca.evaluation.convergence import table_markdown
+from warplca.evaluation.experiments import eval_images, eval_settings, run_convergence
+from warplca.evaluation.report import fmt, markdown_table, write_report_section, write_result
+from warplca.evaluation.robustness import robustness_result
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import evaluation_device_name
 
@@ -32,7 +34,7 @@ __all__ = ["ARTIFACT", "run"]
 ARTIFACT = "report.md"
 _STAGE_KEYS = ("dictionary", "targets", "warp", "classify")
 #: sections written by the study stages (``<name>.md`` in the run directory)
-STUDY_SECTIONS = ("ablation", "learning_curve")
+STUDY_SECTIONS = ("ablation", "learning_curve", "levers")
 
 
 def _device(ctx: RunContext) -> Any:
@@ -89,34 +91,22 @@ def run(ctx: RunContext) -> dict[str, float]:
     result = run_convergence(
         model,
         images,
-        ctx.run_dir,
         settings,
         name=name,
         show_progress=bool(ctx.cfg.get("progress", True)),
         device=device,
     )
-
-    extra = None
+    results = [result]
     if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: report its table too
-        extra = robustness_result(ctx.run_dir, ctx.run_dir)
-        result.metrics.update(extra.metrics)
-
+        results.append(robustness_result(ctx.run_dir))
     loggers = ctx.loggers("report")
-    files = {**result.files, **({f"robustness_{k}": p for k, p in extra.files.items()} if extra else {})}
-    log_to_loggers(
-        loggers,
-        {f"report/{k}": v for k, v in result.metrics.items()},
-        images={f"report/{k}": p for k, p in files.items() if p.suffix == ".png"},
-        tables={f"report/{k}": v for k, v in {**result.tables, **(extra.tables if extra else {})}.items()},
-        text={"report/convergence": result.markdown},
-    )
+    metrics: dict[str, float] = {}
+    for res in results:  # report.md (the artifact) exists after the first
+        write_result(res, ctx.run_dir, loggers, prefix="report")
+        metrics.update(res.metrics)
     for lg in loggers:
         if hasattr(lg, "finalize"):
             lg.finalize("success")
-
-    write_report_section(ctx.run_dir, "convergence", result.markdown)  # report.md (the artifact) exists now
-    if extra is not None:
-        write_report_section(ctx.run_dir, "robustness", extra.markdown)
     for study in STUDY_SECTIONS:  # the warm-start study stages ran: their tables and plots
         if ctx.artifact(f"{study}.md").is_file():
             write_report_section(ctx.run_dir, study, ctx.artifact(f"{study}.md").read_text(encoding="utf-8"))
@@ -125,18 +115,16 @@ def run(ctx: RunContext) -> dict[str, float]:
         write_report_section(ctx.run_dir, "pipeline", pipeline)
 
     info = describe_model(model)
-    total = int(result.metrics["convergence/T"])
+    total = int(metrics["convergence/T"])
     print(
         f"\nCold LCA vs WARP-LCA — {images.shape[0]} {name} images, {info['threshold']} threshold, "
         f"λ = {fmt(info['lam'])}, T = {total}",
         flush=True,
     )
-    from warplca.evaluation.convergence import table_markdown
-
     print(table_markdown(result.table, result.match), flush=True)
-    ratio = result.metrics.get("convergence/energy_ratio@T", math.nan)
+    ratio = metrics.get("convergence/energy_ratio@T", math.nan)
     print(
         f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(ratio, 6)}.  Report: {ctx.artifact(ARTIFACT)}",
         flush=True,
     )
-    return dict(result.metrics)
+    return metrics

@@ -73,21 +73,21 @@ def cache_dir(ctx: RunContext, split: str) -> Any:
     return ctx.artifact(f"targets/{split}")
 
 
-def _dataset_config(ctx: RunContext) -> dict[str, Any]:
-    conf = to_container(ctx.cfg.get("data")) or {}
-    return conf if isinstance(conf, dict) else {}
+def _cache_kwargs(ctx: RunContext, split: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the ``split`` cache besides dictionary, LCA, iterations and normalisation."""
+    dm = ctx.datamodule
+    data = to_container(ctx.cfg.get("data")) or {}
+    return {"dataset_name": str(getattr(dm, "name", type(dm).__name__)), "split": split,
+            "dataset_config": data if isinstance(data, dict) else {}, "chunk_size": int(conf["chunk_size"]),
+            "limit": conf["limit"], "solver": solver_spec(conf)}
 
 
 def expected(ctx: RunContext, split: str, dictionary: ConvDictionary, lca: LCA, normalization: Any,
              conf: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest the ``split`` cache must have for the current config."""
     conf = settings(ctx) if conf is None else conf
-    dm = ctx.datamodule
-    return expected_manifest(dm.split_dataset(split), dictionary, lca.settings(), int(conf["iters"]),
-                             normalization, dataset_name=str(getattr(dm, "name", type(dm).__name__)),
-                             split=split, dataset_config=_dataset_config(ctx),
-                             chunk_size=int(conf["chunk_size"]), limit=conf["limit"],
-                             solver=solver_spec(conf))
+    return expected_manifest(ctx.datamodule.split_dataset(split), dictionary, lca.settings(),
+                             int(conf["iters"]), normalization, **_cache_kwargs(ctx, split, conf))
 
 
 def is_done(ctx: RunContext) -> bool:
@@ -117,14 +117,11 @@ def run(ctx: RunContext) -> dict[str, float]:
     metrics: dict[str, float] = {"target_iters": float(conf["iters"])}
     summary: dict[str, Any] = {}
     for split in conf["splits"]:
-        manifest = expected(ctx, split, dictionary, lca, norm, conf)
         trainer = ctx.trainer("targets", logger=False, fast_dev_run=False, limit_predict_batches=1.0)
         cache = build_target_cache(
             cache_dir(ctx, split), dm.split_dataset(split), dictionary, lca, int(conf["iters"]), norm,
-            dataset_name=manifest["dataset"], split=split, dataset_config=_dataset_config(ctx),
-            chunk_size=int(conf["chunk_size"]), batch_size=int(conf["batch_size"]), limit=conf["limit"],
-            num_workers=int(conf["num_workers"]), trainer=trainer, overwrite=ctx.force,
-            solver=solver_spec(conf))
+            batch_size=int(conf["batch_size"]), num_workers=int(conf["num_workers"]), trainer=trainer,
+            overwrite=ctx.force, **_cache_kwargs(ctx, split, conf))
         stats = cache.stats()
         summary[split] = {**stats, "shape": list(cache.shape)}
         metrics.update({f"{split}/count": float(cache.count), f"{split}/energy": stats["energy"],

@@ -1,4 +1,5 @@
-"""The stage registry: ``dictionary → targets → warp → ablation → learning_curve → classify → report``.
+"""The stage registry: ``dictionary → targets → warp → ablation → learning_curve → levers → classify →
+report``.
 
 A stage is a module ``warplca.tasks.stage_<name>`` defining
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 __all__ = ["STAGE_ORDER", "StageNotAvailableError", "load_stage", "resolve_stages", "run_stages",
            "stage_done"]
 
-STAGE_ORDER: tuple[str, ...] = ("dictionary", "targets", "warp", "ablation", "learning_curve", "classify",
-                                "report")
+STAGE_ORDER: tuple[str, ...] = ("dictionary", "targets", "warp", "ablation", "learning_curve", "levers",
+                                "classify", "report")
 
 
 class StageNotAvailableError(ImportError):

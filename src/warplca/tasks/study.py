@@ -1,4 +1,4 @@
-"""Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``).
+"""Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``, ``levers``).
 
 A study trains WARP-CNN variants on the run's train-split target cache (:mod:`.predictor_fit`) and
 scores each against one cold-LCA run on held-out images (:mod:`warplca.evaluation.warm_start_study`).
@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from warplca.bundle import WarpLCA
 from warplca.config_defaults import primary_defaults
 from warplca.data.target_cache import TargetDataset
 from warplca.evaluation.common import resolve_device
-from warplca.evaluation.convergence import Curves
+from warplca.evaluation.curves import Curves
 from warplca.evaluation.experiments import eval_images
 from warplca.evaluation.report import write_csv
 from warplca.evaluation.warm_start_study import cold_reference, cold_row, format_scores, score_warm_start
@@ -55,7 +56,7 @@ def study_settings(ctx: RunContext) -> dict[str, Any]:
     conf = to_container(ctx.cfg.get("study")) or {}
     unknown = sorted(set(conf) - set(defaults))
     out = copy.deepcopy(defaults)
-    for key in ("ablation", "learning_curve"):
+    for key in ("ablation", "learning_curve", "levers"):
         sub = conf.pop(key, None) or {}
         bad = sorted(set(sub) - set(defaults[key]))
         unknown += [f"{key}.{b}" for b in bad]
@@ -63,7 +64,8 @@ def study_settings(ctx: RunContext) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(defaults)} "
                          f"(ablation: {sorted(defaults['ablation'])}, "
-                         f"learning_curve: {sorted(defaults['learning_curve'])})")
+                         f"learning_curve: {sorted(defaults['learning_curve'])}, "
+                         f"levers: {sorted(defaults['levers'])})")
     out.update(conf)
     bad_inputs = [i for i in out["ablation"]["inputs"] if i not in INPUTS]
     if bad_inputs:
@@ -109,6 +111,7 @@ class Study:
         self._tag = json.dumps({"settings": settings, "n_train": len(self.train),
                                 "dictionary": self.dictionary.fingerprint()}, sort_keys=True, default=str)
         self.rows: list[dict[str, Any]] = self._load_partial()
+        self.models: dict[str, WarpLCA] = {}  # the variants trained by this process, by variant name
 
     # -- resumption -------------------------------------------------------------------------------------
     def _load_partial(self) -> list[dict[str, Any]]:
@@ -130,20 +133,28 @@ class Study:
         write_text_atomic(self._partial, json.dumps({"tag": self._tag, "rows": self.rows}, default=float))
 
     # -- variants -------------------------------------------------------------------------------------
-    def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
-                predictor_overrides: Mapping[str, Any] | None = None,
-                loss_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Train (unless already scored) and score one variant; returns its row (``key`` + scores)."""
-        for row in self.rows:
-            if all(row.get(k) == v for k, v in key.items()):
-                return row
+    def fit(self, epochs: int, limit: int | None = None, predictor_overrides: Mapping[str, Any] | None = None,
+            loss_overrides: Mapping[str, Any] | None = None,
+            train: Dataset | None = None) -> tuple[WarpLCA, int, float]:
+        """Train one predictor (the run's initial weights and data order) on ``train`` (default: the
+        cached targets); returns its bundle, its parameter count and the training time in seconds."""
         start = time.perf_counter()
         torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
         module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
                                         loss_overrides)
-        fit_quietly(self.ctx, module, self.train, epochs, limit)
-        train_s = time.perf_counter() - start
-        model = module.bundle().to(self.device)
+        fit_quietly(self.ctx, module, self.train if train is None else train, epochs, limit)
+        return module.bundle().to(self.device), n_params, time.perf_counter() - start
+
+    def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
+                predictor_overrides: Mapping[str, Any] | None = None,
+                loss_overrides: Mapping[str, Any] | None = None,
+                train: Dataset | None = None) -> dict[str, Any]:
+        """Train (unless already scored) and score one variant; returns its row (``key`` + scores)."""
+        for row in self.rows:
+            if all(row.get(k) == v for k, v in key.items()):
+                return row
+        model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, loss_overrides, train)
+        self.models[str(key.get("variant"))] = model
         label = ", ".join(f"{k}={v}" for k, v in key.items())
         scores = score_warm_start(model, self.images, self.cold, self.budgets,
                                   int(self.settings["batch_size"]), self.device, self.show_progress,

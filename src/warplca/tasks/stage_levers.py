@@ -1,0 +1,116 @@
+"""Stage "levers": which change to the warm start's training pays, each scored on held-out images.
+
+Every variant trains the run's predictor afresh (its loss, input, epochs, initial weights and data
+order as in the warp stage) and is scored like the other study stages (:mod:`warplca.tasks.study`):
+
+* ``baseline``: the run's predictor on the run's cached targets;
+* one row per entry of ``study.levers.predictors`` (name → WarpCNN overrides): predictor size and
+  receptive field;
+* ``augment`` (``study.levers.augment``): the cached crops plus one flipped/rotated copy of each (a fixed
+  one of the seven non-identity symmetries of the square per crop), the copies' targets solved by the
+  run's target solver;
+* ``self-distill`` (``study.levers.self_distill``): the baseline's own warm-started states after the
+  target solver's step count replace the cached targets (the predictor learns where WARP-LCA converges).
+
+Writes ``levers.md`` / ``levers.png`` / ``levers.csv`` (the artifact); the report stage adds the section
+to ``report.md``. A lever earns a place in the defaults only if it beats ``baseline`` here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from warplca.bundle import WarpLCA
+from warplca.coder import SparseCoder
+from warplca.data.target_cache import solve_targets
+from warplca.data.target_store import item_image
+from warplca.evaluation.warm_start_study import best_variant, plot_ablation, study_table
+from warplca.lca import LCA
+from warplca.lca.continuation import Continuation
+from warplca.tasks import stage_targets
+from warplca.tasks.context import RunContext
+from warplca.tasks.study import Study
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACT", "run", "symmetry"]
+
+ARTIFACT = "levers.csv"
+
+
+def symmetry(images: Tensor, index: int) -> Tensor:
+    """The ``index``-th (1…7) non-identity symmetry of the square: 90°·(index mod 4), then a flip if ≥ 4."""
+    out = torch.rot90(images, index % 4, dims=(-2, -1))
+    return out.flip(-1) if index >= 4 else out
+
+
+def _cached_pairs(study: Study) -> tuple[Tensor, Tensor]:
+    """The cached training crops and their target states, as two tensors."""
+    train = study.train
+    images = torch.stack([item_image(train.images[i]) for i in range(len(train))])
+    states = torch.stack([train.cache.read(i) for i in range(len(train))])
+    return images, states
+
+
+def _augmented(study: Study, images: Tensor, states: Tensor) -> TensorDataset:
+    """Cached pairs plus one transformed copy of every crop, its states from the run's target solver."""
+    tconf = stage_targets.settings(study.ctx)
+    spec = stage_targets.solver_spec(tconf)
+    continuation = (Continuation(**{k: v for k, v in spec.items() if k != "name"})
+                    if isinstance(spec, dict) else None)
+    iters = int(tconf["iters"])
+    coder = SparseCoder(study.dictionary, LCA(study.dictionary, **{**study.lca.settings(), "iters": iters}),
+                        study.norm)
+    copies = torch.cat([symmetry(x.unsqueeze(0), 1 + i % 7) for i, x in enumerate(images)])
+    copy_states, _, _ = solve_targets(coder, copies, iters, continuation, int(tconf["batch_size"]))
+    return TensorDataset(torch.cat([images, copies]), torch.cat([states, copy_states]))
+
+
+def _self_distilled(study: Study, baseline: WarpLCA, images: Tensor) -> TensorDataset:
+    """The crops with the baseline's warm-started states after the target solver's step count."""
+    iters = int(stage_targets.settings(study.ctx)["iters"])
+    baseline = baseline.to("cpu")
+    with torch.no_grad():
+        states, _, _ = solve_targets(baseline, images, iters, None, 128, warm=True)
+    return TensorDataset(images, states)
+
+
+def run(ctx: RunContext) -> dict[str, float]:
+    study = Study.for_stage(ctx, "levers")
+    if study is None:
+        return {}
+    conf = study.conf
+    epochs = int(conf.get("epochs") or study.warp_epochs())
+    rows = [study.variant({"variant": "baseline"}, epochs)]
+    for name, overrides in (conf.get("predictors") or {}).items():
+        rows.append(study.variant({"variant": f"predictor {name}"}, epochs,
+                                  predictor_overrides=dict(overrides or {})))
+    images: Tensor | None = None
+    if conf.get("augment"):
+        images, states = _cached_pairs(study)
+        log.info("levers: solving targets for %d transformed copies of the training crops", len(images))
+        rows.append(study.variant({"variant": "augment"}, epochs, train=_augmented(study, images, states)))
+    if conf.get("self_distill"):
+        if images is None:
+            images, _ = _cached_pairs(study)
+        if not any(r["variant"] == "self-distill" for r in study.rows):
+            baseline = study.models.get("baseline") or study.fit(epochs)[0]
+            log.info("levers: warm-starting %d training crops for self-distillation targets", len(images))
+            distilled = _self_distilled(study, baseline, images)
+        else:
+            distilled = None  # already scored (resumed): the row is read back, nothing is trained
+        rows.append(study.variant({"variant": "self-distill"}, epochs, train=distilled))
+    cold = {"variant": "cold LCA", **study.cold_scores}
+    best = best_variant(rows, study.total)
+    what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
+            "(everything else as in the warp stage, the same initial weights and data order).")
+    md = (study.header("Levers: predictor size, augmentation, self-distillation", what) + "\n"
+          + study_table([*rows, cold], ["variant"], study.total, study.budgets)
+          + f"\nBest here: **{best['variant']}**.\n\n![levers](levers.png)\n")
+    metrics = study.finish(rows, md, lambda p: plot_ablation(rows, cold, study.total, study.early, p))
+    print("\n" + md, flush=True)
+    return metrics
