@@ -32,6 +32,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.dictionary.test_iters=10",
     "model.dictionary.trainer.max_epochs=1",
     "lca.iters=20",
+    "predictor=small",
 )
 
 

@@ -16,7 +16,7 @@ from warplca.data import NaturalDataModule
 def _overrides(dictionary: Path, *extra: str) -> list[str]:
     return ["stages=[targets,warp,ablation,learning_curve,report]", f"dictionary_path={dictionary}",
             "targets.iters=10", "targets.chunk_size=32", "targets.batch_size=32", "targets.limit=null",
-            "targets.solver=cold", "lca.iters=20",
+            "targets.solver=cold", "lca.iters=20", "predictor=small",
             "data.n_train=64", "data.n_val=32", "data.n_test=16",
             "model.warp.epochs=1", "model.warp.eval_iters=[0,3]", "model.warp.batch_size=32",
             "trainer.enable_progress_bar=false", "+progress=false",
@@ -139,7 +139,7 @@ def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dic
     from warplca.tasks.utils import compose_config
 
     overrides = _overrides(dictionary_path, "stages=[targets,warp,levers,report]",
-                           "study.levers.predictors.medium={width: 48}", "~study.levers.predictors.kernel5")
+                           "study.levers.predictors.small={width: 48}", "~study.levers.predictors.kernel5")
     run = tmp_path / "run"
     seen: list[int] = []
     real = stage_levers.Study.fit
@@ -154,10 +154,10 @@ def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dic
     finally:
         stage_levers.Study.fit = real  # type: ignore[method-assign]
     rows = _rows(run / "levers.csv")
-    assert [r["variant"] for r in rows] == ["baseline", "predictor medium", "augment", "self-distill"]
+    assert [r["variant"] for r in rows] == ["baseline", "predictor small", "augment", "self-distill"]
     assert seen == [64, 64, 128, 64]  # augmentation doubles the pairs; the baseline is not retrained
     params = {r["variant"]: int(r["params"]) for r in rows}
-    assert params["predictor medium"] > params["baseline"]
+    assert params["predictor small"] > params["baseline"]
     for row in rows:
         assert 0 < float(row["energy@20"]) <= float(row["energy@0"]) + 1e-6
     assert "## Levers" in (run / "report.md").read_text(encoding="utf-8")
