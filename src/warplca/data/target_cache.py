@@ -147,9 +147,7 @@ class TargetBuilder(pl.LightningModule):
         self.target_iters = int(manifest["target_iters"])
         self.coder = SparseCoder(dictionary, LCA(dictionary, iters=self.target_iters, **settings),
                                  normalization)
-        solver = dict(manifest.get("solver") or {"name": "cold"})
-        self.continuation = (Continuation(**{k: v for k, v in solver.items() if k != "name"})
-                             if solver.get("name") == "continuation" else None)
+        self.continuation = store.solver_continuation(manifest.get("solver"))
         self.manifest = store.jsonable(dict(manifest))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")

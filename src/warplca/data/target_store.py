@@ -182,6 +182,12 @@ def normalize_solver(solver: Mapping[str, Any] | str | None) -> dict[str, Any]:
     return {"name": "continuation", **asdict(Continuation(**spec))}  # Continuation validates them
 
 
+def solver_continuation(solver: Mapping[str, Any] | str | None) -> Continuation | None:
+    """The λ schedule of a target-solver description (:func:`normalize_solver`); None for cold LCA."""
+    spec = normalize_solver(solver)
+    return None if spec.pop("name") == "cold" else Continuation(**spec)
+
+
 def manifest_diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (found, expected)}`` for every identifying key of ``expected`` that ``found`` differs in."""
     expected = jsonable(dict(expected))

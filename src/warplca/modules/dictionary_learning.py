@@ -144,6 +144,8 @@ class DictionaryLearning(pl.LightningModule):
         settings["iters"] = iters
         self.lca = LCA(dictionary, **settings)
         self.normalization = normalization
+        # the coder shares the modules and stays out of the module tree, so checkpoints keep their keys
+        self.__dict__["_coder"] = SparseCoder(dictionary, self.lca, normalization)
         self.lr = float(lr)
         self.optimizer_factory = optimizer
         self.iters = iters
@@ -178,9 +180,8 @@ class DictionaryLearning(pl.LightningModule):
     # -- the model ------------------------------------------------------------------------------
     @property
     def coder(self) -> SparseCoder:
-        """The dictionary being learned with its LCA and normalisation (built on access, not a submodule,
-        so checkpoints keep their keys)."""
-        return SparseCoder(self.dictionary, self.lca, self.normalization)
+        """The dictionary being learned with its LCA and normalisation."""
+        return self.__dict__["_coder"]
 
     def forward(self, images: Tensor) -> tuple[Tensor, Any]:
         """LCA-code [0, 1] images; returns (reconstruction on the [0, 1] pixel scale, LCAResult)."""

@@ -102,16 +102,18 @@ class WarpRegression(pl.LightningModule):
         })
         #: cold-start validation numbers, computed once (the validation set is fixed)
         self.cold_values: dict[str, float] | None = None
+        # the same parts as a WARP-LCA, built once and kept out of the module tree (``__dict__``), so
+        # checkpoints keep the ``predictor.*`` / ``dictionary.*`` keys; it shares the modules, so it
+        # follows them across devices
+        self.__dict__["_coder"] = WarpLCA(self.dictionary, self.predictor, self.lca, self.normalization,
+                                          start_guard=False)
 
     # -- model ----------------------------------------------------------------------------------
     @property
     def coder(self) -> WarpLCA:
-        """This module's predictor, dictionary, LCA and normalisation as a (live, unguarded) WARP-LCA.
-
-        Built on access rather than held as a submodule, so checkpoints keep the ``predictor.*`` and
-        ``dictionary.*`` keys; validation measures the raw prediction, hence no start guard.
-        """
-        return WarpLCA(self.dictionary, self.predictor, self.lca, self.normalization, start_guard=False)
+        """This module's predictor, dictionary, LCA and normalisation as a live WARP-LCA; unguarded,
+        since validation measures the raw prediction."""
+        return self.__dict__["_coder"]
 
     def forward(self, x: Tensor) -> Tensor:
         """Predicted states for images ``x`` in the coded space (the drive Φᵀx carries no gradient)."""

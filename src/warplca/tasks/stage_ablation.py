@@ -10,7 +10,7 @@ artifact); the report stage adds the section to ``report.md``.
 
 from __future__ import annotations
 
-from warplca.evaluation.warm_start_study import best_variant, plot_ablation, study_table
+from warplca.evaluation.warm_start_study import plot_ablation
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import INPUTS, Study
 
@@ -32,12 +32,7 @@ def run(ctx: RunContext) -> dict[str, float]:
             rows.append(study.variant(key, epochs, predictor_overrides=INPUTS[inp],
                                       loss_overrides={"loss": str(loss)}))
     cold = {"variant": "cold LCA", "loss": "—", "input": "—", **study.cold_scores}
-    best = best_variant(rows, study.total)
     what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
             "(everything else as in the warp stage, the same initial weights and data order).")
-    md = (study.header("Ablation: loss × input", what) + "\n"
-          + study_table([*rows, cold], ["variant"], study.total, study.budgets)
-          + f"\nBest warm start here: **{best['variant']}**.\n\n![ablation](ablation.png)\n")
-    metrics = study.finish(rows, md, lambda p: plot_ablation(rows, cold, study.total, study.early, p))
-    print("\n" + md, flush=True)
-    return metrics
+    return study.publish("Ablation: loss × input", what, rows, cold, ["variant"],
+                         lambda p: plot_ablation(rows, cold, study.total, study.early, p))

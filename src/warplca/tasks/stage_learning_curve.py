@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from warplca.evaluation.warm_start_study import best_variant, plot_learning_curve, study_table
+from warplca.evaluation.warm_start_study import plot_learning_curve
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import Study
 
@@ -41,13 +41,8 @@ def run(ctx: RunContext) -> dict[str, float]:
             key = {"variant": f"n={size}, {epochs} ep", "train_size": size, "epochs": epochs}
             rows.append(study.variant(key, epochs, limit=size))
     cold = {"variant": "cold LCA", "train_size": "—", "epochs": "—", **study.cold_scores}
-    best = best_variant(rows, study.total)
     what = ("Each point trains the run's predictor afresh on the first n cached targets for e epochs "
             "(everything else as in the warp stage).")
-    md = (study.header("Learning curve: training-set size × epochs", what) + "\n"
-          + study_table([*rows, cold], ["train_size", "epochs"], study.total, study.budgets)
-          + f"\nBest here: **{best['variant']}**.\n\n![learning curve](learning_curve.png)\n")
-    metrics = study.finish(rows, md, lambda p: plot_learning_curve(rows, study.cold_scores, study.total,
-                                                                   study.early, p))
-    print("\n" + md, flush=True)
-    return metrics
+    return study.publish("Learning curve: training-set size × epochs", what, rows, cold,
+                         ["train_size", "epochs"],
+                         lambda p: plot_learning_curve(rows, study.cold_scores, study.total, study.early, p))

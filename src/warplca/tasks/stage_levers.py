@@ -27,10 +27,9 @@ from torch.utils.data import TensorDataset
 from warplca.bundle import WarpLCA
 from warplca.coder import SparseCoder
 from warplca.data.target_cache import solve_targets
-from warplca.data.target_store import item_image
-from warplca.evaluation.warm_start_study import best_variant, plot_ablation, study_table
+from warplca.data.target_store import item_image, solver_continuation
+from warplca.evaluation.warm_start_study import plot_ablation
 from warplca.lca import LCA
-from warplca.lca.continuation import Continuation
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import Study
@@ -59,9 +58,7 @@ def _cached_pairs(study: Study) -> tuple[Tensor, Tensor]:
 def _augmented(study: Study, images: Tensor, states: Tensor) -> TensorDataset:
     """Cached pairs plus one transformed copy of every crop, its states from the run's target solver."""
     tconf = stage_targets.settings(study.ctx)
-    spec = stage_targets.solver_spec(tconf)
-    continuation = (Continuation(**{k: v for k, v in spec.items() if k != "name"})
-                    if isinstance(spec, dict) else None)
+    continuation = solver_continuation(stage_targets.solver_spec(tconf))
     iters = int(tconf["iters"])
     coder = SparseCoder(study.dictionary, LCA(study.dictionary, **{**study.lca.settings(), "iters": iters}),
                         study.norm)
@@ -72,11 +69,11 @@ def _augmented(study: Study, images: Tensor, states: Tensor) -> TensorDataset:
 
 def _self_distilled(study: Study, baseline: WarpLCA, images: Tensor) -> TensorDataset:
     """The crops with the baseline's warm-started states after the target solver's step count."""
-    iters = int(stage_targets.settings(study.ctx)["iters"])
-    baseline = baseline.to("cpu")
+    tconf = stage_targets.settings(study.ctx)
     with torch.no_grad():
-        states, _, _ = solve_targets(baseline, images, iters, None, 128, warm=True)
-    return TensorDataset(images, states)
+        states, _, _ = solve_targets(baseline, images.to(study.device), int(tconf["iters"]), None,
+                                     int(tconf["batch_size"]), warm=True)
+    return TensorDataset(images, states.cpu())
 
 
 def run(ctx: RunContext) -> dict[str, float]:
@@ -105,12 +102,7 @@ def run(ctx: RunContext) -> dict[str, float]:
             distilled = None  # already scored (resumed): the row is read back, nothing is trained
         rows.append(study.variant({"variant": "self-distill"}, epochs, train=distilled))
     cold = {"variant": "cold LCA", **study.cold_scores}
-    best = best_variant(rows, study.total)
     what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
             "(everything else as in the warp stage, the same initial weights and data order).")
-    md = (study.header("Levers: predictor size, augmentation, self-distillation", what) + "\n"
-          + study_table([*rows, cold], ["variant"], study.total, study.budgets)
-          + f"\nBest here: **{best['variant']}**.\n\n![levers](levers.png)\n")
-    metrics = study.finish(rows, md, lambda p: plot_ablation(rows, cold, study.total, study.early, p))
-    print("\n" + md, flush=True)
-    return metrics
+    return study.publish("Levers: predictor size, augmentation, self-distillation", what, rows, cold,
+                         ["variant"], lambda p: plot_ablation(rows, cold, study.total, study.early, p))

@@ -31,7 +31,14 @@ from warplca.evaluation.common import resolve_device
 from warplca.evaluation.curves import Curves
 from warplca.evaluation.experiments import eval_images
 from warplca.evaluation.report import write_csv
-from warplca.evaluation.warm_start_study import cold_reference, cold_row, format_scores, score_warm_start
+from warplca.evaluation.warm_start_study import (
+    best_variant,
+    cold_reference,
+    cold_row,
+    format_scores,
+    score_warm_start,
+    study_table,
+)
 from warplca.serialization import write_text_atomic
 from warplca.tasks.context import RunContext
 from warplca.tasks.predictor_fit import (
@@ -187,6 +194,18 @@ class Study:
             label = re.sub(r"[^A-Za-z0-9+.=-]+", "_", str(row["variant"])).strip("_")
             for key in ("iterations_to_match", f"energy@{self.early}", "energy_ratio@T"):
                 metrics[f"{label}/{key}"] = float(row[key])
+        return metrics
+
+    def publish(self, title: str, what: str, rows: list[dict[str, Any]], cold: dict[str, Any],
+                columns: list[str], plot: Callable[[Path], Path] | None) -> dict[str, float]:
+        """The stage's section — header, table (cold LCA last), best variant, figure — its files
+        (:meth:`finish`) and metrics; the section is also printed."""
+        best = best_variant(rows, self.total)
+        md = (self.header(title, what) + "\n"
+              + study_table([*rows, cold], columns, self.total, self.budgets)
+              + f"\nBest here: **{best['variant']}**.\n\n![{self.name}]({self.name}.png)\n")
+        metrics = self.finish(rows, md, plot)
+        print("\n" + md, flush=True)
         return metrics
 
     def header(self, title: str, what: str) -> str:
