@@ -8,7 +8,16 @@ import pickle
 import pytest
 import torch
 
-from warplca.losses import LOSSES, build_loss, l1_loss, laplacian_loss, laplacian_weights, mse_loss
+from warplca import LCA, ConvDictionary
+from warplca.losses import (
+    LOSSES,
+    build_loss,
+    coding_energy,
+    l1_loss,
+    laplacian_loss,
+    laplacian_weights,
+    mse_loss,
+)
 
 
 def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,3 +97,43 @@ def test_build_loss_refuses_bad_settings() -> None:
         build_loss("laplacian", lam=1.0, gamma=-1.0)
     with pytest.raises(ValueError, match="shape"):
         mse_loss(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize(("threshold", "nonneg"), [("hard", False), ("hard", True), ("soft", False),
+                                                   ("cel0", False), ("half", False)])
+def test_coding_energy_is_the_lca_energy(threshold: str, nonneg: bool) -> None:
+    """Its value is the energy LCA reports for the codes T_λ(u), for every threshold; a finite gradient."""
+    d = ConvDictionary(n_atoms=5, in_channels=3, kernel_size=5, stride=2, seed=0)
+    lca = LCA(d, threshold=threshold, lam=0.1, nonneg=nonneg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 12, 12, generator=g) - 0.5
+    u = (0.2 * torch.randn(3, *d.code_shape(12, 12), generator=g)).requires_grad_(True)
+    energy = coding_energy(x, u, d, lca.threshold)
+    assert torch.allclose(energy, lca.energy(x, lca.threshold(u.detach())), rtol=1e-5, atol=1e-5)
+    energy.sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
+
+
+def test_coding_energy_gradient_descends_the_hard_energy() -> None:
+    """Plain gradient steps on u along the straight-through gradient lower the exact hard-threshold energy."""
+    d = ConvDictionary(n_atoms=6, in_channels=3, kernel_size=5, stride=1, seed=0)
+    lca = LCA(d, threshold="hard", lam=0.1)
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(2)) - 0.5
+    u = d.encode(x).detach().requires_grad_(True)
+    start = float(lca.energy(x, lca.threshold(u.detach())).mean())
+    opt = torch.optim.SGD([u], lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        coding_energy(x, u, d, lca.threshold).mean().backward()
+        opt.step()
+    end = float(lca.energy(x, lca.threshold(u.detach())).mean())
+    assert end < 0.8 * start, (start, end)
+
+
+def test_coding_energy_refuses_bad_input() -> None:
+    d = ConvDictionary(n_atoms=4, in_channels=1, kernel_size=3, seed=0)
+    lca = LCA(d, threshold="hard", lam=0.1)
+    with pytest.raises(ValueError, match="state maps"):
+        coding_energy(torch.zeros(2, 1, 8, 8), torch.zeros(3, 4, 8, 8), d, lca.threshold)
+    with pytest.raises(ValueError, match="temperature"):
+        coding_energy(torch.zeros(2, 1, 8, 8), torch.zeros(2, 4, 8, 8), d, lca.threshold, temperature=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,20 +134,26 @@ def test_symmetries_are_the_seven_non_identity_ones() -> None:
 
 
 def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dictionary_path: Path) -> None:
-    """Predictor variants, augmentation (twice the training pairs) and self-distillation, on val."""
+    """Predictor variants, augmentation (twice the training pairs), self-distillation and the energy
+    fine-tune (from the baseline's weights), on val."""
     from warplca.tasks import stage_levers
     from warplca.tasks.train import train
     from warplca.tasks.utils import compose_config
 
     overrides = _overrides(dictionary_path, "stages=[targets,warp,levers,report]",
-                           "study.levers.predictors.small={width: 48}", "~study.levers.predictors.kernel5")
+                           "study.levers.predictors.small={width: 48}", "~study.levers.predictors.kernel5",
+                           "study.levers.energy_finetune.weights=[0.05]",
+                           "study.levers.energy_finetune.epochs=1")
     run = tmp_path / "run"
     seen: list[int] = []
+    inits: list[Any] = []
     real = stage_levers.Study.fit
 
-    def recording_fit(self, epochs, limit=None, predictor_overrides=None, loss_overrides=None, train=None):
+    def recording_fit(self, epochs, limit=None, predictor_overrides=None, module_overrides=None, train=None,
+                      init=None):
         seen.append(len(self.train if train is None else train))
-        return real(self, epochs, limit, predictor_overrides, loss_overrides, train)
+        inits.append(init)
+        return real(self, epochs, limit, predictor_overrides, module_overrides, train, init)
 
     stage_levers.Study.fit = recording_fit  # type: ignore[method-assign]
     try:
@@ -154,8 +161,12 @@ def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dic
     finally:
         stage_levers.Study.fit = real  # type: ignore[method-assign]
     rows = _rows(run / "levers.csv")
-    assert [r["variant"] for r in rows] == ["baseline", "predictor small", "augment", "self-distill"]
-    assert seen == [64, 64, 128, 64]  # augmentation doubles the pairs; the baseline is not retrained
+    assert [r["variant"] for r in rows] == ["baseline", "predictor small", "augment", "self-distill",
+                                            "energy fine-tune w=0.05"]
+    assert seen == [64, 64, 128, 64, 64]  # augmentation doubles the pairs; the baseline is not retrained
+    # only the fine-tune starts from trained weights: the baseline's
+    assert inits[:4] == [None] * 4 and inits[4] is not None
+    assert float(rows[4]["train_s"]) > 0
     params = {r["variant"]: int(r["params"]) for r in rows}
     assert params["predictor small"] > params["baseline"]
     for row in rows:

@@ -131,6 +131,32 @@ def test_bad_settings_are_refused(data: Any) -> None:
         WarpRegression(net, d, lca.settings(), scheduler="step")
     with pytest.raises(ValueError, match="eval_iters"):
         WarpRegression(net, d, lca.settings(), eval_iters=(-1, 3))
+    with pytest.raises(ValueError, match="energy_weight"):
+        WarpRegression(net, d, lca.settings(), energy_weight=-1.0)
+
+
+@torch.no_grad()
+def _start_energy(module: WarpRegression, images: torch.Tensor) -> float:
+    x = NORM.apply(images)
+    return float(module.lca.energy(x, module.lca.threshold(module(x))).mean())
+
+
+def test_energy_fine_tune_lowers_the_energy_of_the_start(data: Any) -> None:
+    """The same regression fine-tuned with and without the energy term, from the same weights: the term
+    lowers the LCA energy of the predicted start on the training images, and it is logged."""
+    ds, d, lca, cache = data
+    td = TargetDataset(cache, ds)
+    base = _module(d, lca)
+    _trainer(4, limit_val_batches=0).fit(base, datamodule=TargetDataModule(td, None, batch_size=16))
+    ends = {}
+    for weight in (0.0, 0.05):
+        module = _module(d, lca, energy_weight=weight)
+        module.predictor.load_state_dict(base.predictor.state_dict())
+        trainer = _trainer(4, limit_val_batches=0)
+        trainer.fit(module, datamodule=TargetDataModule(td, None, batch_size=16))
+        ends[weight] = _start_energy(module, ds.tensors[0])
+        assert ("train/energy" in trainer.callback_metrics) == (weight > 0)
+    assert ends[0.05] < 0.9 * ends[0.0], ends
 
 
 # -------------------------------------------------------------------------------------------------

@@ -132,6 +132,7 @@ TRAIN: dict[str, Group] = {
         "lr": R(float, gt=0), "weight_decay": R(float, ge=0),
         "scheduler": R(str | None, one_of=SCHEDULERS, what="scheduler"),
         "eval_iters": R(list[int], ge=0, nonempty=True, why="LCA budgets"), "lca_eval_every_n_epochs": POS,
+        "energy_weight": R(float, ge=0, why="w of the energy term"), "energy_temperature": R(float, gt=0),
         "epochs": POS, "batch_size": R(int, ge=1, why=PER_PROCESS), "num_workers": NAT}),
     "model.classify": Group(Target(provided=("frontend", "num_classes", "image_size", "conditions"),
                                    extra=STAGE_KEYS), {
@@ -167,7 +168,9 @@ TRAIN: dict[str, Group] = {
         "ablation.losses": R(list[str], one_of=LOSSES, nonempty=True),
         "ablation.inputs": R(list[str], one_of=tuple(INPUTS), nonempty=True), "ablation.epochs": POS_OR_NULL,
         "learning_curve.sizes": R(list[int], ge=1), "learning_curve.epochs": R(list[int], ge=1),
-        "levers.augment": FLAG, "levers.self_distill": FLAG, "levers.epochs": POS_OR_NULL}),
+        "levers.augment": FLAG, "levers.self_distill": FLAG, "levers.epochs": POS_OR_NULL,
+        "levers.energy_finetune.weights": R(list[float], ge=0), "levers.energy_finetune.epochs": POS,
+        "levers.energy_finetune.lr": R(float, gt=0)}),
     "eval": EVAL,
     "trainer": TRAINER, "logger": INSTANCES, "callbacks": INSTANCES,
     **{f"model.{stage}.trainer": TRAINER for stage in ("dictionary", "warp", "classify")},

@@ -1,4 +1,4 @@
-"""Regression losses for WARP-CNN state prediction: Laplacian-weighted squared error, MSE and L1.
+"""Losses for WARP-CNN state prediction: Laplacian-weighted squared error, MSE, L1 and the coding energy.
 
 The Laplacian loss is **the project's definition** (the paper, arXiv 2410.18794, names a
 "Laplacian-inspired" squared error with scale γ = 3 but its exact formula is not available)::
@@ -13,6 +13,9 @@ its scale is that of an MSE. As γ → ∞ every weight tends to 1 and the loss 
 
 Overflow guard: the loss is invariant to a common factor in the weights, so they are computed as
 ``exp(|u*|/(γλ) − max |u*|/(γλ))`` ≤ 1; the largest weight is exactly 1 and Σ w ≥ 1.
+
+:func:`coding_energy` scores a prediction by what the warm start is for: the LCA energy
+E(T_λ(û)) = ½‖x − Φ T_λ(û)‖² + Σ P_λ(T_λ(û)) of the state it starts from (the energy fine-tune).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "build_loss", "l1_loss", "laplacian_loss", "laplacian_weights", "mse_loss"]
+from warplca.lca.dictionary import ConvDictionary
+from warplca.lca.thresholds import Threshold, count_active
+
+__all__ = ["LOSSES", "build_loss", "coding_energy", "l1_loss", "laplacian_loss", "laplacian_weights",
+           "mse_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -89,3 +96,34 @@ def build_loss(name: str, lam: float | None = None, gamma: float = 3.0) -> LossF
     if name == "l1":
         return l1_loss
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def coding_energy(x: Tensor, u: Tensor, dictionary: ConvDictionary, threshold: Threshold,
+                  temperature: float = 0.1) -> Tensor:
+    """Per-image LCA energy ½‖x − Φa‖² + Σ P_λ(a) of the codes a = T_λ(u) of states ``u``, with a gradient.
+
+    The value is exactly the energy LCA reports for these codes. The hard threshold has no useful
+    gradient (its mask is piecewise constant, its penalty a count), so there the gradient is a
+    straight-through one: a and the count of active entries pass as their smooth versions
+    u·σ((|u| − λ)/t) and Σ σ((|u| − λ)/t), t = ``temperature``·λ. Other thresholds are differentiated as
+    they are.
+    """
+    if u.shape[0] != x.shape[0]:
+        raise ValueError(f"{u.shape[0]} state maps for {x.shape[0]} images")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    dims = tuple(range(1, u.dim()))
+    exact = threshold(u)
+    if threshold.name == "hard" and threshold.lam > 0:
+        lam = threshold.lam
+        v = F.relu(u) if threshold.nonneg else u
+        gate = torch.sigmoid((v.abs() - lam) / (temperature * lam))
+        smooth = v * gate
+        a = smooth + (exact - smooth).detach()
+        count = gate.sum(dims)
+        penalty = (0.5 * lam * lam) * (count + (count_active(exact) - count).detach())
+    else:
+        a = exact
+        penalty = threshold.penalty_sum(a)
+    resid = x - dictionary.decode(a, size=(x.shape[-2], x.shape[-1]))
+    return 0.5 * resid.square().sum(tuple(range(1, resid.dim()))) + penalty

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from warplca.data.normalization import Normalization
-from warplca.data.resumable import ResumableDataLoader
+from warplca.data.resumable import make_loader
 
 __all__ = [
     "SPLITS",
@@ -268,25 +268,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        if shuffle:
-            # order = f(seed, epoch), resumable mid-epoch from a checkpoint (see warplca.data.resumable)
-            return ResumableDataLoader(
-                dataset,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                order="shuffle",
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                pin_memory=self.pin_memory,
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
+        # shuffled: order = f(seed, epoch), resumable mid-epoch from a checkpoint (see warplca.data.resumable)
+        return make_loader(dataset, shuffle, batch_size=self.batch_size, seed=self.seed,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training loader, with the random crop augmentation when ``crop_size`` is set."""
@@ -313,13 +297,8 @@ class ImageDataModule(pl.LightningDataModule):
         n = len(ds)  # type: ignore[arg-type]
         if limit is not None:
             n = min(n, _check_int("limit", limit, 1))
-        subset = Subset(ds, range(n))
-        images: list[Tensor] = []
-        labels: list[Tensor] = []
-        for x, y in DataLoader(subset, batch_size=max(self.batch_size, 256), shuffle=False):
-            images.append(x)
-            labels.append(y)
-        return torch.cat(images), torch.cat(labels).to(torch.int64)
+        batches = list(DataLoader(Subset(ds, range(n)), batch_size=max(self.batch_size, 256), shuffle=False))
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]).to(torch.int64)
 
     def configure_normalization(self, kind: str = "dataset_mean", **options: Any) -> None:
         """Choose the normalisation (``norm`` config group: kind, scale, lowpass_lambda, …).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from warplca.data.datamodule import ImageDataModule, _check_int, stratified_split
+from warplca.data.datamodule import SPLITS, ImageDataModule, _check_int, stratified_split
 
 __all__ = ["DigitsDataModule", "load_digits_tensor"]
 
@@ -79,8 +79,7 @@ class DigitsDataModule(ImageDataModule):
 
     def _build_split(self, split: str) -> Dataset:
         x, y = load_digits_tensor(self.image_size)
-        parts = stratified_split(y, _FRACTIONS, self.split_seed)
-        idx = parts[("train", "val", "test").index(split)]
+        idx = stratified_split(y, _FRACTIONS, self.split_seed)[SPLITS.index(split)]
         images = x[idx]
         if self.rgb:
             images = images.expand(-1, 3, -1, -1).contiguous()

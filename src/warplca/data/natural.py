@@ -52,22 +52,12 @@ def _skimage(name: str, index: int | None = None) -> Callable[[], np.ndarray]:
 
 #: photo name -> loader returning an (H, W, 3) or (H, W) uint8 array from scikit-image's bundled files
 _LOADERS: dict[str, Callable[[], np.ndarray]] = {
-    "astronaut": _skimage("astronaut"),
-    "camera": _skimage("camera"),
-    "brick": _skimage("brick"),
-    "grass": _skimage("grass"),
-    "gravel": _skimage("gravel"),
-    "moon": _skimage("moon"),
-    "coins": _skimage("coins"),
+    **{name: _skimage(name) for name in ("astronaut", "camera", "brick", "grass", "gravel", "moon", "coins",
+                                         "hubble_deep_field", "immunohistochemistry", "retina", "chelsea",
+                                         "coffee", "rocket")},
     "clock_motion": _skimage("clock"),
-    "hubble_deep_field": _skimage("hubble_deep_field"),
-    "immunohistochemistry": _skimage("immunohistochemistry"),
-    "retina": _skimage("retina"),
     "motorcycle_left": _skimage("stereo_motorcycle", 0),
     "motorcycle_right": _skimage("stereo_motorcycle", 1),
-    "chelsea": _skimage("chelsea"),
-    "coffee": _skimage("coffee"),
-    "rocket": _skimage("rocket"),
 }
 
 # per-split offsets of the crop-position seed, so train/val/test draws are independent
@@ -175,11 +165,8 @@ class NaturalDataModule(ImageDataModule):
             seed=seed,
             pin_memory=pin_memory,
         )
-        self.n = {
-            "train": _check_int("n_train", n_train, 1),
-            "val": _check_int("n_val", n_val, 1),
-            "test": _check_int("n_test", n_test, 1),
-        }
+        counts = (n_train, n_val, n_test)
+        self.n = {split: _check_int(f"n_{split}", n, 1) for split, n in zip(SPLITS, counts, strict=True)}
         if not (0.0 < float(scale) <= 1.0):
             raise ValueError(f"scale must be in (0, 1], got {scale!r}")
         self.scale = float(scale)
@@ -235,12 +222,9 @@ class NaturalDataModule(ImageDataModule):
         n = self.n[split]
         gen = torch.Generator().manual_seed(self.seed + _SPLIT_OFFSET[split])
         counts = [n // len(sources) + (1 if k < n % len(sources) else 0) for k in range(len(sources))]
-        rows: list[Tensor] = []
-        for k, (photo, want) in enumerate(zip(photos, counts, strict=True)):
-            if want:
-                rows.append(self._draw(k, sources[k][0], photo, want, c, gen))
-        positions = torch.cat(rows)
-        return NaturalCrops(sources, positions, c, self.grayscale)
+        rows = [self._draw(k, sources[k][0], photo, want, c, gen)
+                for k, (photo, want) in enumerate(zip(photos, counts, strict=True)) if want]
+        return NaturalCrops(sources, torch.cat(rows), c, self.grayscale)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training loader, randomly flipped/rotated when ``flip``/``rot90`` are on."""

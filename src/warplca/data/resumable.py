@@ -21,7 +21,7 @@ permutation is padded by repeating its start, like ``DistributedSampler``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSampler", "ResumableDataLoader"]
+__all__ = ["EpochSampler", "ResumableDataLoader", "make_loader"]
 
 _ORDERS = ("shuffle", "sequential")
 
@@ -38,6 +38,13 @@ _ORDERS = ("shuffle", "sequential")
 def epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of ``epoch``'s permutation (distinct, reproducible per (seed, epoch))."""
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _from_dist(given: int | None, query: Callable[[], int], default: int) -> int:
+    """``given`` if set, else ``query()`` of the initialised process group, else ``default`` (no DDP)."""
+    if given is not None:
+        return int(given)
+    return query() if dist.is_available() and dist.is_initialized() else default
 
 
 class EpochSampler(DistributedSampler):
@@ -61,19 +68,11 @@ class EpochSampler(DistributedSampler):
 
     @property  # type: ignore[override]
     def num_replicas(self) -> int:
-        if self._replicas is not None:
-            return int(self._replicas)
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-        return 1
+        return _from_dist(self._replicas, lambda: dist.get_world_size(), 1)
 
     @property  # type: ignore[override]
     def rank(self) -> int:
-        if self._rank is not None:
-            return int(self._rank)
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-        return 0
+        return _from_dist(self._rank, lambda: dist.get_rank(), 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -189,3 +188,15 @@ class _ResumingIterator:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def make_loader(dataset: Dataset, shuffle: bool, *, batch_size: int, seed: int = 0, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """The loader datamodules hand out: with ``shuffle`` a :class:`ResumableDataLoader` (order = f(seed,
+    epoch), resumable mid-epoch, sharded like one big batch under DDP), else a fixed-order ``DataLoader``;
+    workers persist across epochs when there are any."""
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
+                              "persistent_workers": num_workers > 0, "pin_memory": pin_memory}
+    if shuffle:
+        return ResumableDataLoader(dataset, seed=seed, order="shuffle", **common)
+    return DataLoader(dataset, shuffle=False, **common)

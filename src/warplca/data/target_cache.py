@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from warplca.coder import SparseCoder
 from warplca.data import target_store as store
 from warplca.data.normalization import Normalization
+from warplca.data.resumable import make_loader
 from warplca.data.target_store import (
     FORMAT,
     TargetCache,
@@ -332,14 +333,9 @@ class TargetDataModule(pl.LightningDataModule):
         self.seed, self.pin_memory = int(seed), bool(pin_memory)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        if shuffle:  # order = f(seed, epoch), resumable mid-epoch, sharded like one big batch under DDP
-            from warplca.data.resumable import ResumableDataLoader
-
-            return ResumableDataLoader(ds, batch_size=self.batch_size, seed=self.seed, order="shuffle",
-                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                       pin_memory=self.pin_memory)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+        # shuffled: order = f(seed, epoch), resumable mid-epoch, sharded like one big batch under DDP
+        return make_loader(ds, shuffle, batch_size=self.batch_size, seed=self.seed,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

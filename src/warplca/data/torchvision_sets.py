@@ -140,6 +140,21 @@ class _DiskDataModule(ImageDataModule):
         train, val = stratified_split(labels, (1.0 - self.val_fraction, self.val_fraction), self.split_seed)
         return train if split == "train" else val
 
+    # -- array datasets (CIFAR-10, STL-10); the file datasets override _build_split -----------------
+    def _arrays(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images ``(N, C, H, W)`` and int64 labels of the published ``part`` ("train" or "test")."""
+        raise NotImplementedError
+
+    def _build_split(self, split: str) -> Dataset:
+        self._ensure_files()
+        if split == "test":
+            x, y = self._arrays("test")
+            return ArrayImageDataset(x, y, grayscale=self.grayscale)
+        if not hasattr(self, "_train_arrays"):  # train and val are both carved from it: read it once
+            self._train_arrays = self._arrays("train")
+        x, y = self._train_arrays
+        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
+
 
 class CIFAR10DataModule(_DiskDataModule):
     """CIFAR-10 (32x32 RGB, 10 classes) from ``<data_dir>/cifar-10-batches-py`` (the python pickles)."""
@@ -150,33 +165,21 @@ class CIFAR10DataModule(_DiskDataModule):
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
-    expected = tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)) + (
-        "cifar-10-batches-py/test_batch",
-    )
+    expected = tuple(f"cifar-10-batches-py/{f}" for f in (*train_files, *test_files))
 
     def _fetch(self) -> None:
         from torchvision.datasets import CIFAR10
 
         CIFAR10(str(self.data_dir), train=True, download=True)
 
-    def _read(self, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
-        for f in files:
+        for f in self.train_files if part == "train" else self.test_files:
             with open(self.data_dir / self.folder / f, "rb") as fh:
                 entry = pickle.load(fh, encoding="latin1")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"]))
         return np.concatenate(images), np.concatenate(labels).astype(np.int64)
-
-    def _build_split(self, split: str) -> Dataset:
-        self._ensure_files()
-        if split == "test":
-            x, y = self._read(self.test_files)
-            return ArrayImageDataset(x, y, grayscale=self.grayscale)
-        if not hasattr(self, "_train_arrays"):
-            self._train_arrays = self._read(self.train_files)
-        x, y = self._train_arrays
-        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
 
 
 class STL10DataModule(_DiskDataModule):
@@ -193,7 +196,7 @@ class STL10DataModule(_DiskDataModule):
 
         STL10(str(self.data_dir), split="train", download=True)
 
-    def _read(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         base = self.data_dir / self.folder
         labels = np.fromfile(base / f"{prefix}_y.bin", dtype=np.uint8).astype(np.int64) - 1
         raw = np.memmap(base / f"{prefix}_X.bin", dtype=np.uint8, mode="r")
@@ -205,14 +208,6 @@ class STL10DataModule(_DiskDataModule):
         # the binaries are column-major per channel: (N, C, W, H) -> (N, C, H, W)
         images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
         return images, labels
-
-    def _build_split(self, split: str) -> Dataset:
-        self._ensure_files()
-        if split == "test":
-            x, y = self._read("test")
-            return ArrayImageDataset(x, y, grayscale=self.grayscale)
-        x, y = self._read("train")
-        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
 
 
 class PetsDataModule(_DiskDataModule):

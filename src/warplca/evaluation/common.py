@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,8 +22,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices",
-    "build_datamodule_from_config", "describe_model", "find_bundle", "load_images", "load_model",
+    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices", "budget_list",
+    "build_datamodule_from_config", "clip_ks", "describe_model", "find_bundle", "load_images", "load_model",
     "log_spaced_ks", "model_sentence", "normalize_ks", "pixel_quality", "progress",
     "resolve_device", "run_data_config", "synchronize", "to_pixels",
 ]
@@ -69,6 +69,17 @@ class ExperimentResult:
     csv: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
 
+    @classmethod
+    def from_lines(cls: type[_R], name: str, md: Sequence[str], notes: Sequence[str] = (),
+                   **fields: Any) -> _R:
+        """A result whose ``markdown`` is the lines ``md`` plus, if there are ``notes``, a "Notes:" list."""
+        if notes:
+            md = [*md, "", "Notes:", *[f"- {n}" for n in notes]]
+        return cls(name=name, markdown="\n".join(md) + "\n", notes=list(notes), **fields)
+
+
+_R = TypeVar("_R", bound=ExperimentResult)
+
 
 class EvalModel(Protocol):
     """What the evaluations need from a model (``warplca.bundle.WarpLCA`` satisfies it)."""
@@ -113,6 +124,16 @@ def normalize_ks(ks: Iterable[int] | None, total: int) -> list[int]:
             raise ValueError(f"checkpoint k={k} lies outside [0, {total}]")
         out.add(k)
     return sorted(out)
+
+
+def clip_ks(ks: Iterable[int], total: int) -> list[int]:
+    """The checkpoints of ``ks`` inside [0, total] plus 0 and ``total``, sorted and unique."""
+    return sorted({0, int(total), *(int(k) for k in ks if 0 <= int(k) <= total)})
+
+
+def budget_list(budgets: Iterable[int], total: int) -> list[int]:
+    """The budgets inside [1, total] plus ``total``, sorted and unique (the rows of a budgets table)."""
+    return sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {int(total)})
 
 
 # -- devices, progress ---------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def build_datamodule_from_config(data_cfg: Mapping[str, Any] | Any, **overrides:
 
     from warplca.data import DATAMODULES
 
-    cfg = {k: v for k, v in _plain(data_cfg).items()}
+    cfg = _plain(data_cfg)  # a fresh dict
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     target = cfg.pop("_target_", None)
     if target is not None:

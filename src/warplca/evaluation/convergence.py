@@ -30,6 +30,7 @@ from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
     Figure,
+    budget_list,
     describe_model,
     model_sentence,
     progress,
@@ -246,7 +247,7 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     not reached within T), ``<prefix>/start_guard_frac`` and ``<prefix>/start_guard_ms_per_image``.
     """
     total = int(iters)
-    budgets = sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {total})
+    budgets = budget_list(budgets, total)
     keep = min(int(examples), images.shape[0])
     keep_ks = sorted({min(int(examples_iters), total), total})
     curves, match = measure(model, images, total, budgets, ks=ks, name=name, batch_size=batch_size, keep=keep,
@@ -327,10 +328,9 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     per_image = [{"image": i, "k": k, "cold_energy_T": float(curves["cold"].energy[total, i])}
                  for i, k in enumerate(match["per_image"])]
     shown_speed = speedup_display(speed)
-    return ConvergenceResult(
-        name=prefix,
+    return ConvergenceResult.from_lines(
+        prefix, md,
         metrics=metrics,
-        markdown="\n".join(md) + "\n",
         csv={
             f"{p}.csv": (["method", "k", *CURVE_METRICS], rows),
             f"{p}_table.csv": (["iters", "key", "method", *CURVE_METRICS, "ms_per_image"], table),

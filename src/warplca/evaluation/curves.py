@@ -30,6 +30,7 @@ from warplca.evaluation.common import (
     METHODS,
     EvalModel,
     batch_slices,
+    clip_ks,
     log_spaced_ks,
     normalize_ks,
     pixel_quality,
@@ -39,7 +40,7 @@ from warplca.evaluation.common import (
 
 __all__ = [
     "CURVE_METRICS", "SPEEDUP_COLUMNS", "Curves", "curve_rows", "equal_energy_speedup", "iterations_to_match",
-    "measure", "run_curves", "warm_start",
+    "measure", "row_metrics", "run_curves", "warm_start",
 ]
 
 #: per-k metrics in the CSV tables, in column order
@@ -225,8 +226,7 @@ def measure(model: EvalModel, images: Tensor, total: int, budgets: Sequence[int]
     (and ``keep_ks``) up to ``total``, and their :func:`iterations_to_match`. ``kwargs`` go to
     :func:`run_curves`; ``name`` labels the progress bars."""
     base = log_spaced_ks(total) if ks is None else ks
-    extra = [*base, *budgets, *kwargs.get("keep_ks", ())]
-    grid = normalize_ks([int(k) for k in extra if 0 <= int(k) <= total], total)
+    grid = clip_ks([*base, *budgets, *kwargs.get("keep_ks", ())], total)
     curves = {
         method: run_curves(model, images, grid, warm=(method == "warm"),
                            desc=f"{name + ': ' if name else ''}{label} ×{total}", **kwargs)
@@ -338,3 +338,10 @@ def curve_rows(curves: Mapping[str, Curves], extra: Mapping[str, Any] | None = N
     """One row per (method, checkpoint k): ``extra``, then the means of every metric at k."""
     return [{**(extra or {}), "method": method, "k": k, **c.at(k)}
             for method, c in curves.items() for k in c.ks]
+
+
+def row_metrics(prefix: str, rows: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                group: str | None = None) -> dict[str, Any]:
+    """``<prefix>[/<row[group]>]/<method>/<key>@<k>`` -> value, for every :func:`curve_rows` row and key."""
+    return {f"{prefix}{'/' + str(r[group]) if group else ''}/{r['method']}/{key}@{r['k']}": r[key]
+            for r in rows for key in keys}

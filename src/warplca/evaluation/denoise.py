@@ -26,7 +26,7 @@ from warplca.evaluation.common import (
     describe_model,
     pixel_quality,
 )
-from warplca.evaluation.curves import Curves, curve_rows, measure
+from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
 from warplca.evaluation.examples import plot_examples
 from warplca.evaluation.plots import plot_denoise
 from warplca.evaluation.report import fmt, markdown_table
@@ -83,12 +83,10 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
         base = {"sigma": sigma, "method": "noisy", "k": None, "psnr": noisy_q[sigma][0],
                 "ssim": noisy_q[sigma][1]}
         mine = curve_rows(curves[sigma], {"sigma": sigma})
+        at_budgets = [r for r in mine if r["k"] in budgets]
         rows += [base, *mine]
-        table += [base, *(r for r in mine if r["k"] in budgets)]
-        for r in mine:
-            if r["k"] in budgets:
-                metrics[f"{key}/{r['method']}/psnr@{r['k']}"] = r["psnr"]
-                metrics[f"{key}/{r['method']}/ssim@{r['k']}"] = r["ssim"]
+        table += [base, *at_budgets]
+        metrics.update(row_metrics(key, at_budgets, ("psnr", "ssim")))
         for method, c in curves[sigma].items():
             mean_psnr = c.psnr.mean(1)
             j = int(torch.argmax(mean_psnr))
@@ -131,10 +129,9 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
     ]
     if any(math.isnan(g) for g in gains):
         md.append("\nSome PSNR values are undefined (NaN).")
-    return ExperimentResult(
-        name=prefix,
+    return ExperimentResult.from_lines(
+        prefix, md,
         metrics=metrics,
-        markdown="\n".join(md) + "\n",
         csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table)},
         figures=figures,
         tables={f"{prefix}/curves": (COLUMNS, rows)},

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from warplca.evaluation.common import EvalModel, pixel_quality, to_pixels
+from warplca.evaluation.plots import finish_figure
 
 __all__ = ["examples_figure", "plot_atoms", "plot_examples"]
 
@@ -59,9 +60,7 @@ def plot_examples(
         axes[0, j].set_title(name, fontsize=9)
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
-    fig.suptitle(title or "Reconstructions and code-energy maps (Σa²)")
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, title or "Reconstructions and code-energy maps (Σa²)")
 
 
 @torch.no_grad()

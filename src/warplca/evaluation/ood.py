@@ -34,12 +34,13 @@ from warplca.evaluation.common import (
     ExperimentResult,
     Figure,
     _plain,
+    budget_list,
     build_datamodule_from_config,
     describe_model,
     load_images,
 )
 from warplca.evaluation.convergence import match_sentence
-from warplca.evaluation.curves import Curves, curve_rows, measure
+from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
 from warplca.evaluation.plots import plot_sets
 from warplca.evaluation.report import fmt, markdown_table
 
@@ -230,7 +231,7 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
     ``<prefix>/<dataset>/iterations_to_match`` and ``<prefix>/<dataset>/start_guard_frac``.
     """
     total = int(iters)
-    budgets = sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {total})
+    budgets = budget_list(budgets, total)
     notes: list[str] = []
     datasets: list[tuple[str, Tensor, str | None]] = []
     if reference is not None:
@@ -255,8 +256,7 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
     rows = [r for name in curves for r in curve_rows(curves[name], {"dataset": name, "size": sizes[name]})]
     table = [r for r in rows if r["k"] in budgets]
     p = prefix
-    metrics = {f"{p}/{r['dataset']}/{r['method']}/{key}@{r['k']}": r[key]
-               for r in table for key in ("energy_norm", "psnr", "ssim", "l0_frac")}
+    metrics = row_metrics(p, table, ("energy_norm", "psnr", "ssim", "l0_frac"), "dataset")
     for name, images, note in datasets:
         metrics[f"{p}/{name}/iterations_to_match"] = matches[name]["iterations_to_match"]
         metrics[f"{p}/{name}/matched_frac"] = matches[name]["matched_frac"]
@@ -283,7 +283,7 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
     figures: dict[str, Figure] = {}
     if curves:
         figures["plot"] = Figure(f"{p}.png", "out-of-distribution curves", lambda: plot_sets(
-            curves, ["energy_norm", "psnr"], title + " (dashed: cold LCA, solid: WARP-LCA)", (12, 4.8)))
+            curves, ["energy_norm", "psnr"], title, (12, 4.8)))
         shown = [dict(r, method=METHODS.get(r["method"], r["method"])) for r in table]
         guard = [f"{r['dataset']} {100 * r['start_guard_frac']:.0f}%"
                  for r in compare if r["k"] == 0 and not math.isnan(r["start_guard_frac"])]
@@ -309,14 +309,11 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
         ]
     else:
         md.append("No dataset could be evaluated.")
-    if notes:
-        md += ["", "Notes:", *[f"- {n}" for n in notes]]
     summary = [{"dataset": n, **{k: m[k] for k in ("iterations_to_match", "matched_frac")}}
                for n, m in matches.items()]
-    return ExperimentResult(
-        name=prefix,
+    return ExperimentResult.from_lines(
+        prefix, md, notes,
         metrics=metrics,
-        markdown="\n".join(md) + "\n",
         csv={f"{p}.csv": (COLUMNS, rows), f"{p}_table.csv": (COLUMNS, table),
              f"{p}_cold_vs_warm.csv": (COMPARE_COLUMNS, compare)},
         figures=figures,
@@ -325,5 +322,4 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
             f"{p}/iterations_to_match": (["dataset", "iterations_to_match", "matched_frac"], summary),
             f"{p}/cold_vs_warm": (COMPARE_COLUMNS, compare),
         },
-        notes=notes,
     )

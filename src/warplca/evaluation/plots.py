@@ -15,7 +15,9 @@ import torch
 from warplca.evaluation.common import METHODS
 from warplca.evaluation.curves import Curves
 
-__all__ = ["plot_convergence", "plot_denoise", "plot_sets", "plot_speedup", "style_iteration_axes"]
+__all__ = [
+    "finish_figure", "plot_convergence", "plot_denoise", "plot_sets", "plot_speedup", "style_iteration_axes",
+]
 
 COLORS = {"cold": "tab:blue", "warm": "tab:orange"}
 #: panels of :func:`plot_sets`: metric -> (y label, title)
@@ -25,6 +27,13 @@ SET_PANELS = {
     "psnr": ("PSNR (dB)", "PSNR vs clean image"),
     "l0_frac": ("ℓ0 fraction", "Active fraction of the code"),
 }
+
+
+def finish_figure(fig: Any, title: str) -> Any:
+    """Give ``fig`` its suptitle and a tight layout; returns it."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def style_iteration_axes(panels: Iterable[tuple[Any, str, str]], legend_size: float = 7) -> None:
@@ -69,9 +78,7 @@ def plot_convergence(
     energies = torch.cat([c.energy[1:].mean(1) for c in curves.values()])
     if bool((energies > 0).all()) and float(energies.max() / energies.min()) > 20:
         axes[0, 0].set_yscale("log")
-    fig.suptitle(title or "Cold LCA vs WARP-LCA")
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, title or "Cold LCA vs WARP-LCA")
 
 
 def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
@@ -132,8 +139,9 @@ def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
 def plot_sets(curves: Mapping[str, Mapping[str, Curves]], panels: Sequence[str], title: str,
               figsize: tuple[float, float]) -> Any:
     """One panel per metric of :data:`SET_PANELS` against iterations; one colour per image set (or
-    threshold), dashed = cold LCA, solid = WARP-LCA. ``rel_energy`` divides by each set's own cold energy
-    at T, since energies of different penalties or image sizes are not comparable in absolute terms."""
+    threshold), dashed = cold LCA, solid = WARP-LCA (said after ``title``). ``rel_energy`` divides by each
+    set's own cold energy at T, since energies of different penalties or image sizes are not comparable in
+    absolute terms."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
@@ -157,9 +165,7 @@ def plot_sets(curves: Mapping[str, Mapping[str, Curves]], panels: Sequence[str],
     if "rel_energy" in panels:
         axes[0][list(panels).index("rel_energy")].axhline(1.0, color="gray", ls=":", lw=1)
     style_iteration_axes((ax, *SET_PANELS[p]) for ax, p in zip(axes[0], panels, strict=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, title + " (dashed: cold LCA, solid: WARP-LCA)")
 
 
 def plot_denoise(
@@ -181,6 +187,4 @@ def plot_denoise(
             ylabel = f"{name}{' (dB)' if metric == 'psnr' else ''} vs clean"
             panels.append((ax, ylabel, f"σ = {sigma:g}: {name}"))
     style_iteration_axes(panels, legend_size=8)
-    fig.suptitle(title or "Denoising: reconstruction of the noisy image vs the clean image")
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, title or "Denoising: reconstruction of the noisy image vs the clean image")

@@ -119,11 +119,7 @@ def write_csv(
 ) -> Path:
     """Rows of dicts -> CSV with a header; columns default to the union of keys in first-seen order."""
     if columns is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            for key in row:
-                seen.setdefault(key, None)
-        columns = list(seen)
+        columns = list(dict.fromkeys(key for row in rows for key in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

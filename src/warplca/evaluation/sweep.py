@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from warplca.evaluation.common import ExperimentResult
+from warplca.evaluation.plots import finish_figure
 from warplca.evaluation.report import flatten, fmt, markdown_table, read_metrics, write_csv
 from warplca.runtime import read_failure
 from warplca.serialization import write_text_atomic
@@ -116,12 +117,8 @@ def read_job(path: str | os.PathLike) -> SweepJob:
     except ValueError as exc:
         raw = {}
         job.error = str(exc)
-    numbers = {}
-    for k, v in flatten(raw).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            numbers[k] = float(v)
-        elif v is None:
-            numbers[k] = math.nan
+    numbers = {k: float(v) if _is_number(v) else math.nan
+               for k, v in flatten(raw).items() if _is_number(v) or v is None}
     job.metrics = numbers
     failure = read_failure(path)  # the FAILED marker the task wrapper writes when a sweep job fails
     if failure is not None:
@@ -134,25 +131,19 @@ def read_job(path: str | os.PathLike) -> SweepJob:
 
 
 def _pick_metrics(jobs: Sequence[SweepJob], wanted: Sequence[str] | None) -> list[str]:
+    """The metrics to plot: each of ``wanted`` (itself, else the first key containing it), else the first key
+    containing each of :data:`DEFAULT_METRICS`, else the first four keys."""
     keys = sorted({k for j in jobs for k in j.metrics})
-    if wanted:
-        picked = []
-        for w in wanted:
-            if w in keys:
-                picked.append(w)
-            else:
-                hits = [k for k in keys if w in k]
-                if hits:
-                    picked.append(hits[0])
-                else:
-                    log.warning("sweep: no metric matches %r", w)
-        if picked:
-            return list(dict.fromkeys(picked))
+    first = lambda frag: next((k for k in keys if frag in k), None)  # noqa: E731
     picked = []
-    for frag in DEFAULT_METRICS:
-        hits = [k for k in keys if k.endswith(frag) or frag in k]
-        if hits:
-            picked.append(hits[0])
+    for w in wanted or ():
+        hit = w if w in keys else first(w)
+        if hit is None:
+            log.warning("sweep: no metric matches %r", w)
+        else:
+            picked.append(hit)
+    if not picked:
+        picked = [hit for frag in DEFAULT_METRICS if (hit := first(frag)) is not None]
     return list(dict.fromkeys(picked)) or keys[:4]
 
 
@@ -195,11 +186,8 @@ def plot_parameter(
         if others:
             ax.legend(fontsize=7)
     failed = sum(1 for j in jobs if j.status != "ok")
-    fig.suptitle(
-        f"Sweep over {param}" + (f" ({failed} failed job{'s' * (failed != 1)} not shown)" if failed else "")
-    )
-    fig.tight_layout()
-    return fig
+    hidden = f" ({failed} failed job{'s' * (failed != 1)} not shown)" if failed else ""
+    return finish_figure(fig, f"Sweep over {param}{hidden}")
 
 
 def _ordered(values: Sequence[Any]) -> list[Any]:
@@ -271,30 +259,19 @@ def summarize_sweep(
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     swept = [k for k in keys if len({str(j.overrides.get(k)) for j in jobs}) > 1] or keys
     metric_keys = sorted({k for j in jobs for k in j.metrics})
-    rows = []
-    for j in jobs:
-        rows.append(
-            {
-                "job": str(j.path.relative_to(root)) if j.path != root else ".",
-                "status": j.status,
-                **{k: j.overrides.get(k) for k in keys},
-                **j.metrics,
-                "error": j.error,
-            }
-        )
+    rows = [{"job": str(j.path.relative_to(root)) if j.path != root else ".", "status": j.status,
+             **{k: j.overrides.get(k) for k in keys}, **j.metrics, "error": j.error} for j in jobs]
     columns = ["job", "status", *keys, *metric_keys, "error"]
     files: dict[str, Path] = {"csv": write_csv(out / "sweep_summary.csv", rows, columns)}
     chosen = _pick_metrics(jobs, metrics)
-    for param in swept:
-        if any(j.status == "ok" and param in j.overrides for j in jobs) and chosen:
-            others = [p for p in swept if p != param]
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", param)
-            files[f"plot:{param}"] = save_png(
-                plot_parameter(jobs, param, others, chosen), out / f"sweep_{safe}.png"
-            )
-    two = [p for p in swept if any(j.status == "ok" and p in j.overrides for j in jobs)]
-    if len(two) == 2 and chosen:
-        files["map"] = save_png(plot_map(jobs, two[0], two[1], chosen), out / "sweep_map.png")
+    plotted = [p for p in swept if any(j.status == "ok" and p in j.overrides for j in jobs)]
+    for param in plotted if chosen else []:
+        others = [p for p in swept if p != param]
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", param)
+        files[f"plot:{param}"] = save_png(plot_parameter(jobs, param, others, chosen),
+                                          out / f"sweep_{safe}.png")
+    if len(plotted) == 2 and chosen:
+        files["map"] = save_png(plot_map(jobs, plotted[0], plotted[1], chosen), out / "sweep_map.png")
     failed = [j for j in jobs if j.status != "ok"]
     md = [
         f"## Sweep summary: `{root}`",
@@ -306,8 +283,8 @@ def summarize_sweep(
     ]
     md += [f"![sweep over {p}]({f.name})" for k, f in files.items() if k.startswith("plot:") for p in [k[5:]]]
     if "map" in files:
-        md += ["", f"### Maps over {two[0]} × {two[1]}", ""]
-        md += [_pivot_markdown(jobs, two[0], two[1], metric) for metric in chosen]
+        md += ["", f"### Maps over {plotted[0]} × {plotted[1]}", ""]
+        md += [_pivot_markdown(jobs, plotted[0], plotted[1], metric) for metric in chosen]
         md += [f"![map]({files['map'].name})"]
     if failed:
         md += ["", "Failed jobs:", *[f"- `{j.name}`: {j.error}" for j in failed]]

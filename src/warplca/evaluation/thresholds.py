@@ -23,12 +23,13 @@ from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
     Figure,
+    budget_list,
     describe_model,
     find_bundle,
     load_model,
 )
 from warplca.evaluation.convergence import match_sentence
-from warplca.evaluation.curves import Curves, curve_rows, measure
+from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
 from warplca.evaluation.plots import plot_sets
 from warplca.evaluation.report import markdown_table
 
@@ -82,7 +83,7 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
     ``<prefix>/<threshold>/iterations_to_match``, ``<prefix>/<threshold>/energy_ratio@T``.
     """
     total = int(iters)
-    budgets = sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {total})
+    budgets = budget_list(budgets, total)
     curves: dict[str, dict[str, Curves]] = {}
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
@@ -111,9 +112,8 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
             metrics[f"{prefix}/{name}/{key}"] = entry[key]
         metrics[f"{prefix}/{name}/energy_ratio@T"] = entry["energy_ratio"]
     table = [r for r in rows if r["k"] in budgets]
-    for r in table:
-        for key in ("energy", "rel_energy", "psnr", "ssim", "l0_frac"):
-            metrics[f"{prefix}/{r['threshold']}/{r['method']}/{key}@{r['k']}"] = r[key]
+    metrics.update(row_metrics(prefix, table, ("energy", "rel_energy", "psnr", "ssim", "l0_frac"),
+                               group="threshold"))
 
     title = f"Thresholds — {images.shape[0]} images {images.shape[-2]}×{images.shape[-1]}, T={total}"
     md = [
@@ -126,8 +126,7 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
     figures: dict[str, Figure] = {}
     if curves:
         figures["plot"] = Figure(f"{prefix}.png", "thresholds", lambda: plot_sets(
-            curves, ["rel_energy", "psnr", "l0_frac"], title + " (dashed: cold LCA, solid: WARP-LCA)",
-            (15, 4.6)))
+            curves, ["rel_energy", "psnr", "l0_frac"], title, (15, 4.6)))
         shown = [dict(r, method=METHODS.get(r["method"], r["method"])) for r in table]
         md += [
             markdown_table(summary, SUMMARY_COLUMNS, [
@@ -146,15 +145,11 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
         ]
     else:
         md.append("No threshold bundle was available.")
-    if notes:
-        md += ["", "Notes:", *[f"- {n}" for n in notes]]
-    return ExperimentResult(
-        name=prefix,
+    return ExperimentResult.from_lines(
+        prefix, md, notes,
         metrics=metrics,
-        markdown="\n".join(md) + "\n",
         csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table),
              f"{prefix}_summary.csv": (SUMMARY_COLUMNS, summary)},
         figures=figures,
         tables={f"{prefix}/curves": (COLUMNS, rows), f"{prefix}/summary": (SUMMARY_COLUMNS, summary)},
-        notes=list(notes),
     )

@@ -15,24 +15,21 @@ from typing import Any
 
 import torch
 
-from warplca.evaluation.common import EvalModel
+from warplca.evaluation.common import EvalModel, clip_ks
 from warplca.evaluation.curves import Curves, iterations_to_match, run_curves
+from warplca.evaluation.plots import finish_figure
 from warplca.evaluation.report import fmt, markdown_table
 
 __all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_ablation",
            "plot_learning_curve", "score_columns", "score_warm_start", "study_table"]
 
 
-def _grid(total: int, budgets: Sequence[int]) -> list[int]:
-    return sorted({0, total, *(int(b) for b in budgets if 0 <= int(b) <= total)})
-
-
 def cold_reference(model: EvalModel, images: torch.Tensor, total: int, budgets: Sequence[int],
                    batch_size: int = 64, device: torch.device | None = None,
                    show_progress: bool = True) -> Curves:
     """Cold-LCA curves on ``images`` up to ``total`` iterations (shared by every variant)."""
-    return run_curves(model, images, _grid(total, budgets), warm=False, batch_size=batch_size, device=device,
-                      show_progress=show_progress, desc=f"cold LCA ×{total}")
+    return run_curves(model, images, clip_ks(budgets, total), warm=False, batch_size=batch_size,
+                      device=device, show_progress=show_progress, desc=f"cold LCA ×{total}")
 
 
 def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budgets: Sequence[int],
@@ -44,7 +41,7 @@ def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budge
     ``energy@k`` for k ∈ budgets ∪ {0, T}, ``energy_ratio@T`` (warm / cold), ``l0@T``.
     """
     total = cold.total
-    warm = run_curves(model, images, _grid(total, budgets), warm=True, batch_size=batch_size, device=device,
+    warm = run_curves(model, images, clip_ks(budgets, total), warm=True, batch_size=batch_size, device=device,
                       show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
     match = iterations_to_match(cold, warm, total)
     return _row(warm, cold, budgets, float(match["iterations_to_match"]), float(match["matched_frac"]))
@@ -59,7 +56,7 @@ def _row(curves: Curves, cold: Curves, budgets: Sequence[int], iterations_to_mat
          matched_frac: float) -> dict[str, float]:
     total = cold.total
     row: dict[str, float] = {"iterations_to_match": iterations_to_match, "matched_frac": matched_frac}
-    for k in _grid(total, budgets):
+    for k in clip_ks(budgets, total):
         row[f"energy@{k}"] = float(curves.energy[k].mean())
     row["energy_ratio@T"] = float(curves.energy[total].mean() / cold.energy[total].mean())
     row["l0@T"] = float(curves.l0[total].mean())
@@ -77,7 +74,7 @@ def best_variant(rows: Sequence[Mapping[str, Any]], total: int) -> Mapping[str, 
 
 def score_columns(total: int, budgets: Sequence[int]) -> list[str]:
     """Score columns in table order."""
-    return ["iterations_to_match", "matched_frac", *(f"energy@{k}" for k in _grid(total, budgets)),
+    return ["iterations_to_match", "matched_frac", *(f"energy@{k}" for k in clip_ks(budgets, total)),
             "energy_ratio@T", "l0@T"]
 
 
@@ -102,9 +99,14 @@ def _save(fig: Any, title: str, path: str | Path) -> Path:
     """Title, tight layout, write the PNG, close the figure."""
     from warplca.plotting import save_png
 
-    fig.suptitle(title)
-    fig.tight_layout()
-    return save_png(fig, path)
+    return save_png(finish_figure(fig, title), path)
+
+
+def _cold_references(ax1: Any, ax2: Any, cold: Mapping[str, Any], total: int) -> None:
+    """Cold LCA in both panels: T on the iterations-to-match axis ``ax1``, its energy at T on ``ax2``."""
+    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
+    ax1.set_ylabel("iterations to match cold@T\n(never: drawn at T)")
+    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
 
 
 def _match_value(row: Mapping[str, Any], total: int) -> float:
@@ -122,19 +124,16 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], to
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(rows) + 4), 3.8))
     pos = list(range(len(rows)))
     ax1.bar(pos, [_match_value(r, total) for r in rows], color="tab:orange")
-    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
-    ax1.set_ylim(0, 1.08 * total)
-    ax1.set_ylabel("iterations to match cold@T\n(never: drawn at T)")
-    ax1.legend(fontsize=8)
     width = 0.4
     ax2.bar([p - width / 2 for p in pos], [r[f"energy@{early}"] for r in rows], width, label=f"warm @{early}",
             color="tab:orange")
     ax2.bar([p + width / 2 for p in pos], [r[f"energy@{total}"] for r in rows], width, label=f"warm @{total}",
             color="tab:red")
-    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
+    _cold_references(ax1, ax2, cold, total)
+    ax1.set_ylim(0, 1.08 * total)
     ax2.set_ylabel("mean energy")
-    ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
@@ -152,11 +151,9 @@ def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, An
         sizes = [int(r["train_size"]) for r in sub]
         ax1.plot(sizes, [_match_value(r, total) for r in sub], "o-", label=f"{epochs} epochs")
         ax2.plot(sizes, [r[f"energy@{early}"] for r in sub], "o-", label=f"{epochs} epochs")
-    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
-    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
+    _cold_references(ax1, ax2, cold, total)
     ax2.axhline(cold[f"energy@{early}"], color="tab:gray", ls=":", lw=1, label=f"cold @{early}")
     ax1.set_yscale("log")
-    ax1.set_ylabel("iterations to match cold@T\n(never: drawn at T)")
     ax2.set_ylabel(f"mean energy after {early} iterations")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)

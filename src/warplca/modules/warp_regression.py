@@ -3,7 +3,9 @@
 Training batches are ``(images in [0, 1], target states u*)`` from the state-target cache
 (:class:`~warplca.data.target_cache.TargetDataset`); the module normalises the images, predicts
 û = f_θ(x) (with the drive Φᵀx of the frozen dictionary when the predictor uses it) and minimises
-the configured loss (``laplacian`` by default, see :mod:`warplca.losses`).
+the configured loss (``laplacian`` by default, see :mod:`warplca.losses`). With ``energy_weight`` w > 0
+it adds w · the mean LCA energy E(T_λ(û)) of the predicted states (:func:`~warplca.losses.coding_energy`):
+the energy fine-tune, which trains the start for a low energy rather than for closeness to u*.
 
 Validation measures what the warm start is for. Besides the state MSE and R² of û against u*, for
 every k in ``eval_iters`` it runs k LCA steps from û (**warm**) and from 0 (**cold**, the same LCA
@@ -32,7 +34,7 @@ from warplca.bundle import WarpLCA
 from warplca.data.normalization import Normalization
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, LCAResult
-from warplca.losses import build_loss
+from warplca.losses import build_loss, coding_energy
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
 
 __all__ = ["WarpRegression"]
@@ -53,13 +55,16 @@ class WarpRegression(pl.LightningModule):
         eval_iters: LCA budgets k at which validation compares warm and cold starts.
         lca_eval_every_n_epochs: run those LCA comparisons every n-th validation epoch and on the last
             epoch (they cost max(eval_iters) LCA steps per batch); state MSE / R² are logged every time.
+        energy_weight: w of the energy term (0: regression only); ``energy_temperature``: t/λ of its
+            straight-through gradient for the hard threshold.
     """
 
     def __init__(self, predictor: nn.Module, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
                  normalization: Normalization | Mapping[str, Any] | None = None, loss: str = "laplacian",
                  gamma: float | None = 3.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  eval_iters: Sequence[int] = (0, 10, 100), scheduler: str | None = "cosine",
-                 lca_eval_every_n_epochs: int = 1) -> None:
+                 lca_eval_every_n_epochs: int = 1, energy_weight: float = 0.0,
+                 energy_temperature: float = 0.1) -> None:
         super().__init__()
         if isinstance(normalization, Mapping):
             normalization = Normalization.from_dict(normalization)
@@ -82,6 +87,10 @@ class WarpRegression(pl.LightningModule):
         if int(lca_eval_every_n_epochs) < 1:
             raise ValueError(f"lca_eval_every_n_epochs must be ≥ 1, got {lca_eval_every_n_epochs!r}")
         self.lca_eval_every_n_epochs = int(lca_eval_every_n_epochs)
+        if not (energy_weight >= 0 and energy_temperature > 0):
+            raise ValueError(f"need energy_weight ≥ 0 and energy_temperature > 0, got {energy_weight}, "
+                             f"{energy_temperature}")
+        self.energy_weight, self.energy_temperature = float(energy_weight), float(energy_temperature)
         config = predictor.config() if hasattr(predictor, "config") else {"class": type(predictor).__name__}
         self.save_hyperparameters({
             "predictor": config, "dictionary": dictionary.config(),
@@ -91,6 +100,7 @@ class WarpRegression(pl.LightningModule):
             "loss": loss, "gamma": self.gamma, "lr": self.lr, "weight_decay": self.weight_decay,
             "eval_iters": iters, "scheduler": scheduler,
             "lca_eval_every_n_epochs": self.lca_eval_every_n_epochs,
+            "energy_weight": self.energy_weight, "energy_temperature": self.energy_temperature,
         })
 
         self.val_state_mse = MeanSquaredError()
@@ -135,8 +145,15 @@ class WarpRegression(pl.LightningModule):
         images, states = self._batch(batch)
         if states is None:
             raise ValueError("WarpRegression trains on (images, target states) batches from a TargetDataset")
-        pred = self(self.coder.preprocess(images))
+        x = self.coder.preprocess(images)
+        pred = self(x)
         loss = self.loss_fn(pred.float(), states.float())
+        if self.energy_weight > 0:
+            energy = coding_energy(x.float(), pred.float(), self.dictionary, self.lca.threshold,
+                                   self.energy_temperature).mean()
+            self.log("train/energy", energy, on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=images.shape[0])
+            loss = loss + self.energy_weight * energy
         # sync_dist: under DDP the logged loss is the mean over all ranks, not rank 0's alone
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=images.shape[0])

@@ -120,15 +120,15 @@ def target_sets(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliza
 
 def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normalization: Any,
                  predictor_overrides: Mapping[str, Any] | None = None,
-                 loss_overrides: Mapping[str, Any] | None = None) -> tuple[pl.LightningModule, int]:
-    """The run's WarpRegression (``model.warp``, ``predictor``, ``loss``) with the given overrides,
-    and the predictor's parameter count."""
+                 module_overrides: Mapping[str, Any] | None = None) -> tuple[pl.LightningModule, int]:
+    """The run's WarpRegression (``model.warp``, ``predictor``, ``loss``) with the given overrides
+    (``module_overrides``: WarpRegression arguments), and the predictor's parameter count."""
     node, _ = warp_data_settings(ctx)
     predictor = build_predictor(ctx, dictionary, predictor_overrides)
     n_params = sum(p.numel() for p in predictor.parameters())
-    loss = {**loss_config(ctx), **dict(loss_overrides or {})}
+    node.update({**loss_config(ctx), **dict(module_overrides or {})})
     module = instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
-                         lca_settings=lca.settings(), normalization=normalization, **loss)
+                         lca_settings=lca.settings(), normalization=normalization)
     return module, n_params
 
 

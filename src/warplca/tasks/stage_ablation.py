@@ -30,7 +30,7 @@ def run(ctx: RunContext) -> dict[str, float]:
         for inp in conf["inputs"]:
             key = {"variant": f"{loss} / {inp}", "loss": str(loss), "input": str(inp)}
             rows.append(study.variant(key, epochs, predictor_overrides=INPUTS[inp],
-                                      loss_overrides={"loss": str(loss)}))
+                                      module_overrides={"loss": str(loss)}))
     cold = {"variant": "cold LCA", "loss": "—", "input": "—", **study.cold_scores}
     what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
             "(everything else as in the warp stage, the same initial weights and data order).")

@@ -10,7 +10,9 @@ order as in the warp stage) and is scored like the other study stages (:mod:`war
   one of the seven non-identity symmetries of the square per crop), the copies' targets solved by the
   run's target solver;
 * ``self-distill`` (``study.levers.self_distill``): the baseline's own warm-started states after the
-  target solver's step count replace the cached targets (the predictor learns where WARP-LCA converges).
+  target solver's step count replace the cached targets (the predictor learns where WARP-LCA converges);
+* ``energy fine-tune w=…`` (``study.levers.energy_finetune``): the baseline trained further on its loss
+  plus w · the LCA energy of its predicted states (``model.warp.energy_weight``), one row per weight.
 
 Writes ``levers.md`` / ``levers.png`` / ``levers.csv`` (the artifact); the report stage adds the section
 to ``report.md``. A lever earns a place in the defaults only if it beats ``baseline`` here.
@@ -95,14 +97,25 @@ def run(ctx: RunContext) -> dict[str, float]:
         if images is None:
             images, _ = _cached_pairs(study)
         if not any(r["variant"] == "self-distill" for r in study.rows):
-            baseline = study.models.get("baseline") or study.fit(epochs)[0]
+            baseline = study.baseline(epochs)
             log.info("levers: warm-starting %d training crops for self-distillation targets", len(images))
             distilled = _self_distilled(study, baseline, images)
         else:
             distilled = None  # already scored (resumed): the row is read back, nothing is trained
         rows.append(study.variant({"variant": "self-distill"}, epochs, train=distilled))
+    finetune = conf.get("energy_finetune") or {}
+    for weight in finetune.get("weights") or []:
+        key = {"variant": f"energy fine-tune w={weight:g}"}
+        scored = any(r["variant"] == key["variant"] for r in study.rows)
+        overrides = {"energy_weight": float(weight), "lr": float(finetune["lr"])}
+        rows.append(study.variant(key, int(finetune["epochs"]), module_overrides=overrides,
+                                  init=None if scored else study.baseline(epochs)))
     cold = {"variant": "cold LCA", **study.cold_scores}
     what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
             "(everything else as in the warp stage, the same initial weights and data order).")
-    return study.publish("Levers: predictor size, augmentation, self-distillation", what, rows, cold,
-                         ["variant"], lambda p: plot_ablation(rows, cold, study.total, study.early, p))
+    if finetune.get("weights"):
+        what += (f" The energy fine-tunes start from the baseline and train {int(finetune['epochs'])} more "
+                 f"epochs at lr {float(finetune['lr']):g} (their train_s: the fine-tune alone).")
+    title = "Levers: predictor size, augmentation, self-distillation, energy fine-tune"
+    return study.publish(title, what, rows, cold, ["variant"],
+                         lambda p: plot_ablation(rows, cold, study.total, study.early, p))

@@ -60,24 +60,33 @@ def study_settings(ctx: RunContext) -> dict[str, Any]:
     """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (the YAML is the
     only place a default lives); unknown keys refused, naming them."""
     defaults = primary_defaults("study")
-    conf = to_container(ctx.cfg.get("study")) or {}
-    unknown = sorted(set(conf) - set(defaults))
     out = copy.deepcopy(defaults)
-    for key in ("ablation", "learning_curve", "levers"):
-        sub = conf.pop(key, None) or {}
-        bad = sorted(set(sub) - set(defaults[key]))
-        unknown += [f"{key}.{b}" for b in bad]
-        out[key].update(sub)
+    unknown = _merge(out, to_container(ctx.cfg.get("study")) or {}, free=("levers.predictors",))
     if unknown:
         raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(defaults)} "
                          f"(ablation: {sorted(defaults['ablation'])}, "
                          f"learning_curve: {sorted(defaults['learning_curve'])}, "
                          f"levers: {sorted(defaults['levers'])})")
-    out.update(conf)
     bad_inputs = [i for i in out["ablation"]["inputs"] if i not in INPUTS]
     if bad_inputs:
         raise ValueError(f"study.ablation.inputs: unknown input(s) {bad_inputs}; choose from {list(INPUTS)}")
     return out
+
+
+def _merge(into: dict[str, Any], given: Mapping[str, Any], free: tuple[str, ...] = (),
+           prefix: str = "") -> list[str]:
+    """Merge ``given`` into the defaults ``into`` key by key (nested dicts too, except the ``free``
+    paths, which are replaced whole); returns the dotted keys the defaults do not have."""
+    unknown: list[str] = []
+    for key, value in given.items():
+        path = f"{prefix}{key}"
+        if key not in into:
+            unknown.append(path)
+        elif isinstance(into[key], dict) and isinstance(value, Mapping) and path not in free:
+            unknown += _merge(into[key], value, free, f"{path}.")
+        else:
+            into[key] = value
+    return unknown
 
 
 class Study:
@@ -141,26 +150,29 @@ class Study:
 
     # -- variants -------------------------------------------------------------------------------------
     def fit(self, epochs: int, limit: int | None = None, predictor_overrides: Mapping[str, Any] | None = None,
-            loss_overrides: Mapping[str, Any] | None = None,
-            train: Dataset | None = None) -> tuple[WarpLCA, int, float]:
-        """Train one predictor (the run's initial weights and data order) on ``train`` (default: the
-        cached targets); returns its bundle, its parameter count and the training time in seconds."""
+            module_overrides: Mapping[str, Any] | None = None, train: Dataset | None = None,
+            init: WarpLCA | None = None) -> tuple[WarpLCA, int, float]:
+        """Train one predictor (the run's initial weights, or ``init``'s, and data order) on ``train``
+        (default: the cached targets); returns its bundle, its parameter count and the training time
+        in seconds. ``module_overrides`` replace WarpRegression arguments (loss, lr, energy_weight, …)."""
         start = time.perf_counter()
         torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
         module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
-                                        loss_overrides)
+                                        module_overrides)
+        if init is not None:
+            module.predictor.load_state_dict(init.predictor.state_dict())
         fit_quietly(self.ctx, module, self.train if train is None else train, epochs, limit)
         return module.bundle().to(self.device), n_params, time.perf_counter() - start
 
     def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
                 predictor_overrides: Mapping[str, Any] | None = None,
-                loss_overrides: Mapping[str, Any] | None = None,
-                train: Dataset | None = None) -> dict[str, Any]:
+                module_overrides: Mapping[str, Any] | None = None,
+                train: Dataset | None = None, init: WarpLCA | None = None) -> dict[str, Any]:
         """Train (unless already scored) and score one variant; returns its row (``key`` + scores)."""
         for row in self.rows:
             if all(row.get(k) == v for k, v in key.items()):
                 return row
-        model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, loss_overrides, train)
+        model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, module_overrides, train, init)
         self.models[str(key.get("variant"))] = model
         label = ", ".join(f"{k}={v}" for k, v in key.items())
         scores = score_warm_start(model, self.images, self.cold, self.budgets,
@@ -171,6 +183,13 @@ class Study:
         self.rows.append(row)
         self._save_partial()
         return row
+
+    def baseline(self, epochs: int) -> WarpLCA:
+        """The ``baseline`` variant's model: the one trained by this process, else trained now (a resumed
+        study has its row but not its weights) and kept."""
+        if "baseline" not in self.models:
+            self.models["baseline"] = self.fit(epochs)[0]
+        return self.models["baseline"]
 
     def warp_epochs(self) -> int:
         """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else the
