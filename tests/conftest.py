@@ -33,6 +33,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.dictionary.trainer.max_epochs=1",
     "lca.iters=20",
     "predictor=small",
+    "model.warp.finetune.epochs=0",
 )
 
 

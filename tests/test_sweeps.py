@@ -211,6 +211,7 @@ def test_gamma_by_target_iters_sweep_end_to_end(tmp_path: Path) -> None:
     args = [str(REPO / "train.py"), "-m", "stages=[targets,warp]", f"dictionary_path={tmp_path / 'd.pt'}",
             "data.n_train=32", "data.n_val=16", "data.n_test=16", "data.batch_size=16", "lca.iters=10",
             "targets.limit=null", "targets.chunk_size=16", "targets.batch_size=16", "model.warp.epochs=1",
+            "model.warp.finetune.epochs=0",
             "model.warp.batch_size=16", "model.warp.eval_iters=[0,5]", "predictor.width=8",
             "predictor.depth=1", "logger=csv", "loss.gamma=1.0,3.0", "targets.iters=5,10",
             f"hydra.sweep.dir={sweep}"]

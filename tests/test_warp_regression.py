@@ -172,7 +172,8 @@ def _overrides(dictionary: Path, *extra: str) -> list[str]:
             "targets.iters=10", "targets.chunk_size=32", "targets.batch_size=32",
             "data.n_train=64", "data.n_val=32", "data.n_test=16",
             "model.warp.epochs=2", "model.warp.eval_iters=[0,3]", "model.warp.batch_size=32",
-            "model.warp.lca_eval_every_n_epochs=1", "trainer.enable_progress_bar=false", *extra]
+            "model.warp.lca_eval_every_n_epochs=1", "model.warp.finetune.epochs=1",
+            "trainer.enable_progress_bar=false", *extra]
 
 
 def test_targets_and_warp_stages(tmp_path: Path) -> None:
@@ -197,6 +198,18 @@ def test_targets_and_warp_stages(tmp_path: Path) -> None:
     assert "warp/val/warm_k3/psnr" in metrics and "warp/val/cold_k3/psnr" in metrics
     assert metrics["warp/predictor_params"] == model.predictor.num_parameters()
     assert (run / "checkpoints" / "warp" / "last.ckpt").is_file()
+    # the energy fine-tune ran after the regression, as a Trainer of its own; the bundle holds its predictor
+    tuned = torch.load(run / "checkpoints" / "warp_finetune" / "last.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert tuned["hyper_parameters"]["energy_weight"] == 0.001 and tuned["epoch"] == 1
+    for name, value in model.predictor.state_dict().items():
+        assert torch.equal(value, tuned["state_dict"][f"predictor.{name}"]), name
+    regression = torch.load(run / "checkpoints" / "warp" / "last.ckpt", map_location="cpu",
+                            weights_only=False)
+    assert regression["hyper_parameters"]["energy_weight"] == 0.0
+    assert any(not torch.equal(v, tuned["state_dict"][k]) for k, v in regression["state_dict"].items()
+               if k.startswith("predictor."))
+    assert metrics["warp/train/energy"] > 0
 
     # the same command again: both stages are done and skipped
     stamp = (run / "warp_lca.pt").stat().st_mtime_ns

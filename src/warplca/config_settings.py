@@ -134,6 +134,8 @@ TRAIN: dict[str, Group] = {
         "eval_iters": R(list[int], ge=0, nonempty=True, why="LCA budgets"), "lca_eval_every_n_epochs": POS,
         "energy_weight": R(float, ge=0, why="w of the energy term"), "energy_temperature": R(float, gt=0),
         "epochs": POS, "batch_size": R(int, ge=1, why=PER_PROCESS), "num_workers": NAT}),
+    "model.warp.finetune": Group(None, {"epochs": NAT, "lr": R(float, gt=0),
+                                        "energy_weight": R(float, ge=0, why="w of the energy term")}),
     "model.classify": Group(Target(provided=("frontend", "num_classes", "image_size", "conditions"),
                                    extra=STAGE_KEYS), {
         "backbone": R(str | dict, one_of=sorted(BACKBONES), what="backbone"), "lr": R(float, gt=0),

@@ -30,7 +30,7 @@ __all__ = ["DATA_KEYS", "INPUTS", "PIPELINE_KEYS", "build_module", "build_predic
            "loss_config", "target_sets", "warp_data_settings"]
 
 #: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
-DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer")
+DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer", "finetune")
 #: WarpRegression arguments the pipeline passes itself, and where each one is configured instead
 PIPELINE_KEYS: dict[str, str] = {
     "predictor": "the predictor is chosen with the top-level predictor group, e.g. predictor=medium "
@@ -96,6 +96,7 @@ def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]
     data = {k: node.pop(k) for k in DATA_KEYS if k in node}
     for key in ("batch_size", "num_workers", "epochs"):
         data.setdefault(key, defaults[key])
+    data["finetune"] = fill_missing(dict(data.get("finetune") or {}), defaults["finetune"])
     node.setdefault("_target_", defaults["_target_"])
     return node, data
 

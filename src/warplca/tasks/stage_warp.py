@@ -6,6 +6,11 @@ the config), builds the predictor from the ``predictor`` group, the loss from th
 ``batch_size``, ``num_workers``, ``epochs`` and ``trainer`` are the module's arguments), fits it with
 the run's Trainer (resuming ``checkpoints/warp/last.ckpt`` unless ``resume=false`` or ``force=true``)
 and writes the bundle (dictionary, predictor, LCA settings, normalisation) atomically on rank 0.
+
+With ``model.warp.finetune.epochs`` > 0 the regression is followed by the energy fine-tune: the trained
+predictor trains that many more epochs (AdamW at ``finetune.lr``, cosine) on its loss plus
+``finetune.energy_weight`` · the LCA energy of its predicted states, as a Trainer of its own
+(``checkpoints/warp_finetune/``, logged as ``warp_finetune``); the bundle holds the fine-tuned predictor.
 """
 
 from __future__ import annotations
@@ -50,17 +55,30 @@ def run(ctx: RunContext) -> dict[str, float]:
     log.info("warp: training %s (%d parameters) on %d cached targets", type(predictor).__name__, n_params,
              len(sets["train"]))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+    epochs = int(trainer.current_epoch)
+    finetune = data["finetune"]
+    if int(finetune["epochs"]) > 0:
+        tuned, _ = build_module(ctx, dictionary, lca, norm, module_overrides={
+            "energy_weight": float(finetune["energy_weight"]), "lr": float(finetune["lr"])})
+        tuned.predictor.load_state_dict(module.predictor.state_dict())
+        module = tuned
+        trainer = ctx.trainer("warp_finetune", max_epochs=int(finetune["epochs"]), **overrides)
+        ckpt = None if ctx.force or not ctx.cfg.get("resume", True) else ctx.last_checkpoint("warp_finetune")
+        log.info("warp: energy fine-tune, %d epochs at weight %g%s", int(finetune["epochs"]),
+                 float(finetune["energy_weight"]), f", resuming from {ckpt}" if ckpt is not None else "")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+        epochs += int(trainer.current_epoch)
 
     metrics: dict[str, float] = {"predictor_params": float(n_params)}
     for name, value in trainer.callback_metrics.items():
-        if name.startswith(("val/", "train/loss")) and not name.endswith(("_step", "_epoch")):
+        if name.startswith(("val/", "train/loss", "train/energy")) and not name.endswith(("_step", "_epoch")):
             metrics[name] = float(value)
     if ctx.is_rank_zero:
         bundle = module.bundle()
         bundle.save(ctx.artifact(ARTIFACT), target_iters=int(tconf["iters"]),
                     target_solver=stage_targets.solver_spec(tconf),
                     dataset=str(getattr(dm, "name", "")), predictor_params=n_params,
-                    epochs=int(trainer.current_epoch),
+                    epochs=epochs,
                     metrics={k: v for k, v in metrics.items() if k.startswith("val/")})
         log.info("warp: saved %s", ctx.artifact(ARTIFACT))
     ctx.barrier()
