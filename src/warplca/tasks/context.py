@@ -132,6 +132,16 @@ class RunContext:
         path = self.checkpoint_dir(stage) / "last.ckpt"
         return check_checkpoint(path) if path.is_file() else None
 
+    def resume_checkpoint(self, stage: str) -> Path | None:
+        """The checkpoint ``stage`` continues from: :meth:`last_checkpoint`, unless ``resume=false`` or
+        ``force=true`` ask for a fresh start."""
+        if self.force or not self.cfg.get("resume", True):
+            return None
+        path = self.last_checkpoint(stage)
+        if path is not None:
+            log.info("resuming the %s stage from %s", stage, path)
+        return path
+
     def trainer(self, stage: str, **overrides: Any) -> pl.Trainer:
         """A Trainer for ``stage``: ``cfg.trainer`` + stage defaults + callbacks + fresh loggers.
 

@@ -24,7 +24,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     if study is None:
         return {}
     conf = study.conf
-    epochs = int(conf.get("epochs") or study.warp_epochs())
+    epochs = study.epochs()
     rows = []
     for loss in conf["losses"]:
         for inp in conf["inputs"]:

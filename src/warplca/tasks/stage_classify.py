@@ -176,10 +176,7 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
     trainer = ctx.trainer("classify", logger=loggers) if loggers else ctx.trainer("classify")
     ckpt_dir = ctx.checkpoint_dir("classify") / kind
     _set_checkpoint_dir(trainer, ckpt_dir)
-    last = ckpt_dir / "last.ckpt"
-    resume = last if last.is_file() and ctx.cfg.get("resume", True) and not ctx.force else None
-    if resume is not None:
-        log.info("classify/%s: resuming from %s", kind, resume)
+    resume = ctx.resume_checkpoint(f"classify/{kind}")
     log.info("classify/%s: training %s on %s features %s", kind, type(module.backbone).__name__, kind,
              module.feature_shape)
     with warnings.catch_warnings():  # the frozen front end is in eval mode on purpose

@@ -97,11 +97,7 @@ def run(ctx: RunContext) -> dict[str, float]:
                         normalization=normalization)
     initial = dictionary.weight.detach().clone()
 
-    ckpt = None
-    if cfg.get("resume", True) and not ctx.force:
-        ckpt = ctx.last_checkpoint("dictionary")
-        if ckpt is not None:
-            log.info("resuming the dictionary stage from %s", ckpt)
+    ckpt = ctx.resume_checkpoint("dictionary")
     trainer = ctx.trainer("dictionary")
     started = time.perf_counter()
     epoch_before = trainer.current_epoch

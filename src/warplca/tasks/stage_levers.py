@@ -20,6 +20,7 @@ to ``report.md``. A lever earns a place in the defaults only if it beats ``basel
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -57,8 +58,10 @@ def _cached_pairs(study: Study) -> tuple[Tensor, Tensor]:
     return images, states
 
 
-def _augmented(study: Study, images: Tensor, states: Tensor) -> TensorDataset:
+def _augmented(study: Study, pairs: tuple[Tensor, Tensor]) -> TensorDataset:
     """Cached pairs plus one transformed copy of every crop, its states from the run's target solver."""
+    images, states = pairs
+    log.info("levers: solving targets for %d transformed copies of the training crops", len(images))
     tconf = stage_targets.settings(study.ctx)
     continuation = solver_continuation(stage_targets.solver_spec(tconf))
     iters = int(tconf["iters"])
@@ -71,6 +74,7 @@ def _augmented(study: Study, images: Tensor, states: Tensor) -> TensorDataset:
 
 def _self_distilled(study: Study, baseline: WarpLCA, images: Tensor) -> TensorDataset:
     """The crops with the baseline's warm-started states after the target solver's step count."""
+    log.info("levers: warm-starting %d training crops for self-distillation targets", len(images))
     tconf = stage_targets.settings(study.ctx)
     with torch.no_grad():
         states, _, _ = solve_targets(baseline, images.to(study.device), int(tconf["iters"]), None,
@@ -83,33 +87,22 @@ def run(ctx: RunContext) -> dict[str, float]:
     if study is None:
         return {}
     conf = study.conf
-    epochs = int(conf.get("epochs") or study.warp_epochs())
+    epochs = study.epochs()
     rows = [study.variant({"variant": "baseline"}, epochs)]
     for name, overrides in (conf.get("predictors") or {}).items():
         rows.append(study.variant({"variant": f"predictor {name}"}, epochs,
                                   predictor_overrides=dict(overrides or {})))
-    images: Tensor | None = None
+    pairs = functools.cache(lambda: _cached_pairs(study))  # read once, and only if a variant trains
     if conf.get("augment"):
-        images, states = _cached_pairs(study)
-        log.info("levers: solving targets for %d transformed copies of the training crops", len(images))
-        rows.append(study.variant({"variant": "augment"}, epochs, train=_augmented(study, images, states)))
+        rows.append(study.variant({"variant": "augment"}, epochs, train=lambda: _augmented(study, pairs())))
     if conf.get("self_distill"):
-        if images is None:
-            images, _ = _cached_pairs(study)
-        if not any(r["variant"] == "self-distill" for r in study.rows):
-            baseline = study.baseline(epochs)
-            log.info("levers: warm-starting %d training crops for self-distillation targets", len(images))
-            distilled = _self_distilled(study, baseline, images)
-        else:
-            distilled = None  # already scored (resumed): the row is read back, nothing is trained
-        rows.append(study.variant({"variant": "self-distill"}, epochs, train=distilled))
+        rows.append(study.variant({"variant": "self-distill"}, epochs,
+                                  train=lambda: _self_distilled(study, study.baseline(epochs), pairs()[0])))
     finetune = conf.get("energy_finetune") or {}
     for weight in finetune.get("weights") or []:
-        key = {"variant": f"energy fine-tune w={weight:g}"}
-        scored = any(r["variant"] == key["variant"] for r in study.rows)
         overrides = {"energy_weight": float(weight), "lr": float(finetune["lr"])}
-        rows.append(study.variant(key, int(finetune["epochs"]), module_overrides=overrides,
-                                  init=None if scored else study.baseline(epochs)))
+        rows.append(study.variant({"variant": f"energy fine-tune w={weight:g}"}, int(finetune["epochs"]),
+                                  module_overrides=overrides, init=lambda: study.baseline(epochs)))
     cold = {"variant": "cold LCA", **study.cold_scores}
     what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
             "(everything else as in the warp stage, the same initial weights and data order).")

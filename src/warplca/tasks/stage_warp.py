@@ -49,9 +49,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     if "val" not in sets:
         overrides.update(limit_val_batches=0, num_sanity_val_steps=0)
     trainer = ctx.trainer("warp", **overrides)
-    ckpt = None if ctx.force or not ctx.cfg.get("resume", True) else ctx.last_checkpoint("warp")
-    if ckpt is not None:
-        log.info("warp: resuming from %s", ckpt)
+    ckpt = ctx.resume_checkpoint("warp")
     log.info("warp: training %s (%d parameters) on %d cached targets", type(predictor).__name__, n_params,
              len(sets["train"]))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
@@ -63,9 +61,9 @@ def run(ctx: RunContext) -> dict[str, float]:
         tuned.predictor.load_state_dict(module.predictor.state_dict())
         module = tuned
         trainer = ctx.trainer("warp_finetune", max_epochs=int(finetune["epochs"]), **overrides)
-        ckpt = None if ctx.force or not ctx.cfg.get("resume", True) else ctx.last_checkpoint("warp_finetune")
-        log.info("warp: energy fine-tune, %d epochs at weight %g%s", int(finetune["epochs"]),
-                 float(finetune["energy_weight"]), f", resuming from {ckpt}" if ckpt is not None else "")
+        log.info("warp: energy fine-tune, %d epochs at weight %g", int(finetune["epochs"]),
+                 float(finetune["energy_weight"]))
+        ckpt = ctx.resume_checkpoint("warp_finetune")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
         epochs += int(trainer.current_epoch)
 

@@ -167,12 +167,19 @@ class Study:
     def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
                 predictor_overrides: Mapping[str, Any] | None = None,
                 module_overrides: Mapping[str, Any] | None = None,
-                train: Dataset | None = None, init: WarpLCA | None = None) -> dict[str, Any]:
-        """Train (unless already scored) and score one variant; returns its row (``key`` + scores)."""
+                train: Callable[[], Dataset] | None = None,
+                init: Callable[[], WarpLCA] | None = None) -> dict[str, Any]:
+        """Train (unless already scored) and score one variant; returns its row (``key`` + scores).
+
+        ``train`` (default: the cached targets) and ``init`` (default: the run's initial weights) are
+        called only when the variant is trained, so a resumed study does not rebuild what it won't use.
+        """
         for row in self.rows:
             if all(row.get(k) == v for k, v in key.items()):
                 return row
-        model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, module_overrides, train, init)
+        model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, module_overrides,
+                                            None if train is None else train(),
+                                            None if init is None else init())
         self.models[str(key.get("variant"))] = model
         label = ", ".join(f"{k}={v}" for k, v in key.items())
         scores = score_warm_start(model, self.images, self.cold, self.budgets,
@@ -190,6 +197,10 @@ class Study:
         if "baseline" not in self.models:
             self.models["baseline"] = self.fit(epochs)[0]
         return self.models["baseline"]
+
+    def epochs(self) -> int:
+        """Epochs per variant: the stage's ``epochs``, else the warp stage's."""
+        return int(self.conf.get("epochs") or self.warp_epochs())
 
     def warp_epochs(self) -> int:
         """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else the
