@@ -56,7 +56,7 @@ def _global_step(ckpt: Path) -> int | None:
 
 
 def _comparable(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k != "time_s" and isinstance(v, (int, float))}
+    return {k: v for k, v in metrics.items() if not k.endswith("time_s") and isinstance(v, (int, float))}
 
 
 class CrashAtStep(pl.Callback):

@@ -102,16 +102,30 @@ def test_fit_lowers_the_state_loss_and_logs_warm_vs_cold(data: Any) -> None:
     assert torch.allclose(bundle.predict_states(x), module(x).detach(), atol=1e-6)
 
 
+class _LoggedKeys(pl.Callback):
+    """The validation metrics each epoch logged."""
+
+    def __init__(self) -> None:
+        self.epochs: list[set[str]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs.append(set(trainer.logged_metrics))
+
+
 def test_lca_evaluation_interval_and_resume(data: Any, tmp_path: Path) -> None:
     ds, d, lca, cache = data
     td = TargetDataset(cache, ds)
     dm = TargetDataModule(td, td, batch_size=32)
     module = _module(d, lca, lca_eval_every_n_epochs=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    trainer = _trainer(3, callbacks=[ckpt], enable_checkpointing=True)
+    logged = _LoggedKeys()
+    trainer = _trainer(3, callbacks=[ckpt, logged], enable_checkpointing=True)
     trainer.fit(module, datamodule=dm)
     assert module.chains.count("warm") == 2 * 2  # epochs 2 and 3 (the last), 2 batches each
     assert module.chains.count("cold") == 2
+    # the state fit is logged every epoch, the LCA comparisons only on the epochs that ran them
+    assert [{"val/state_mse", "val/state_r2"} <= keys for keys in logged.epochs] == [True] * 3
+    assert ["val/energy_ratio_k5" in keys for keys in logged.epochs] == [False, True, True]
     # resume: the cold numbers come back from the checkpoint, training continues where it stopped
     resumed = _module(d, lca, lca_eval_every_n_epochs=2)
     trainer2 = _trainer(4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)],

@@ -1,18 +1,10 @@
 """``WarpLCA``: dictionary + WARP-CNN predictor + LCA settings + normalisation, in one object and one file.
 
-``model(x, iters)`` runs WARP-LCA: the predictor guesses the LCA internal states u₀ = f_θ(x) and
-LCA runs its ordinary iterations from there. ``model(x, iters, warm=False)`` is cold LCA (u₀ = 0)
-with exactly the same dictionary, threshold, λ, τ and operator, so warm/cold comparisons differ
-only in the start. ``save``/``load`` write and read everything needed for that in one atomic,
-self-describing artifact.
+``model(x, iters)`` runs LCA from the predicted states u₀ = f_θ(x); ``model(x, iters, warm=False)`` is
+cold LCA (u₀ = 0) with exactly the same solver, so warm/cold comparisons differ only in the start.
 
-The start guard (``start_guard=True``, the default, also for bundles written before the option existed):
-WARP-LCA never starts above cold LCA's starting energy E(0) = ½‖x‖². Per image, the energy of the
-predicted start E(T_λ(û)) = ½‖x − Φ T_λ(û)‖² + Σ P_λ(T_λ(û)) is compared with E(0), and û is replaced
-by 0 (the cold start) where it is higher. It costs one synthesis Φa (half the convolutions of an LCA
-iteration) plus the threshold and the penalty per start; the convergence evaluation reports its time
-(``start_guard_ms_per_image``) and how often it fires. :meth:`WarpLCA.warm_start` says which images it
-sent back.
+The start guard (on by default, also for older bundles) keeps WARP-LCA from starting above cold LCA's
+energy E(0) = ½‖x‖²: where E(T_λ(û)) is higher, û is replaced by 0. It costs one synthesis Φa per start.
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ from torch import Tensor, nn
 
 from warplca.coder import SparseCoder
 from warplca.lca.dictionary import ConvDictionary
-from warplca.lca.solver import LCA
+from warplca.lca.solver import LCA, _norms
 from warplca.models.warp_cnn import WarpCNN
 from warplca.serialization import load_checked, save_atomic
 
@@ -41,15 +33,9 @@ FORMAT = "warplca.bundle"
 
 @dataclass
 class WarmStart:
-    """The start WARP-LCA takes for a batch (see :meth:`WarpLCA.warm_start`).
-
-    Attributes:
-        states: u₀ (B, K, H', W'): the prediction û, with 0 for the images the guard sent back.
-        predicted: the predictor's û itself.
-        guarded: (B,) bool, True where E(T_λ(û)) > ½‖x‖² and u₀ = 0; None when the guard is off.
-        energy: (B,) energy of the predicted start E(T_λ(û)); None when the guard is off.
-        cold_energy: (B,) energy of the cold start E(0) = ½‖x‖²; None when the guard is off.
-    """
+    """The start WARP-LCA takes for a batch: ``states`` u₀ (B, K, H', W'), the ``predicted`` û with 0
+    for images the guard sent back; (B,) ``guarded`` (E(T_λ(û)) > ½‖x‖²), ``energy`` E(T_λ(û)) and
+    ``cold_energy`` ½‖x‖², None when the guard is off."""
 
     states: Tensor
     predicted: Tensor
@@ -61,14 +47,9 @@ class WarmStart:
 class WarpLCA(SparseCoder):
     """WARP-LCA: LCA warm-started from a learned state prediction (a :class:`SparseCoder` + predictor).
 
-    Args:
-        dictionary: the fixed atoms Φ the predictor was trained for.
-        predictor: a :class:`WarpCNN` (or any module with ``in_channels``, ``n_atoms``, ``stride``,
-            ``use_drive`` and ``forward(x, drive=None)``; only ``WarpCNN`` can be saved).
-        lca: the solver; it must use ``dictionary``. Default: ``LCA(dictionary)``.
-        normalization: [0, 1] pixels ↔ coded space (``preprocess``/``postprocess``); identity if None.
-        start_guard: start from 0 instead of û for images whose predicted start energy exceeds cold
-            LCA's ½‖x‖² (module docstring). Saved in the bundle; on by default.
+    ``predictor`` is a :class:`WarpCNN` (or any module with ``in_channels``, ``n_atoms``, ``stride``,
+    ``use_drive`` and ``forward(x, drive=None)``; only ``WarpCNN`` can be saved) fitting ``dictionary``;
+    ``start_guard`` starts from 0 where the predicted start's energy exceeds ½‖x‖² (module docstring).
     """
 
     def __init__(self, dictionary: ConvDictionary, predictor: nn.Module, lca: LCA | None = None,
@@ -88,31 +69,25 @@ class WarpLCA(SparseCoder):
     def predict_states(self, x: Tensor, grad: bool = False) -> Tensor:
         """The predictor's states û = f_θ(x) (B, K, ⌈H/s⌉, ⌈W/s⌉) for images ``x`` in the coded space."""
         self.check_input(x)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            drive = None
-            if getattr(self.predictor, "use_drive", False):
-                drive = self.dictionary.encode(x) if grad else self.dictionary.encode(x).detach()
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # no graph into the drive otherwise
+            drive = self.dictionary.encode(x) if getattr(self.predictor, "use_drive", False) else None
             return self.predictor(x, drive)
 
     def guard(self, x: Tensor, u: Tensor) -> WarmStart:
         """The start guard on predicted states ``u`` for images ``x`` (coded space), whatever ``start_guard``.
 
-        Per image, E(T_λ(u)) = ½‖x − Φ T_λ(u)‖² + Σ P_λ(T_λ(u)) (the solver's energy, computed on its own
-        operator) is compared with the cold start's E(0) = ½‖x‖²; where it is higher the state is replaced
-        by 0. A prediction without any active coefficient has E(0) exactly and is kept. Gradients flow
-        through the kept states.
+        Per image, the solver's energy E(T_λ(u)) = ½‖x − Φ T_λ(u)‖² + Σ P_λ(T_λ(u)) is compared with
+        E(0) = ½‖x‖²; where it is higher the state is replaced by 0. Predictions without any active
+        coefficient are kept. Gradients flow through the kept states.
         """
         self.lca._check_codes(x, u.detach(), "u0")  # shape, dtype, NaN/Inf: as the solver would say
         with torch.no_grad():
-            xd, ud = x.detach(), u.detach()
-            op = self.dictionary.operator(xd.shape[-2], xd.shape[-1], self.lca.backend)
-            xt = op.pixels(xd)
-            a = self.lca.states_to_codes(ud)
-            dims = tuple(range(1, xt.dim()))
+            op = self.dictionary.operator(x.shape[-2], x.shape[-1], self.lca.backend)
+            xt = op.pixels(x.detach())
+            a = self.lca.states_to_codes(u.detach())
             resid = xt - op.decode(op.to_grid(a))
-            penalty = self.lca.threshold.penalty_sum(a)
-            energy = 0.5 * torch.linalg.vector_norm(resid, dim=dims).square() + penalty
-            cold = 0.5 * torch.linalg.vector_norm(xt, dim=dims).square()
+            energy = 0.5 * _norms(resid).square() + self.lca.threshold.penalty_sum(a)
+            cold = 0.5 * _norms(xt).square()
             active = torch.count_nonzero(a.reshape(a.shape[0], -1), dim=1) > 0
             guarded = active & (energy > cold)
         states = torch.where(guarded.view(-1, *([1] * (u.dim() - 1))), torch.zeros_like(u), u)
@@ -121,16 +96,14 @@ class WarpLCA(SparseCoder):
     def warm_start(self, x: Tensor, grad: bool = False) -> WarmStart:
         """The predicted states û = f_θ(x) and, with ``start_guard``, the guarded start u₀."""
         u = self.predict_states(x, grad=grad)
-        if not self.start_guard:
-            return WarmStart(states=u, predicted=u)
-        return self.guard(x, u)
+        return self.guard(x, u) if self.start_guard else WarmStart(states=u, predicted=u)
 
     def initial_states(self, x: Tensor, grad: bool = False) -> Tensor:
         """u₀: the warm start f_θ(x), with 0 for images the start guard sends back (if it is on)."""
         return self.warm_start(x, grad=grad).states
 
-    # -- persistence ----------------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs, as plain objects and CPU tensors."""
         if not isinstance(self.predictor, WarpCNN):
             raise ValueError(f"only WarpCNN predictors can be saved, got {type(self.predictor).__name__}")
         state = {k: v.detach().cpu().clone() for k, v in self.predictor.state_dict().items()}
@@ -158,9 +131,8 @@ class WarpLCA(SparseCoder):
             predictor.load_state_dict(payload["predictor"]["state_dict"])
             lca = LCA(dictionary, **payload["lca"])
             norm = payload.get("normalization")
-            normalization = None if norm is None else Normalization.from_dict(norm)
-            start_guard = payload.get("start_guard", True)  # bundles older than the option: on
-            model = cls(dictionary, predictor, lca, normalization, start_guard=start_guard)
+            model = cls(dictionary, predictor, lca, None if norm is None else Normalization.from_dict(norm),
+                        start_guard=payload.get("start_guard", True))  # older bundles: guard on
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: inconsistent {FORMAT} artifact: {exc}") from exc
         model.meta = dict(payload.get("meta") or {})

@@ -1,25 +1,5 @@
-"""Lightning callbacks for reliability and the GPU path: non-finite batch guard, RNG state, channels_last.
-
-- :class:`NonFiniteGuard` — NaN/Inf in a batch (or in the gradients it produced) stops the run with an
-  error naming the batch index, or, with ``skip=True`` (``skip_nonfinite_batches=true``), skips that
-  batch's update with a warning. Never silent. Under DDP all ranks take the same decision.
-- :class:`RNGState` — saves the python / numpy / torch (and CUDA) RNG states in every checkpoint and
-  restores them on resume, so a resumed run continues the same random streams.
-- :class:`ChannelsLast` — converts the LightningModule to ``torch.channels_last`` (NHWC) before fitting:
-  the fast layout of cuDNN convolutions, on by default for CUDA only.
-- :class:`SyncEpochMetrics` — works around a DDP deadlock in Lightning's progress bars (Lightning issue
-  #21264): at the end of a training epoch the bar, on rank 0 only, computes the epoch values of metrics
-  logged with ``sync_dist=True`` — a collective the other ranks never join. This callback computes them
-  on every rank first, so the bar reads cached values.
-- :class:`RequeueCheckpoint` — on ``SIGUSR2`` (what submitit, hence ``hydra/launcher=slurm``, has SLURM
-  send ``signal_delay_s`` before the time limit) writes the running stage's ``last.ckpt`` after the
-  current training step, then hands over to the requeue (submitit's handler, else ``scontrol requeue``)
-  and exits, so the requeued job resumes from that step.
-
-:func:`ensure_default_callbacks` adds a :class:`NonFiniteGuard`, a :class:`SyncEpochMetrics` and a
-:class:`RequeueCheckpoint` to a callback list that lacks them (the run context does this for every
-stage, so ``callbacks=none`` cannot switch them off).
-"""
+"""Lightning callbacks for reliability (NaN/Inf guard, RNG state, requeue on SLURM's warning signal, a DDP
+progress-bar deadlock workaround) and the GPU path (channels_last); :func:`ensure_default_callbacks`."""
 
 from __future__ import annotations
 
@@ -31,7 +11,7 @@ import re
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,48 +35,39 @@ class NonFiniteBatchError(RuntimeError):
     """A batch (or the gradients it produced) contains NaN or Inf values."""
 
 
+def _tensors(batch: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
+    """Every tensor in a (nested) batch, with its position (``batch[0]['x']``)."""
+    if isinstance(batch, Tensor):
+        yield path, batch
+    elif isinstance(batch, (dict, list, tuple)):
+        for key, value in batch.items() if isinstance(batch, dict) else enumerate(batch):
+            yield from _tensors(value, f"{path}[{key!r}]")
+
+
 def first_nonfinite(batch: Any, path: str = "batch") -> tuple[str, Tensor] | None:
     """The first floating-point tensor in a (nested) batch with NaN/Inf values, with its position."""
-    if isinstance(batch, Tensor):
-        inexact = batch.is_floating_point() or batch.is_complex()
-        return (path, batch) if inexact and not bool(torch.isfinite(batch).all()) else None
-    if isinstance(batch, dict):
-        items: Sequence[tuple[str, Any]] = [(f"{path}[{k!r}]", v) for k, v in batch.items()]
-    elif isinstance(batch, (list, tuple)):
-        items = [(f"{path}[{i}]", v) for i, v in enumerate(batch)]
-    else:
-        return None
-    for sub, value in items:
-        found = first_nonfinite(value, sub)
-        if found is not None:
-            return found
-    return None
+    inexact = ((p, t) for p, t in _tensors(batch, path) if t.is_floating_point() or t.is_complex())
+    return next(((p, t) for p, t in inexact if not bool(torch.isfinite(t).all())), None)
 
 
 def _describe(where: str, t: Tensor) -> str:
-    nan = int(torch.isnan(t).sum())
-    inf = int(torch.isinf(t).sum())
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
     return f"{where} (shape {tuple(t.shape)}, {t.dtype}) has {nan} NaN and {inf} Inf values"
+
+
+def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """``flag`` on any rank (one tiny all-reduce under DDP, so all ranks decide together)."""
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False)) if trainer.world_size > 1 else flag
 
 
 class NonFiniteGuard(Callback):
     """Stop on (default) or skip (``skip=True``) batches with NaN/Inf inputs or gradients.
 
-    Inputs are checked at the start of every train / validation / test / predict batch; gradients after
-    the backward pass (post all-reduce under DDP, so every rank sees the same thing). A bad training
-    batch raises :class:`NonFiniteBatchError` naming the stage, epoch and batch index; with ``skip``
-    its update is skipped, a warning names it, and ``skipped`` records ``(stage, epoch, batch_idx)``.
-    Predict batches (target caches) are never skipped. Under DDP the decision is all-reduced, so all
-    ranks skip or stop together (one tiny collective per batch; none on one process).
-
-    How a training batch is skipped: on one process its ``training_step`` is not run at all. Under DDP
-    Lightning forbids skipping the step, so every rank runs it — the bad rank with its NaN/Inf entries
-    replaced by 0 — and the gradients are dropped before the optimiser step, which then leaves the
-    weights (and its own state) untouched; that batch's loss and training metrics still count.
-
-    Args:
-        skip: skip bad batches instead of stopping the run.
-        check_gradients: also check the gradients before every optimiser step.
+    A bad batch raises :class:`NonFiniteBatchError` naming stage, epoch and batch index; with ``skip``
+    a warning names it and ``skipped`` records ``(stage, epoch, batch_idx)`` (predict batches are never
+    skipped). Under DDP all ranks decide together, and a skipped training step still runs (Lightning
+    requires it) on zeroed inputs, its gradients dropped before the optimiser step.
+    ``check_gradients``: also check the gradients before every optimiser step.
     """
 
     def __init__(self, skip: bool = False, check_gradients: bool = True) -> None:
@@ -105,19 +76,16 @@ class NonFiniteGuard(Callback):
         self.skip = skip
         self.check_gradients = bool(check_gradients)
         self.skipped: list[tuple[str, int, int]] = []
-        self._skip_now = False
-        self._drop_update = False
+        self._skip_now = self._drop_update = False
         self._batch: tuple[str, int, int] = ("train", 0, 0)
 
-    # -- wrapping the step methods so a skipped batch does not run at all -----------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.skip:
             return
         for name in _STEPS.values():
             current = getattr(pl_module, name, None)
-            if current is None or getattr(current, _MARK, False):
-                continue
-            setattr(pl_module, name, self._wrap(current))
+            if current is not None and not getattr(current, _MARK, False):
+                setattr(pl_module, name, self._wrap(current))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for name in _STEPS.values():
@@ -134,25 +102,20 @@ class NonFiniteGuard(Callback):
         setattr(guarded, _MARK, True)
         return guarded
 
-    # -- inputs ---------------------------------------------------------------------------------
-    def _decide(self, trainer: pl.Trainer, bad: bool) -> bool:
-        if trainer.world_size > 1:
-            return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
-        return bad
-
     def _check_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int, stage: str) -> None:
         found = first_nonfinite(batch)
         self._batch = (stage, int(trainer.current_epoch), int(batch_idx))
-        bad = self._decide(trainer, found is not None)
         self._skip_now = False
-        if not bad:
+        if not _any_rank(trainer, found is not None):
             return
         rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
         what = _describe(*found) if found is not None else "another rank's batch has NaN/Inf values"
         where = f"{stage} batch {batch_idx} of epoch {trainer.current_epoch}{rank}"
         if self.skip and stage in _STEPS:
-            if stage == "train" and trainer.world_size > 1:  # DDP: run the step, drop its update
-                _zero_nonfinite(batch)
+            if stage == "train" and trainer.world_size > 1:  # DDP: run the step on zeros, drop its update
+                for _, t in _tensors(batch):
+                    if t.is_floating_point():
+                        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
                 self._drop_update = True
             else:
                 self._skip_now = True
@@ -180,27 +143,21 @@ class NonFiniteGuard(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._skip_now = False
-        self._drop_update = False
+        self._skip_now = self._drop_update = False
 
-    # -- gradients ------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        # without gradients (None) the optimiser skips every parameter: no step, no state change
         if self._drop_update:  # a skipped batch under DDP (decided on all ranks at its start)
-            _drop_gradients(optimizer)
-            return
-        if not self.check_gradients:
+            optimizer.zero_grad(set_to_none=True)
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if bool(finite):  # gradients are identical on all ranks after the all-reduce: no collective
-            return
-        stage, epoch, idx = self._batch
+        if not (grads and self.check_gradients) or torch.stack([g.isfinite().all() for g in grads]).all():
+            return  # gradients are identical on all ranks after the all-reduce: no collective
+        _, epoch, idx = self._batch
         where = f"train batch {idx} of epoch {epoch}"
         if self.skip:
-            _drop_gradients(optimizer)
+            optimizer.zero_grad(set_to_none=True)
             self.skipped.append(("train", epoch, idx))
             log.warning("skipping the update of %s: its gradients have NaN/Inf values "
                         "(skip_nonfinite_batches=true)", where)
@@ -224,82 +181,40 @@ class NonFiniteGuard(Callback):
         self.skipped = [tuple(s) for s in state_dict.get("skipped", [])]  # type: ignore[misc]
 
 
-def _zero_nonfinite(batch: Any) -> None:
-    """Replace NaN/Inf entries of every floating-point tensor in a (nested) batch by 0, in place."""
-    if isinstance(batch, Tensor):
-        if batch.is_floating_point():
-            torch.nan_to_num_(batch, nan=0.0, posinf=0.0, neginf=0.0)
-    elif isinstance(batch, dict):
-        for v in batch.values():
-            _zero_nonfinite(v)
-    elif isinstance(batch, (list, tuple)):
-        for v in batch:
-            _zero_nonfinite(v)
-
-
-def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Set every gradient to None: optimisers skip parameters without one (no step, no state change)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
 def ensure_default_callbacks(callbacks: list[Callback], skip_nonfinite: bool = False) -> list[Callback]:
     """``callbacks`` plus a :class:`NonFiniteGuard` (mode ``skip_nonfinite``), a :class:`SyncEpochMetrics`
     and a :class:`RequeueCheckpoint` where it has none (in place; returned for convenience)."""
-    if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
-        callbacks.append(NonFiniteGuard(skip=skip_nonfinite))
-    if not any(isinstance(c, SyncEpochMetrics) for c in callbacks):
-        callbacks.append(SyncEpochMetrics())
-    if not any(isinstance(c, RequeueCheckpoint) for c in callbacks):
-        callbacks.append(RequeueCheckpoint())
+    for default in (NonFiniteGuard(skip=skip_nonfinite), SyncEpochMetrics(), RequeueCheckpoint()):
+        if not any(isinstance(c, type(default)) for c in callbacks):
+            callbacks.append(default)
     return callbacks
 
 
 class RequeueExit(SystemExit):
-    """Raised after :class:`RequeueCheckpoint` saved ``last.ckpt`` on its signal: the process ends (exit
-    status ``128 + signal number``, the shell's convention for "stopped by that signal") without writing
-    the stage's artifacts, and without a ``FAILED`` marker — the job was interrupted, not broken."""
+    """Raised after :class:`RequeueCheckpoint` saved ``last.ckpt``: the process ends with status
+    ``128 + signal number``, without the stage's artifacts and without a ``FAILED`` marker."""
 
 
 def _as_signal(value: str | int | signal.Signals) -> signal.Signals:
-    if isinstance(value, signal.Signals):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return signal.Signals(value)
+    found: Any = value
     if isinstance(value, str):
         name = value.strip().upper()
-        name = name if name.startswith("SIG") else f"SIG{name}"
-        if hasattr(signal, name):
-            return signal.Signals(getattr(signal, name))
+        found = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    if isinstance(found, int) and not isinstance(found, bool):  # a signal.Signals is an int too
+        return signal.Signals(found)
     raise ValueError(f"signal must be a signal name (USR2, SIGUSR2) or number, got {value!r}")
 
 
 class RequeueCheckpoint(Callback):
     """Save the running stage's ``last.ckpt`` when the scheduler's warning signal arrives, then requeue.
 
-    ``hydra/launcher=slurm`` (submitit) submits every job with ``--signal=USR2@<signal_delay_s>``: SLURM
-    sends ``SIGUSR2`` that long before the time limit (and on preemption), and submitit's own handler
-    requeues the job and exits at once — without a checkpoint of the step the run is at. While a
-    ``Trainer.fit`` runs, this callback replaces that handler: the signal only sets a flag; at the end of
-    the current training batch (all DDP ranks decide together: one tiny all-reduce per batch) it writes
-    ``<ModelCheckpoint dirpath>/last.ckpt`` — ``checkpoints/<stage>/…``, what the stage resumes from —
-    then calls the handler it replaced (submitit: ``scontrol requeue`` and exit on rank 0). Without such a
-    handler it runs ``scontrol requeue $SLURM_JOB_ID`` itself when ``requeue`` is set and the process
-    runs in a SLURM job. Either way the process then ends with :class:`RequeueExit`, so no stage goes on
-    to write artifacts of a half-trained model; the requeued job (the same command in the same job
-    directory) skips finished stages and resumes this one from the saved step. Outside SLURM, ``kill
-    -USR2 <pid>`` is a clean "checkpoint and stop": rerun the command to continue.
-
-    The handler is in place from the start to the end of the training loop (``on_train_start`` →
-    ``teardown``). Outside it (set-up, evaluation, target caches, study stages) the previous handler
-    acts: submitit requeues at once, and the stage restarts from its last checkpoint or its own
-    resumable state.
-
-    Args:
-        signal: the signal to act on (name or number); ``None`` disables the callback.
-        requeue: without a previous Python handler, run ``scontrol requeue`` on global rank 0 of a SLURM
-            job (``SLURM_JOB_ID`` set).
+    SLURM (through submitit, ``hydra/launcher=slurm``) sends ``SIGUSR2`` ``signal_delay_s`` before the
+    time limit; submitit's handler would requeue at once, without a checkpoint. From ``on_train_start``
+    to ``teardown`` this callback replaces it: the signal sets a flag, and after the current training
+    batch (all DDP ranks together) it writes ``<ModelCheckpoint dirpath>/last.ckpt``, calls the replaced
+    handler (else ``scontrol requeue`` when ``requeue`` is set in a SLURM job) and raises
+    :class:`RequeueExit`. The requeued job resumes from that step. Outside SLURM, ``kill -USR2 <pid>``
+    is a clean "checkpoint and stop". ``signal``: a name or number (``None`` disables the callback).
     """
 
     def __init__(self, signal: str | int | None = "SIGUSR2", requeue: bool = True) -> None:
@@ -310,16 +225,6 @@ class RequeueCheckpoint(Callback):
         self._previous: Any = None
         self._installed = False
         self._frame: Any = None
-
-    # -- the handler ----------------------------------------------------------------------------
-    def _install(self) -> None:
-        main = threading.current_thread() is threading.main_thread()  # Python handles signals there only
-        if self.signum is None or self._installed or not main:
-            return
-        self._previous = signal.getsignal(self.signum)
-        signal.signal(self.signum, self._on_signal)
-        self._installed = True
-        self.received = False
 
     def _restore(self) -> None:
         if not self._installed:
@@ -335,11 +240,15 @@ class RequeueCheckpoint(Callback):
         log.warning("received %s: saving last.ckpt after the current training step, then requeueing",
                     signal.Signals(signum).name)
 
-    # -- hooks ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # not in ``setup``: Lightning records every signal handler after ``setup`` and puts them back
-        # when the fit ends (also on an exception), which would leave this one installed
-        self._install()
+        """Install the handler (not in setup: Lightning restores the handlers it saw after setup)."""
+        main = threading.current_thread() is threading.main_thread()  # Python handles signals there only
+        if self.signum is None or self._installed or not main:
+            return
+        self._previous = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._on_signal)
+        self._installed = True
+        self.received = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         previous, received = self._previous, self._installed and self.received
@@ -351,39 +260,25 @@ class RequeueCheckpoint(Callback):
                      exception: BaseException) -> None:
         self._restore()
 
-    def _decided(self, trainer: pl.Trainer) -> bool:
-        stop = self.received
-        if trainer.world_size > 1:  # ranks get the signal at slightly different times: decide together
-            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
-        return stop
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._installed and self._decided(trainer):
+        if self._installed and _any_rank(trainer, self.received):
             self._checkpoint_and_exit(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # during the last validation: training is complete, but the stage must not go on to its artifacts
-        if self._installed and self._decided(trainer):
+        # the signal came during the last validation: the stage must not go on to its artifacts
+        if self._installed and _any_rank(trainer, self.received):
             self._checkpoint_and_exit(trainer)
 
-    # -- checkpoint, requeue, exit --------------------------------------------------------------
-    def checkpoint_path(self, trainer: pl.Trainer) -> Path | None:
-        """``<dirpath>/last.ckpt`` of the trainer's first ModelCheckpoint with a directory (None if none)."""
-        for cb in trainer.checkpoint_callbacks:
-            dirpath = getattr(cb, "dirpath", None)
-            if dirpath:
-                name = getattr(cb, "CHECKPOINT_NAME_LAST", "last") + getattr(cb, "FILE_EXTENSION", ".ckpt")
-                return Path(dirpath) / name
-        return None
-
     def _checkpoint_and_exit(self, trainer: pl.Trainer) -> None:
-        signum = int(self.signum) if self.signum is not None else 0
-        path = self.checkpoint_path(trainer)
-        if path is None:
+        """Save ``<dirpath>/last.ckpt`` of the trainer's first ModelCheckpoint with a directory, hand over."""
+        cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)), None)
+        if cb is None:
             log.warning("%s: the trainer has no ModelCheckpoint with a directory; nothing saved",
-                        signal.Signals(signum).name)
+                        signal.Signals(int(self.signum or 0)).name)
         else:
+            path = Path(cb.dirpath) / (getattr(cb, "CHECKPOINT_NAME_LAST", "last")
+                                       + getattr(cb, "FILE_EXTENSION", ".ckpt"))
             trainer.save_checkpoint(path)  # every rank takes part; global rank 0 writes
             self.saved = path
             log.warning("saved %s at epoch %d, step %d", path, trainer.current_epoch, trainer.global_step)
@@ -393,7 +288,7 @@ class RequeueCheckpoint(Callback):
 
     def _hand_over(self, previous: Any, global_rank: int) -> None:
         """Requeue through the replaced handler (or ``scontrol``), then end the process."""
-        signum = int(self.signum) if self.signum is not None else 0
+        signum = int(self.signum or 0)
         self.received = False
         frame, self._frame = self._frame, None
         if callable(previous):  # submitit: requeue (rank 0) and exit; its other ranks return
@@ -426,14 +321,8 @@ def _slurm_requeue(global_rank: int) -> None:
 
 
 class SyncEpochMetrics(Callback):
-    """Compute the epoch-level logged metrics on every rank before the progress bar reads them on rank 0.
-
-    Under DDP, Lightning's progress bars (TQDM and Rich) fetch ``trainer.progress_bar_metrics`` in
-    ``on_train_epoch_end`` on rank 0 only; for values logged with ``sync_dist=True`` that starts an
-    all-reduce the other ranks never join, and the run hangs (Lightning issue #21264). Callbacks run
-    before the bar, so computing the same values here on all ranks fills the cache the bar then reads.
-    A no-op on one process.
-    """
+    """Compute the epoch metrics on every rank first: under DDP the progress bar reads them on rank 0
+    only, an all-reduce for ``sync_dist=True`` values the other ranks never join (Lightning #21264)."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -441,17 +330,14 @@ class SyncEpochMetrics(Callback):
 
 
 class RNGState(Callback):
-    """Save the global RNG states (python, numpy, torch, CUDA) in checkpoints; restore them on resume.
-
-    Lightning does not checkpoint them, so without this a resumed run draws different random numbers
-    (augmentation, dropout, re-drawn dead atoms) than the uninterrupted run would have. The states are
-    stored as tensors and plain lists, so checkpoints stay loadable with ``weights_only=True``.
-    """
+    """Save the global RNG states (python, numpy, torch, CUDA) in checkpoints and restore them on resume,
+    so a resumed run draws the same random numbers (stored ``weights_only=True``-loadable)."""
 
     def state_dict(self) -> dict[str, Any]:
         np_state = np.random.get_state()
+        version, internal, gauss = random.getstate()
         state: dict[str, Any] = {
-            "python": _plain_python_state(random.getstate()),
+            "python": [int(version), [int(v) for v in internal], gauss],
             "numpy": [str(np_state[0]), torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
                       int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "torch": torch.get_rng_state(),
@@ -461,8 +347,6 @@ class RNGState(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
         try:
             if "python" in state_dict:
                 version, internal, gauss = state_dict["python"]
@@ -481,17 +365,9 @@ class RNGState(Callback):
                         "current ones", exc)
 
 
-def _plain_python_state(state: tuple) -> list[Any]:
-    version, internal, gauss = state
-    return [int(version), [int(v) for v in internal], gauss]
-
-
 class ChannelsLast(Callback):
-    """Convert the LightningModule's 4-D weights to ``torch.channels_last`` before it runs.
-
-    Convolutions pick the NHWC path when their weight is channels_last, so inputs need no conversion.
-    ``enabled="auto"`` (default) converts on CUDA devices only (on CPU, NCHW is as fast or faster).
-    """
+    """Convert the LightningModule's 4-D weights to ``torch.channels_last`` (cuDNN's fast NHWC path)
+    before it runs; ``"auto"`` converts on CUDA only."""
 
     def __init__(self, enabled: bool | str = "auto") -> None:
         if enabled not in (True, False, "auto"):
@@ -499,6 +375,5 @@ class ChannelsLast(Callback):
         self.enabled = enabled
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        on = self.enabled is True or (self.enabled == "auto" and trainer.strategy.root_device.type == "cuda")
-        if on:
+        if self.enabled is True or (self.enabled == "auto" and trainer.strategy.root_device.type == "cuda"):
             pl_module.to(memory_format=torch.channels_last)

@@ -1,21 +1,12 @@
-"""Hydra entry points: the ``warplca-train`` / ``warplca-eval`` commands.
-
-``python train.py`` / ``python evaluate.py`` are thin wrappers over the same two functions. The
-config tree ships inside the package (``warplca/conf``); ``config_path`` is its absolute location,
-:func:`warplca.tasks.utils.default_config_dir` (a plain ``"conf"`` would make Hydra look for an
-importable ``warplca.conf`` module, which needs an ``__init__.py`` there), so the commands work
-from any directory and from a non-editable install. Hydra does not chdir: relative paths
-(``run_dir``, the ``outputs/`` and ``multirun/`` defaults, ``data/``) are relative to the
-directory the command was started in.
-"""
+"""Hydra entry points ``warplca-train`` / ``warplca-eval`` (``train.py`` / ``evaluate.py`` wrap them). The
+config path is absolute, so they work from any directory; Hydra does not chdir (relative paths stay so)."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-# imported at module level (not inside the functions): warplca.tasks.utils registers the
-# ``${warplca.rank_suffix:}`` resolver that Hydra's job-logging config needs before the task runs
+# at module level: warplca.tasks.utils registers the resolver Hydra's job-logging config needs
 from warplca.tasks.evaluate import evaluate
 from warplca.tasks.train import train
 from warplca.tasks.utils import default_config_dir, get_metric_value

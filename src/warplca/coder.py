@@ -1,8 +1,6 @@
 """``SparseCoder``: dictionary + LCA settings + normalisation, coding [0, 1] images end to end.
 
-The chain every consumer needs — normalise the pixels, run LCA, undo the normalisation, clamp to [0, 1] —
-lives here once. :class:`warplca.WarpLCA` extends it with the learned warm start; the dictionary stage's
-evaluation, the front ends of the classifiers and the benchmarks use it directly.
+Normalise, run LCA, undo the normalisation and clamp; :class:`warplca.WarpLCA` adds the warm start.
 """
 
 from __future__ import annotations
@@ -31,13 +29,8 @@ class CodedImages:
 
 
 class SparseCoder(nn.Module):
-    """LCA over ``dictionary`` with ``lca``'s settings, in ``normalization``'s space.
-
-    Args:
-        dictionary: the atoms Φ.
-        lca: the solver; it must use ``dictionary``. Default: ``LCA(dictionary)``.
-        normalization: [0, 1] pixels ↔ coded space (``preprocess``/``postprocess``); identity if None.
-    """
+    """LCA over ``dictionary`` with ``lca``'s settings (default ``LCA(dictionary)``; it must use that
+    dictionary), in the space of ``normalization`` ([0, 1] pixels ↔ coded space; identity if None)."""
 
     def __init__(self, dictionary: ConvDictionary, lca: LCA | None = None,
                  normalization: Normalization | None = None) -> None:
@@ -56,13 +49,9 @@ class SparseCoder(nn.Module):
         self.lca = lca
         self.normalization = normalization
 
-    # -- pixels <-> coded space -----------------------------------------------------------------
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0, 1] images (B, C, H, W) → the normalised space the model codes in.
-
-        Images outside [0, 1] (e.g. 0–255 pixels, or already normalised ones) are refused: coding them
-        would silently give meaningless states and energies.
-        """
+        """[0, 1] images (B, C, H, W) → the normalised space the model codes in. Images outside [0, 1]
+        are refused: coding them would silently give meaningless states and energies."""
         if isinstance(images, Tensor) and images.is_floating_point() and images.numel():
             lo, hi = torch.aminmax(images.detach())
             if bool(lo < -1e-6) or bool(hi > 1 + 1e-6):
@@ -72,15 +61,11 @@ class SparseCoder(nn.Module):
         return images if self.normalization is None else self.normalization.apply(images)
 
     def postprocess(self, recon: Tensor, images: Tensor | None = None) -> Tensor:
-        """Reconstructions in the coded space → [0, 1] images (normalisation undone, clamped).
-
-        ``images`` are the [0, 1] images that were coded; the per-image normalisations (``image_mean``,
-        ``standardize``, ``lowpass``) need them to restore what they kept outside the code.
-        """
+        """Reconstructions in the coded space → [0, 1] images (normalisation undone, clamped); ``images``,
+        the coded [0, 1] images, let per-image normalisations restore what they kept outside the code."""
         out = recon if self.normalization is None else self.normalization.invert(recon, images)
         return out.clamp(0.0, 1.0)
 
-    # -- inference ------------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
         """ValueError for input of the wrong type, rank, channels, dtype, device, or with NaN/Inf."""
         self.lca._check_input(x, None)

@@ -1,15 +1,7 @@
-"""The shipped YAML configs as the only source of default values.
+"""The shipped YAML configs as the only source of default values (never a copy in Python).
 
-Code that needs a default a config node may leave out (a stage's settings when the composed config has
-no such node, a library function called without a config, e.g. from a test or a notebook) reads it
-here from the YAML file that sets it, never from a copy in Python. ``option_defaults("targets",
-"default")`` is ``conf/targets/default.yaml`` as plain Python; an option with its own ``defaults:``
-list (``eval/convergence.yaml`` includes ``common``) is merged in that list's order.
-``primary_defaults("model.warp")`` is the option the primary config (``train.yaml``) chooses for that
-package (``model@model.warp: warp_regression``).
-
-Interpolations (``${seed}``) are kept as written: resolve them against the run's config where that
-matters. This module imports nothing from warplca, so every module may use it.
+``option_defaults("targets", "default")`` is ``conf/targets/default.yaml`` as plain Python, interpolations
+kept; ``primary_defaults("model.warp")`` the option ``train.yaml`` chooses. Imports nothing from warplca.
 """
 
 from __future__ import annotations
@@ -71,13 +63,10 @@ def _choices(primary: str) -> dict[str, tuple[str, str]]:
     node = _load(config_dir() / f"{primary}.yaml")
     out: dict[str, tuple[str, str]] = {}
     for entry in node.get("defaults") or []:
-        if not isinstance(entry, DictConfig):
-            continue
-        for key, option in entry.items():
-            if option is None:
-                continue
-            group, _, package = str(key).partition("@")
-            out[package or group] = (group, str(option))
+        for key, option in entry.items() if isinstance(entry, DictConfig) else ():
+            if option is not None:
+                group, _, package = str(key).partition("@")
+                out[package or group] = (group, str(option))
     return out
 
 

@@ -1,11 +1,8 @@
 """Read the settings of a composed config with one generic parser that records every problem at once.
 
-A :class:`Group` declares a config node: which keys it may hold (the keys of its rules, the arguments of
-the class it instantiates, :class:`Target`, or those of its YAML option, :class:`Yaml`) and a
-:class:`Rule` per key: the type its value must have (``int | None`` also takes null) plus bounds,
-choices and why. :meth:`Parser.parse` reads a node into ``{key: value}`` and records one
-``(key, message)`` problem per bad value or unknown key instead of raising; a key the node leaves out,
-or whose value is refused, reads None (defaults live in the YAML files only).
+A :class:`Group` declares which keys a node may hold (:class:`Keys`, :class:`Target`, :class:`Yaml`) and
+a :class:`Rule` per key. :meth:`Parser.parse` reads a node into ``{key: value}``, recording a
+``(key, message)`` problem per bad value or unknown key; absent or refused keys read None.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""The settings of every config group, declared once: the keys a node may hold and what each may hold.
-
-One :class:`~warplca.config_parsing.Group` per node of the composed config (``conf/<group>/*.yaml``).
-Checks that need two groups, a file or the machine are in :mod:`warplca.preflight`; Trainer values that
-Lightning refuses itself when a stage builds its Trainer (precision, accelerator, strategy and device
-names, batch limits) are left to it, only values it takes although they cannot work are ruled here.
-"""
+"""The settings of every config group, declared once: one :class:`~warplca.config_parsing.Group` per node.
+Cross-group checks are in :mod:`warplca.preflight`; Trainer values Lightning refuses itself are left to it."""
 
 from __future__ import annotations
 

@@ -1,30 +1,22 @@
 """Validate a composed train or evaluate config before anything runs, reporting every problem at once.
 
-Every group is read as declared in :mod:`warplca.config_settings` (types, ranges, known names, keys a
-node may not hold), then :mod:`warplca.preflight` checks what needs two groups, a file or the
-machine; one :class:`ConfigError` lists all problems, each as ``key=value: rule`` (``key: rule`` for a
-missing or misplaced key), so the fix is the override on the left::
-
-    ConfigError: 2 problems:
-      lca.lam=-1: must be a finite number ≥ 0 (the threshold λ)
-      dictionary.kernel_size=8: must be odd (atoms are centred on their code position)
-
-A missing file makes it a :class:`ConfigFileError` (also a ``FileNotFoundError``).
+Groups are parsed as declared in :mod:`warplca.config_settings`, then :mod:`warplca.preflight` runs
+the cross-group checks; one :class:`ConfigError` lists every problem as ``key=value: rule`` (``key:
+rule`` for a missing or misplaced key), a :class:`ConfigFileError` if a file is missing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
 from warplca import config_settings as cs
 from warplca import preflight
 from warplca.config_parsing import Parser, Problem
-from warplca.preflight import data_channels
 
 __all__ = ["HOME_NODES", "ConfigError", "ConfigFileError", "check_eval_config", "check_train_config",
-           "data_channels", "describe", "validate_eval_config", "validate_train_config"]
+           "validate_eval_config", "validate_train_config"]
 
 #: config nodes a misplaced key is looked up in, to say where it belongs
 HOME_NODES = ("lca", "loss", "predictor", "dictionary", "norm", "data", "targets", "study",
@@ -36,8 +28,8 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)
-        n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''}:\n" + describe(self.problems))
+        lines = [f"  {m}" for _, m in self.problems]
+        super().__init__(f"{len(lines)} problem{'s' if len(lines) != 1 else ''}:\n" + "\n".join(lines))
 
 
 class ConfigFileError(ConfigError, FileNotFoundError):
@@ -81,8 +73,3 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem of an evaluate config."""
     _raise(check_eval_config(cfg))
-
-
-def describe(problems: Iterable[Problem]) -> str:
-    """The problems as the indented lines :class:`ConfigError` shows."""
-    return "\n".join(f"  {m}" for _, m in problems)

@@ -1,17 +1,7 @@
 """Frozen front ends for downstream classification: [0, 1] images → features a classifier learns on.
 
-Three kinds, compared by the noisy-classification experiment (README, "Noisy classification"):
-
-- ``pixels``   (:class:`PixelFrontEnd`):   the normalised pixels ``(images − mean_c) / scale``.
-- ``lca``      (:class:`LCAFrontEnd`):     sparse codes ``a`` of cold-started LCA after ``iters`` steps.
-- ``warp_lca`` (:class:`WarpLCAFrontEnd`): sparse codes ``a`` of WARP-LCA (predicted initial states,
-  then ``iters`` ordinary LCA steps).
-
-Front ends are inference only: their parameters are frozen copies (training the classifier never
-changes the dictionary or the predictor), ``train()`` keeps them in eval mode, and ``forward`` runs
-without autograd. The features are exactly what the solver returns — ``LCAFrontEnd(images)`` equals
-``LCA(D, **settings)(normalization.apply(images), iters).a`` — so the classifier sees the codes the
-other experiments measure. :meth:`FrontEnd.timed` also reports the cost in milliseconds per image.
+``pixels`` (normalised pixels), ``lca`` (cold LCA codes) and ``warp_lca`` (WARP-LCA codes): frozen
+copies in eval mode, run without autograd, whose features are exactly the solver's codes.
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ from warplca.lca import LCA, ConvDictionary, LCAResult
 __all__ = ["FRONTENDS", "FrontEnd", "LCAFrontEnd", "PixelFrontEnd", "WarpLCAFrontEnd", "WarpModel",
            "build_frontend"]
 
-#: solver settings an :class:`LCAFrontEnd` accepts (the keys of ``LCA.settings()`` / the ``lca`` config group)
+#: solver settings an :class:`LCAFrontEnd` accepts
 LCA_KEYS = ("threshold", "lam", "tau", "nonneg", "theta", "tol", "check_every", "backend")
 
 
@@ -49,15 +39,13 @@ class WarpModel(Protocol):
 def _as_normalization(norm: Normalization | Mapping[str, Any] | None, channels: int) -> Normalization:
     if norm is None:
         return Normalization.identity(channels)
-    if isinstance(norm, Normalization):
-        out = norm
-    elif isinstance(norm, Mapping):
-        out = Normalization.from_dict(norm)
-    else:
+    if isinstance(norm, Mapping):
+        norm = Normalization.from_dict(norm)
+    elif not isinstance(norm, Normalization):
         raise ValueError(f"normalization must be a Normalization, a dict or None, got {type(norm).__name__}")
-    if out.channels != channels:
-        raise ValueError(f"normalization has {out.channels} channels but the front end expects {channels}")
-    return out
+    if norm.channels != channels:
+        raise ValueError(f"normalization has {norm.channels} channels but the front end expects {channels}")
+    return norm
 
 
 def _sync(device: torch.device) -> None:
@@ -66,11 +54,8 @@ def _sync(device: torch.device) -> None:
 
 
 class FrontEnd(nn.Module):
-    """Base class: a frozen map from [0, 1] images (B, C, H, W) to features (B, C', H', W').
-
-    Subclasses implement :meth:`_features` and :meth:`feature_shape`. ``in_channels`` is the image
-    channel count the front end accepts.
-    """
+    """Base class: a frozen map from [0, 1] images (B, ``in_channels``, H, W) to features (B, C', H', W');
+    subclasses implement :meth:`_features` and :meth:`feature_shape`."""
 
     kind: ClassVar[str] = ""
 
@@ -78,7 +63,6 @@ class FrontEnd(nn.Module):
         super().__init__()
         self.in_channels = int(in_channels)
 
-    # -- frozen ---------------------------------------------------------------------------------
     def freeze_(self) -> FrontEnd:
         """Stop gradients into every parameter and switch to eval mode (called by subclasses)."""
         for p in self.parameters():
@@ -89,11 +73,6 @@ class FrontEnd(nn.Module):
         """Stay in eval mode: a parent ``.train()`` must not switch a predictor's BatchNorm to batch stats."""
         return super().train(False)
 
-    # -- features -------------------------------------------------------------------------------
-    @property
-    def out_channels(self) -> int:
-        return self.feature_shape(32, 32)[0]
-
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape (C', H', W') of the features of an H×W image."""
         raise NotImplementedError
@@ -101,7 +80,8 @@ class FrontEnd(nn.Module):
     def _features(self, images: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _check(self, images: Tensor) -> None:
+    def forward(self, images: Tensor) -> Tensor:
+        """Features of [0, 1] images (no autograd graph)."""
         if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
             desc = (f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor)
                     else type(images).__name__)
@@ -109,10 +89,6 @@ class FrontEnd(nn.Module):
         if images.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects {self.in_channels}-channel images, "
                              f"got {images.shape[1]} channels")
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Features of [0, 1] images (no autograd graph)."""
-        self._check(images)
         with torch.no_grad():
             return self._features(images)
 
@@ -153,11 +129,8 @@ class PixelFrontEnd(FrontEnd):
 class WarpLCAFrontEnd(FrontEnd):
     """Codes of a sparse coder: ``bundle(bundle.preprocess(images), iters, warm=warm).a``.
 
-    Args:
-        bundle: a WARP-LCA model (``warplca.bundle.WarpLCA``: dictionary + predictor + LCA settings +
-            normalisation) or any :class:`~warplca.coder.SparseCoder`; a frozen copy is kept.
-        iters: LCA steps after the predicted warm start (the experiment's ``lca_iters_warm``, ≤ 20).
-        warm: ``False`` runs the same bundle cold (an ablation: same solver, no predictor).
+    ``bundle`` is a ``warplca.bundle.WarpLCA`` or any :class:`~warplca.coder.SparseCoder` (a frozen copy
+    is kept); ``warm=False`` runs it cold (an ablation).
     """
 
     kind = "warp_lca"
@@ -193,15 +166,8 @@ class WarpLCAFrontEnd(FrontEnd):
 class LCAFrontEnd(WarpLCAFrontEnd):
     """Cold-started LCA codes: ``LCA(D, **lca_settings)(normalization.apply(images), iters).a``.
 
-    The warm front end over a plain :class:`~warplca.coder.SparseCoder`, run cold.
-
-    Args:
-        dictionary: the atoms (a frozen copy is kept).
-        lca_settings: an :class:`LCA` (its settings are copied) or a mapping with keys among
-            ``threshold, lam, tau, nonneg, theta, tol, check_every, backend`` (others, e.g. ``iters``,
-            are ignored: the front end's ``iters`` rules).
-        iters: LCA steps per image (the experiment's ``lca_iters_cold``, ≥ 500).
-        normalization: pixels → coded space (the dictionary's training normalisation); identity if None.
+    ``lca_settings`` is an :class:`LCA` or a mapping (keys outside :data:`LCA_KEYS` are ignored);
+    ``normalization`` maps pixels to the coded space (identity if None). The atoms are a frozen copy.
     """
 
     kind = "lca"
@@ -229,8 +195,7 @@ class LCAFrontEnd(WarpLCAFrontEnd):
                 "dictionary": self.dictionary.config(), "normalization": self.normalization.to_dict()}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # classifier checkpoints written before this front end held a SparseCoder name the atoms
-        # "<prefix>dictionary.weight"
+        # older classifier checkpoints name the atoms "<prefix>dictionary.weight"
         old = prefix + "dictionary.weight"
         if old in state_dict:
             state_dict[prefix + "bundle.dictionary.weight"] = state_dict.pop(old)
@@ -244,12 +209,9 @@ def build_frontend(kind: str, *, in_channels: int | None = None, dictionary: Con
                    lca_settings: LCA | Mapping[str, Any] | None = None, iters: int | None = None,
                    bundle: WarpModel | None = None,
                    normalization: Normalization | Mapping[str, Any] | None = None) -> FrontEnd:
-    """Build a front end by name (``pixels``, ``lca``, ``warp_lca``) from the pieces it needs.
-
-    ``pixels`` needs ``in_channels`` (or a ``dictionary``/``bundle`` to read it from) and takes the
-    ``normalization``; ``lca`` needs ``dictionary`` and ``iters`` (``lca_settings`` and
-    ``normalization`` as for :class:`LCAFrontEnd`); ``warp_lca`` needs ``bundle`` and ``iters``.
-    """
+    """Build a front end by name from the pieces it needs: ``pixels`` needs ``in_channels`` (or a
+    dictionary, bundle or normalization to read it from); ``lca`` a ``dictionary`` and ``iters``;
+    ``warp_lca`` a ``bundle`` and ``iters``."""
     if kind not in FRONTENDS:
         raise ValueError(f"unknown front end {kind!r}; known: {sorted(FRONTENDS)}")
     if kind == "pixels":

@@ -1,21 +1,13 @@
 """Losses for WARP-CNN state prediction: Laplacian-weighted squared error, MSE, L1 and the coding energy.
 
-The Laplacian loss is **the project's definition** (the paper, arXiv 2410.18794, names a
-"Laplacian-inspired" squared error with scale γ = 3 but its exact formula is not available)::
+The Laplacian loss is the project's definition (the paper, arXiv 2410.18794, names a
+"Laplacian-inspired" squared error with γ = 3 but gives no formula)::
 
     L_γ(û, u*) = Σ_i w_i (û_i − u*_i)² / Σ_i w_i,      w_i = exp(|u*_i| / (γ λ))
 
-The weight is the inverse of a Laplace density of scale γλ evaluated at the target: the rare
-large states — the ones above the threshold λ, which become active — count against the mass of
-near-zero states that dominate a plain MSE. The weights depend on the target only (no gradient
-flows through them), the sums run over the whole batch, and the loss is normalised by Σ w, so
-its scale is that of an MSE. As γ → ∞ every weight tends to 1 and the loss becomes the MSE.
-
-Overflow guard: the loss is invariant to a common factor in the weights, so they are computed as
-``exp(|u*|/(γλ) − max |u*|/(γλ))`` ≤ 1; the largest weight is exactly 1 and Σ w ≥ 1.
-
-:func:`coding_energy` scores a prediction by what the warm start is for: the LCA energy
-E(T_λ(û)) = ½‖x − Φ T_λ(û)‖² + Σ P_λ(T_λ(û)) of the state it starts from (the energy fine-tune).
+The weight (an inverse Laplace density of scale γλ) lets the rare large, active states count against
+the near-zero mass that dominates a plain MSE. It depends on the target only, sums run over the batch,
+γ → ∞ gives the MSE, and against overflow the largest weight is scaled to 1.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _check(pred: Tensor, target: Tensor) -> None:
+    """ValueError unless prediction and target have the same shape."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape "
                          f"{tuple(target.shape)}")
@@ -45,9 +38,7 @@ def _check(pred: Tensor, target: Tensor) -> None:
 
 def laplacian_weights(target: Tensor, lam: float, gamma: float = 3.0) -> Tensor:
     """Weights w_i = exp(|u*_i|/(γλ)) up to a common factor (the largest is 1); no gradient.
-
-    ``gamma = math.inf`` gives all-ones weights (the MSE limit).
-    """
+    ``gamma = math.inf`` gives all-ones weights (the MSE limit)."""
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
         raise ValueError(f"the Laplacian loss needs λ > 0 (its scale is γλ), got lam={lam!r}; use loss=mse")
     if not gamma > 0:
@@ -82,19 +73,15 @@ LOSSES = ("laplacian", "mse", "l1")
 
 
 def build_loss(name: str, lam: float | None = None, gamma: float = 3.0) -> LossFn:
-    """The loss ``name`` (``laplacian``, ``mse`` or ``l1``) as a callable ``loss(pred, target)``.
-
-    ``lam`` (λ of the LCA threshold) and ``gamma`` are used by ``laplacian`` only.
-    """
+    """The loss ``name`` (``laplacian``, ``mse`` or ``l1``) as a callable ``loss(pred, target)``;
+    ``lam`` (the LCA threshold λ) and ``gamma`` are for ``laplacian`` only."""
     if name == "laplacian":
         if lam is None:
             raise ValueError("the laplacian loss needs lam (the LCA threshold λ)")
         laplacian_weights(torch.zeros(1), float(lam), float(gamma))  # validate λ and γ now, not mid-training
         return functools.partial(laplacian_loss, lam=float(lam), gamma=float(gamma))  # picklable (ddp_spawn)
-    if name == "mse":
-        return mse_loss
-    if name == "l1":
-        return l1_loss
+    if name in ("mse", "l1"):
+        return mse_loss if name == "mse" else l1_loss
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
 
 
@@ -102,11 +89,9 @@ def coding_energy(x: Tensor, u: Tensor, dictionary: ConvDictionary, threshold: T
                   temperature: float = 0.1) -> Tensor:
     """Per-image LCA energy ½‖x − Φa‖² + Σ P_λ(a) of the codes a = T_λ(u) of states ``u``, with a gradient.
 
-    The value is exactly the energy LCA reports for these codes. The hard threshold has no useful
-    gradient (its mask is piecewise constant, its penalty a count), so there the gradient is a
-    straight-through one: a and the count of active entries pass as their smooth versions
-    u·σ((|u| − λ)/t) and Σ σ((|u| − λ)/t), t = ``temperature``·λ. Other thresholds are differentiated as
-    they are.
+    The value is exactly the solver's energy, scoring a prediction by what the warm start is for. The
+    hard threshold gets a straight-through gradient: a and the active count pass as u·σ((|u| − λ)/t) and
+    Σ σ((|u| − λ)/t), t = ``temperature``·λ. Other thresholds are differentiated as they are.
     """
     if u.shape[0] != x.shape[0]:
         raise ValueError(f"{u.shape[0]} state maps for {x.shape[0]} images")

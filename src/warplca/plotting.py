@@ -1,8 +1,5 @@
-"""Figures: atom grids, image grids and PNG output (headless, matplotlib's Agg backend).
-
-Grids are returned as float32 (H, W, 3) numpy arrays in [0, 1], the shape every logger accepts
-(TensorBoard ``add_image(..., dataformats="HWC")``, wandb ``log_image``) and :func:`save_png` writes.
-"""
+"""Figures: atom grids, image grids and PNG output (headless). Grids are float32 (H, W, 3) numpy
+arrays in [0, 1], what every logger and :func:`save_png` take."""
 
 from __future__ import annotations
 
@@ -18,25 +15,17 @@ from torch import Tensor
 __all__ = ["atom_grid", "image_grid", "save_png"]
 
 
-def _to_nchw(x: Tensor | np.ndarray, name: str) -> Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().to("cpu", torch.float32)
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W) or (N, H, W), got {tuple(t.shape)}")
-    if t.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels to be shown as images, got {t.shape[1]}")
-    return t
+def _cpu(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x if isinstance(x, Tensor) else np.asarray(x)).detach().to("cpu", torch.float32)
 
 
-def _tile(tiles: Tensor, ncol: int | None, pad: int, pad_value: float) -> np.ndarray:
-    """Tile (N, C, h, w) values in [0, 1] into one (H, W, 3) float32 array."""
+def _tile(tiles: Tensor, ncol: int | None, pad: int) -> np.ndarray:
+    """Tile (N, C, h, w) values in [0, 1] into one (H, W, 3) float32 array (white padding)."""
     n, c, h, w = tiles.shape
-    if c == 1:
-        tiles = tiles.expand(-1, 3, -1, -1)
+    tiles = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles
     ncol = max(1, min(n, ncol if ncol else math.ceil(math.sqrt(n))))
     nrow = math.ceil(n / ncol)
-    grid = torch.full((3, nrow * (h + pad) + pad, ncol * (w + pad) + pad), float(pad_value))
+    grid = torch.full((3, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 1.0)
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
@@ -45,44 +34,34 @@ def _tile(tiles: Tensor, ncol: int | None, pad: int, pad_value: float) -> np.nda
 
 
 def atom_grid(weight: Tensor | np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
-    """Dictionary atoms (n_atoms, C, k, k) as one (H, W, 3) float image in [0, 1].
-
-    Each atom is scaled symmetrically around 0 by its own max |value|, so 0 maps to mid-grey (0.5):
-    the sign structure stays visible and atoms of different contrast are comparable in shape.
-    Atoms with C ∉ {1, 3} are shown channel-averaged.
-    """
-    w = torch.as_tensor(np.asarray(weight) if not isinstance(weight, Tensor) else weight)
-    w = w.detach().to("cpu", torch.float32)
+    """Dictionary atoms (n_atoms, C, k, k) as one (H, W, 3) float image in [0, 1]: each scaled by its own
+    max |value| around 0 = mid-grey (signs stay visible); C ∉ {1, 3} is shown channel-averaged."""
+    w = _cpu(weight)
     if w.dim() != 4:
         raise ValueError(f"weight must have shape (n_atoms, C, k, k), got {tuple(w.shape)}")
-    if w.shape[1] not in (1, 3):
-        w = w.mean(dim=1, keepdim=True)
+    w = w if w.shape[1] in (1, 3) else w.mean(dim=1, keepdim=True)
     scale = w.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    tiles = 0.5 + 0.5 * w / scale
-    return _tile(tiles, ncol, pad, pad_value=1.0)
+    return _tile(0.5 + 0.5 * w / scale, ncol, pad)
 
 
 def image_grid(images: Tensor | np.ndarray, ncol: int | None = None, pad: int = 1,
                value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    """Images (N, C, H, W) (C = 1 or 3) as one (H, W, 3) float image, values clipped to ``value_range``.
-
-    Pass reconstructions and originals interleaved (or concatenated) to compare them side by side.
-    """
-    t = _to_nchw(images, "images")
+    """Images (N, C, H, W) (C = 1 or 3) as one (H, W, 3) float image, values clipped to ``value_range``."""
+    t = _cpu(images)
+    t = t.unsqueeze(1) if t.dim() == 3 else t
+    if t.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W) or (N, H, W), got {tuple(t.shape)}")
+    if t.shape[1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels to be shown as images, got {t.shape[1]}")
     lo, hi = value_range
     if not hi > lo:
         raise ValueError(f"value_range must be increasing, got {value_range}")
-    tiles = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
-    return _tile(tiles, ncol, pad, pad_value=1.0)
+    return _tile(((t - lo) / (hi - lo)).clamp(0.0, 1.0), ncol, pad)
 
 
 def save_png(image: Any, path: str | os.PathLike, dpi: int = 120, upscale: int = 1) -> Path:
-    """Write an (H, W, 3) / (H, W) array (float in [0, 1] or uint8) or a matplotlib Figure to ``path``.
-
-    ``upscale`` repeats every pixel n×n times (nearest neighbour), so small grids stay legible.
-
-    The file is written to a temporary name and renamed, so readers never see a partial PNG.
-    """
+    """Write an (H, W, 3) / (H, W) array (float in [0, 1] or uint8) or a matplotlib Figure to ``path``,
+    atomically; ``upscale`` repeats every pixel n×n times, so small grids stay legible."""
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 

@@ -1,10 +1,6 @@
-"""Checks that need two config groups, a file or the machine, run once every group has been parsed.
-
-Lightning cannot tell these before a stage has started: a numeric τ must be stable for the dictionary
-LCA will code with (a given file, the resumed run's or the seeded initial one), the data's channels must
-match a given dictionary, a DDP strategy that re-launches the script cannot run inside a Hydra multirun
-with the basic launcher (every rank would start its own sweep), and CUDA must be visible when asked for.
-"""
+"""Checks that need two config groups, a file or the machine, run once every group has been parsed: τ stable
+for the dictionary LCA will code with, data channels matching a given dictionary, no script-relaunching DDP
+inside a basic-launcher multirun, CUDA visible when asked for."""
 
 from __future__ import annotations
 
@@ -13,10 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from warplca.config_parsing import Parser, Settings, locate, show
 from warplca.config_settings import TRAIN, TRAINER
+from warplca.runtime import is_multirun
 
 __all__ = ["SCRIPT_STRATEGIES", "check_eval", "check_train", "data_channels", "multirun"]
 
@@ -37,14 +35,10 @@ def data_channels(cfg: DictConfig, key: str = "data") -> int | None:
 
 def multirun() -> bool:
     """Whether this process runs the jobs of a Hydra multirun itself (the basic launcher)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
+    if not is_multirun():
         return False
-    hc = HydraConfig.get()
-    launcher = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
-    return hc.mode == RunMode.MULTIRUN and (launcher.endswith("BasicLauncher") or not launcher)
+    launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default="") or "")
+    return launcher.endswith("BasicLauncher") or not launcher
 
 
 def _relaunches_script(strategy: Any, devices: Any) -> bool:

@@ -1,22 +1,7 @@
-"""Process-level facts a task needs: its job directory, its rank, whether it runs inside a sweep, and
-how a failed sweep job is recorded.
-
-What Hydra 1.3 does with a failing multirun job on its own: the basic launcher runs the jobs one
-after the other in this process, and its ``run_job`` catches the job's ``Exception`` into the job's
-result, so the other jobs of the batch still run; then the basic sweeper reads every result of the
-batch, which re-raises the first failure: the multirun ends with that job's error and a non-zero exit
-status, and with ``hydra.sweeper.max_batch_size`` set the batches after the failing one never start.
-Anything that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) or a killed process
-stops the sweep at once.
-
-The task wrapper (:func:`warplca.tasks.utils.task_wrapper`) therefore catches a job's exception when
-the job is part of a multirun, logs it, writes a ``FAILED`` marker into the job directory
-(:func:`record_failure`: the error on the first line, then the traceback) and returns
-:data:`FAILED_METRICS`: every job and batch runs, the multirun exits 0, and the optimised metric of that
-job is NaN (a failed trial for Optuna). ``python evaluate.py sweep_dir=…`` lists such a job as a failed
-row. A single run (no ``-m``) re-raises as usual (non-zero exit); ``+fail_fast=true`` makes a sweep
-re-raise too, and then Hydra behaves as above.
-"""
+"""Process-level facts a task needs (job directory, rank, multirun) and how a failed sweep job is recorded:
+Hydra's basic sweeper would re-raise a job's exception and end the multirun, so inside one (unless
+``+fail_fast=true``) :func:`warplca.tasks.utils.task_wrapper` catches it, writes a ``FAILED`` marker
+(:func:`record_failure`) and returns :data:`FAILED_METRICS` (NaN for the sweeper) instead."""
 
 from __future__ import annotations
 
@@ -27,6 +12,10 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from warplca.serialization import write_text_atomic
 
@@ -43,8 +32,7 @@ FAILED_METRICS: dict[str, float] = {FAILED_KEY: 1.0}
 
 
 def global_rank() -> int:
-    """This process's global rank (0 without DDP): Lightning's, which follows the launcher's environment
-    (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) and is set exactly once the strategy is up."""
+    """This process's global rank (0 without DDP), as Lightning sets it once the strategy is up."""
     from pytorch_lightning.utilities import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)
@@ -53,9 +41,6 @@ def global_rank() -> int:
 def is_multirun() -> bool:
     """Whether this process runs a job of a Hydra multirun (``-m`` / ``hydra.mode=MULTIRUN``)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:
         return False
@@ -63,27 +48,18 @@ def is_multirun() -> bool:
 
 def job_dir(cfg: Any) -> Path | None:
     """The job's output directory: ``cfg.paths.output_dir``, else Hydra's runtime output dir."""
-    try:
-        from omegaconf import OmegaConf
-
+    with contextlib.suppress(Exception):
         out = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
         if out:
             return Path(str(out))
-    except Exception:
-        pass
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
+    with contextlib.suppress(Exception):
         if HydraConfig.initialized():
             return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        pass
     return None
 
 
 def continue_on_failure(cfg: Any) -> bool:
-    """A failing job is recorded and the task returns (instead of raising) inside a multirun, unless
-    ``fail_fast`` is set."""
+    """Whether a failing job is recorded and returns instead of raising (a multirun without fail_fast)."""
     fail_fast = False
     with contextlib.suppress(Exception):
         fail_fast = bool(cfg.get("fail_fast", False))
@@ -110,9 +86,8 @@ def record_failure(directory: str | os.PathLike | None, exc: BaseException) -> P
 
 def clear_failure(directory: str | os.PathLike | None) -> None:
     """Remove a stale ``FAILED`` marker when a job (re)starts in ``directory`` (rank 0 only)."""
-    if directory is None or global_rank() != 0:
-        return
-    (Path(directory) / FAILED).unlink(missing_ok=True)
+    if directory is not None and global_rank() == 0:
+        (Path(directory) / FAILED).unlink(missing_ok=True)
 
 
 def read_failure(directory: str | os.PathLike) -> str | None:
@@ -128,11 +103,8 @@ def read_failure(directory: str | os.PathLike) -> str | None:
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` if it is a readable Lightning checkpoint; else a ValueError naming the file and the fix.
-
-    Lightning writes checkpoints atomically, so a truncated one means a disk or copy problem; a foreign one
-    (another artifact renamed ``last.ckpt``) would otherwise fail deep inside ``fit`` without naming it.
-    """
+    """``path`` if it is a readable Lightning checkpoint, else a ValueError naming the file and the fix
+    (a truncated or foreign one would fail deep inside ``fit`` without naming it)."""
     import zipfile
 
     import torch

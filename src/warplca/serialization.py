@@ -1,9 +1,5 @@
-"""Atomic, self-describing artifact files (dictionaries, bundles, manifests).
-
-Every artifact is a ``torch.save`` of ``{"format": <kind>, "version": <int>, **payload}`` written
-to a temporary file in the same directory and renamed into place, so a crash never leaves a
-half-written artifact behind. Loading checks the format and names the file in every error.
-"""
+"""Atomic, self-describing artifact files: a ``torch.save`` of ``{"format", "version", **payload}``
+written to a temporary file and renamed into place; loading checks the format and names the file."""
 
 from __future__ import annotations
 
@@ -21,8 +17,7 @@ VERSION = 1
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsync'ed, given normal permissions
-    and renamed onto ``path`` (readers never see half a file), on failure it is removed."""
+    """A temporary path beside ``path``, fsync'ed and renamed onto it on success, removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -23,40 +23,15 @@ from warplca.data.natural import NaturalDataModule
 from warplca.data.normalization import Normalization
 from warplca.data.torchvision_sets import CIFAR10DataModule, FolderDataModule, PetsDataModule, STL10DataModule
 
-__all__ = [
-    "CORRUPTIONS",
-    "DATAMODULES",
-    "DEFAULT_LEVELS",
-    "CIFAR10DataModule",
-    "DatasetNotFoundError",
-    "DigitsDataModule",
-    "FolderDataModule",
-    "ImageDataModule",
-    "NaturalDataModule",
-    "Normalization",
-    "PetsDataModule",
-    "STL10DataModule",
-    "build_datamodule",
-    "corrupt",
-    "gaussian_blur",
-    "gaussian_noise",
-    "impulse_noise",
-    "luminance",
-    "shot_noise",
-    "stratified_split",
-]
+__all__ = ["CORRUPTIONS", "DATAMODULES", "DEFAULT_LEVELS", "CIFAR10DataModule", "DatasetNotFoundError",
+           "DigitsDataModule", "FolderDataModule", "ImageDataModule", "NaturalDataModule", "Normalization",
+           "PetsDataModule", "STL10DataModule", "build_datamodule", "corrupt", "gaussian_blur",
+           "gaussian_noise", "impulse_noise", "luminance", "shot_noise", "stratified_split"]
 
 #: datamodule name (the Hydra ``data/`` option) -> class
 DATAMODULES: dict[str, type[ImageDataModule]] = {
-    cls.name: cls
-    for cls in (
-        NaturalDataModule,
-        DigitsDataModule,
-        CIFAR10DataModule,
-        STL10DataModule,
-        PetsDataModule,
-        FolderDataModule,
-    )
+    cls.name: cls for cls in (NaturalDataModule, DigitsDataModule, CIFAR10DataModule, STL10DataModule,
+                              PetsDataModule, FolderDataModule)
 }
 
 

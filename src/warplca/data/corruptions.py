@@ -13,9 +13,8 @@ images in [0, 1]; the output is clamped to [0, 1] and ``level == 0`` returns an 
 - ``gaussian_blur``: separable Gaussian blur with σ = ``level`` pixels, kernel radius ceil(3σ),
   replicate padding (works for any image size).
 
-Random numbers are drawn on the generator's device and then moved to the images' device, so
-:func:`corrupt` (which uses a CPU generator seeded from ``(seed, name, level)``) gives the same result on
-CPU and GPU.
+Noise is drawn on the generator's device, so :func:`corrupt` (a CPU generator seeded from ``(seed, name,
+level)``) gives the same result on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -28,16 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "CORRUPTIONS",
-    "DEFAULT_LEVELS",
-    "corrupt",
-    "corruption_seed",
-    "gaussian_blur",
-    "gaussian_noise",
-    "impulse_noise",
-    "shot_noise",
-]
+__all__ = ["CORRUPTIONS", "DEFAULT_LEVELS", "corrupt", "corruption_seed", "gaussian_blur", "gaussian_noise",
+           "impulse_noise", "shot_noise"]
 
 Corruption = Callable[[Tensor, float, torch.Generator], Tensor]
 
@@ -89,13 +80,6 @@ def impulse_noise(images: Tensor, level: float, generator: torch.Generator) -> T
     return torch.where(hit, salt.to(images.dtype), images).clamp(0.0, 1.0)
 
 
-def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    radius = max(1, math.ceil(3.0 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
 def gaussian_blur(images: Tensor, level: float, generator: torch.Generator | None = None) -> Tensor:
     """Separable Gaussian blur with σ = ``level`` pixels (deterministic; ``generator`` unused), clamped."""
     level = _check(images, level, "gaussian_blur")
@@ -103,8 +87,9 @@ def gaussian_blur(images: Tensor, level: float, generator: torch.Generator | Non
         return images.clone()
     x = images if images.ndim == 4 else images.unsqueeze(0)
     b, c, h, w = x.shape
-    k = _gaussian_kernel(level, x.dtype, x.device)
-    r = k.numel() // 2
+    r = max(1, math.ceil(3.0 * level))  # kernel radius
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / level) ** 2)
+    k = (k / k.sum()).to(dtype=x.dtype, device=x.device)
     y = x.reshape(b * c, 1, h, w)
     y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
@@ -113,10 +98,7 @@ def gaussian_blur(images: Tensor, level: float, generator: torch.Generator | Non
 
 
 CORRUPTIONS: dict[str, Corruption] = {
-    "gaussian_noise": gaussian_noise,
-    "shot_noise": shot_noise,
-    "impulse_noise": impulse_noise,
-    "gaussian_blur": gaussian_blur,
+    fn.__name__: fn for fn in (gaussian_noise, shot_noise, impulse_noise, gaussian_blur)
 }
 
 #: severity levels per corruption (on the scales documented above), mildest first

@@ -1,9 +1,7 @@
 """The common LightningDataModule base and the small dataset helpers every datamodule shares.
 
-Contract for every datamodule: batches are ``(images, labels)`` with images float32 in [0, 1] of shape
-``(B, C, H, W)`` and labels int64 (``-1`` for unlabelled data). ``split_dataset(split)`` gives the
-deterministic (un-augmented) split; only ``train_dataloader`` adds augmentation (an optional random crop)
-and shuffles, with a seeded generator.
+Batches are ``(images, labels)``: float32 ``(B, C, H, W)`` in [0, 1] and int64 labels (-1: unlabelled).
+``split_dataset(split)`` is deterministic; only ``train_dataloader`` augments and shuffles (seeded).
 """
 
 from __future__ import annotations
@@ -22,17 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from warplca.data.normalization import Normalization
 from warplca.data.resumable import make_loader
 
-__all__ = [
-    "SPLITS",
-    "ArrayImageDataset",
-    "DatasetNotFoundError",
-    "FlipRotateDataset",
-    "ImageDataModule",
-    "RandomCropDataset",
-    "check_files",
-    "luminance",
-    "stratified_split",
-]
+__all__ = ["SPLITS", "ArrayImageDataset", "DatasetNotFoundError", "FlipRotateDataset", "ImageDataModule",
+           "RandomCropDataset", "check_files", "luminance", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +35,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing and downloading was not requested."""
 
 
-def check_files(
-    directory: str | Path, expected: Sequence[str], dataset: str, hint: str | None = None
-) -> None:
-    """Raise :class:`DatasetNotFoundError` unless every path in ``expected`` exists under ``directory``.
-
-    The message names the directory, all expected entries and the missing ones, so that an offline run
-    fails fast and says how to fix it (``data.download=true`` or a correct ``data.data_dir``).
-    """
+def check_files(directory: str | Path, expected: Sequence[str], dataset: str,
+                hint: str | None = None) -> None:
+    """Raise :class:`DatasetNotFoundError`, naming the directory and the expected and missing entries and
+    how to fix it (``hint``), unless every path in ``expected`` exists under ``directory``."""
     root = Path(directory).expanduser()
     missing = [name for name in expected if not (root / name).exists()]
     if not missing:
@@ -75,9 +60,8 @@ def luminance(images: Tensor) -> Tensor:
     return (images * w).sum(dim=-3, keepdim=True)
 
 
-def stratified_split(
-    labels: Sequence[int] | Tensor | np.ndarray, fractions: Sequence[float], seed: int
-) -> list[Tensor]:
+def stratified_split(labels: Sequence[int] | Tensor | np.ndarray, fractions: Sequence[float],
+                     seed: int) -> list[Tensor]:
     """Split indices into ``len(fractions)`` disjoint parts with the class proportions of the whole.
 
     Each class is shuffled with ``torch.Generator().manual_seed(seed)`` and its items get evenly spaced
@@ -103,19 +87,14 @@ def stratified_split(
 
 
 class ArrayImageDataset(Dataset):
-    """uint8 images ``(N, C, H, W)`` (array or memmap) + int labels -> float [0, 1] items.
+    """uint8 (or float [0, 1]) images ``(N, C, H, W)``, array or memmap, + int labels -> float [0, 1] items.
 
-    Keeps images as uint8 (4x less memory than float) and converts one item at a time. ``indices``
-    selects a subset without copying the array (useful for carved validation splits).
+    Images stay uint8 (4x less memory) and are converted per item; ``indices`` selects a subset without
+    copying the array.
     """
 
-    def __init__(
-        self,
-        images: np.ndarray | Tensor,
-        labels: np.ndarray | Tensor | Sequence[int],
-        indices: Tensor | Sequence[int] | None = None,
-        grayscale: bool = False,
-    ) -> None:
+    def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor | Sequence[int],
+                 indices: Tensor | Sequence[int] | None = None, grayscale: bool = False) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
         self.images = images
@@ -146,15 +125,13 @@ class ArrayImageDataset(Dataset):
 
 
 class RandomCropDataset(Dataset):
-    """Training augmentation: a uniformly random ``crop_size`` crop of each item (torch global RNG).
+    """Training augmentation: a uniformly random ``crop_size`` crop of each item.
 
-    Uses the global torch RNG, which Lightning's ``seed_everything`` and DataLoader worker seeding make
-    reproducible.
+    Uses the global torch RNG, which ``seed_everything`` and DataLoader worker seeding make reproducible.
     """
 
     def __init__(self, base: Dataset, crop_size: int) -> None:
-        self.base = base
-        self.crop_size = int(crop_size)
+        self.base, self.crop_size = base, int(crop_size)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -171,10 +148,7 @@ class RandomCropDataset(Dataset):
 
 
 class FlipRotateDataset(Dataset):
-    """Training augmentation: random horizontal flip and/or rotation by a multiple of 90° (square items).
-
-    Uses the global torch RNG, like :class:`RandomCropDataset`.
-    """
+    """Training augmentation: random horizontal flip and/or rotation by k·90° (square items; global RNG)."""
 
     def __init__(self, base: Dataset, flip: bool = True, rot90: bool = True) -> None:
         self.base, self.flip, self.rot90 = base, bool(flip), bool(rot90)
@@ -200,10 +174,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 class ImageDataModule(pl.LightningDataModule):
     """Base class: seeded loaders, deterministic splits, train-fitted normalisation, whole-split tensors.
 
-    Subclasses set ``name``, ``num_classes`` and ``native_channels`` and implement
-    :meth:`_build_split` (the deterministic dataset for "train"/"val"/"test"). If ``crop_size`` is set,
-    the base class applies it as a random crop to the training loader only (natural crops override this:
-    there ``crop_size`` defines the data itself).
+    Subclasses set ``name``, ``num_classes`` and ``native_channels`` and implement :meth:`_build_split`.
+    ``crop_size`` is a random crop of the training loader only (unless ``crop_is_augmentation`` is False).
     """
 
     name: str = "images"
@@ -212,28 +184,21 @@ class ImageDataModule(pl.LightningDataModule):
     #: whether ``crop_size`` is a train-only random-crop augmentation (False: subclass uses it itself)
     crop_is_augmentation: bool = True
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, grayscale: bool = False,
+                 crop_size: int | None = None, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self.crop_size = None if crop_size is None else _check_int("crop_size", crop_size, 1)
         self.seed = _check_int("seed", seed, 0)
+        self.grayscale, self.pin_memory = bool(grayscale), bool(pin_memory)
         self._norm_options: dict[str, Any] = {}
-        self.grayscale = bool(grayscale)
-        self.pin_memory = bool(pin_memory)
         self._splits: dict[str, Dataset] = {}
         self._normalization: Normalization | None = None
 
     # ---- what subclasses provide -------------------------------------------------------------------
     def _build_split(self, split: str) -> Dataset:
+        """The deterministic dataset of ``split`` ("train", "val" or "test")."""
         raise NotImplementedError
 
     @property
@@ -256,14 +221,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and validate) the splits the given Lightning stage needs."""
-        needed = {
-            None: SPLITS,
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("train",),
-        }.get(stage, SPLITS)
-        for split in needed:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("train",)}
+        for split in needed.get(stage or "", SPLITS):
             self.split_dataset(split)
 
     # ---- loaders -----------------------------------------------------------------------------------
@@ -286,8 +245,7 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.split_dataset("test"), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """The train split, unshuffled and un-augmented: index i of the loader is index i of the split
-        (this is what state-target caches are built from)."""
+        """The train split, unshuffled and un-augmented (what state-target caches are built from)."""
         return self._loader(self.split_dataset("train"), shuffle=False)
 
     # ---- whole-split helpers -----------------------------------------------------------------------
@@ -301,10 +259,8 @@ class ImageDataModule(pl.LightningDataModule):
         return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]).to(torch.int64)
 
     def configure_normalization(self, kind: str = "dataset_mean", **options: Any) -> None:
-        """Choose the normalisation (``norm`` config group: kind, scale, lowpass_lambda, …).
-
-        Validated at once; the train split's channel means are computed lazily by :attr:`normalization`.
-        """
+        """Choose the normalisation (``norm`` config group), validated at once; the train split's channel
+        means are computed lazily by :attr:`normalization`."""
         Normalization(mean=(0.0,) * self.channels, kind=kind, **options)  # a bad option fails here
         self._norm_options = {"kind": kind, **options}
         self._normalization = None
@@ -313,19 +269,12 @@ class ImageDataModule(pl.LightningDataModule):
     def normalization(self) -> Normalization:
         """The configured normalisation with the (un-augmented) train split's channel means; computed once."""
         if self._normalization is None:
-            ds = self.split_dataset("train")
-            total: Tensor | None = None
-            count = 0
-            for x, _ in DataLoader(ds, batch_size=max(self.batch_size, 256), shuffle=False):
-                s = x.to(torch.float64).sum(dim=(0, 2, 3))
-                total = s if total is None else total + s
-                count += x.shape[0] * x.shape[2] * x.shape[3]
-            assert total is not None
-            self._normalization = Normalization(mean=tuple((total / count).tolist()), **self._norm_options)
+            loader = DataLoader(self.split_dataset("train"), batch_size=max(self.batch_size, 256))
+            sums = [(x.to(torch.float64).sum(dim=(0, 2, 3)), x[:, 0].numel()) for x, _ in loader]
+            mean = sum(s for s, _ in sums) / sum(n for _, n in sums)
+            self._normalization = Normalization(mean=tuple(mean.tolist()), **self._norm_options)
         return self._normalization
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, channels={self.channels}, "
-            f"batch_size={self.batch_size}, crop_size={self.crop_size}, seed={self.seed})"
-        )
+        return (f"{type(self).__name__}(name={self.name!r}, channels={self.channels}, "
+                f"batch_size={self.batch_size}, crop_size={self.crop_size}, seed={self.seed})")

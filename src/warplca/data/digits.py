@@ -33,9 +33,7 @@ def load_digits_tensor(size: int = 32) -> tuple[Tensor, Tensor]:
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = x.clamp_(0.0, 1.0).contiguous()
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return x, y
+    return x.clamp_(0.0, 1.0).contiguous(), torch.as_tensor(bunch.target, dtype=torch.int64)
 
 
 class DigitsDataModule(ImageDataModule):
@@ -45,28 +43,13 @@ class DigitsDataModule(ImageDataModule):
     num_classes = 10
     native_channels = 1
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = None,
-        seed: int = 0,
-        rgb: bool = False,
-        image_size: int = 32,
-        split_seed: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, grayscale: bool = False,
+                 crop_size: int | None = None, seed: int = 0, rgb: bool = False, image_size: int = 32,
+                 split_seed: int = 0, pin_memory: bool = False) -> None:
         if rgb and grayscale:
             raise ValueError("rgb=True and grayscale=True contradict each other; choose one")
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            grayscale=grayscale,
-            crop_size=crop_size,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
+                         crop_size=crop_size, seed=seed, pin_memory=pin_memory)
         self.rgb = bool(rgb)
         self.image_size = _check_int("image_size", image_size, 8)
         self.split_seed = _check_int("split_seed", split_seed, 0)

@@ -1,24 +1,9 @@
 """``natural``: deterministic random crops of the photos bundled with scikit-image (offline default).
 
-The photos are split **by source image**, so validation/test crops come from scenes the dictionary and
-the predictor never saw. Only photos that scikit-image ships inside its wheel are used (the ones behind
-``pooch`` downloads — ``lily``, ``eagle``, ``kidney``, … — are not). The colour photos of natural scenes
-in the wheel are six; the microscopy, astronomy and retina images and the synthetic ones (``logo``,
-``colorwheel``) are not natural scenes and are not used.
-
-Default split (``sources`` in ``conf/data/natural.yaml``; the two stereo views of the motorcycle scene
-stay together in train):
-
-=======  ==============================================================================================
-train    astronaut, motorcycle_left, motorcycle_right
-val      chelsea
-test     coffee, rocket
-gray     + camera, brick, grass, gravel, moon, coins, clock_motion in train (``grayscale=true`` only)
-=======  ==============================================================================================
-
-Training crops may come from several scales of each photo (``scale_jitter``: multipliers of ``scale``,
-a fixed part of the train split, so cached targets stay aligned with it) and may be flipped and rotated
-by multiples of 90° on the fly (``flip``, ``rot90``: train loader only).
+The photos are split **by source image** (:data:`DEFAULT_SOURCES`), so validation/test crops come from
+scenes the dictionary and predictor never saw. Only the colour photos of natural scenes inside
+scikit-image's wheel are used by default (no ``pooch`` downloads); ``grayscale=true`` adds the gray
+ones (:data:`GRAY_SOURCES`) to train.
 """
 
 from __future__ import annotations
@@ -66,11 +51,8 @@ _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 @functools.lru_cache(maxsize=32)
 def load_photo(name: str, scale: float = 1.0) -> Tensor:
-    """Bundled photo ``name`` as a float32 ``(3, H, W)`` tensor in [0, 1], downscaled by ``scale``.
-
-    Cached per process (decoding the large JPEGs costs ~0.1 s); treat the result as read-only.
-    Downscaling is bilinear with antialiasing, so crops of a downscaled photo carry more structure.
-    """
+    """Bundled photo ``name`` as a float32 ``(3, H, W)`` tensor in [0, 1], downscaled by ``scale``
+    (antialiased bilinear). Cached per process (decoding costs ~0.1 s): treat it as read-only."""
     if name not in _LOADERS:
         raise ValueError(f"unknown photo {name!r}; known: {sorted(_LOADERS)}")
     try:
@@ -89,17 +71,13 @@ def load_photo(name: str, scale: float = 1.0) -> Tensor:
 
 
 class NaturalCrops(Dataset):
-    """Fixed crops ``(source, top, left)`` of cached photos; items are ``(crop, -1)``.
-
-    ``sources`` are ``(photo, scale)`` pairs; a position's first entry indexes them.
-    """
+    """Fixed crops of cached photos, items ``(crop, -1)``; ``positions`` is (N, 3) int64: index into the
+    ``(photo, scale)`` ``sources``, top, left."""
 
     def __init__(self, sources: list[tuple[str, float]], positions: Tensor, crop_size: int,
                  grayscale: bool) -> None:
-        self.sources = list(sources)
-        self.positions = positions  # (N, 3) int64: source index, top, left
-        self.crop_size = crop_size
-        self.grayscale = grayscale
+        self.sources, self.positions = list(sources), positions
+        self.crop_size, self.grayscale = crop_size, grayscale
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -124,47 +102,23 @@ GRAY_SOURCES: list[str] = ["camera", "brick", "grass", "gravel", "moon", "coins"
 class NaturalDataModule(ImageDataModule):
     """Random ``crop_size`` crops (default 32x32 RGB) of scikit-image's bundled photos, split by photo.
 
-    Every split draws the same number of crops from each of its (photo, scale) sources (round robin), at
-    positions from ``torch.Generator().manual_seed(seed + split_offset)``; crops whose pixel std is below
-    ``min_std`` (flat sky, black borders) are redrawn. The same arguments therefore give bit-identical
-    data. ``scale`` downscales the photos before cropping (0.5: crops hold edges and texture rather than
-    flat patches); ``scale_jitter`` adds training crops at ``scale × m`` for each multiplier ``m``.
-    ``flip`` and ``rot90`` randomly flip / rotate training crops on the fly (train loader only).
-    ``crop_size`` may go up to the smallest photo of a split (OOD tests use 64/96).
+    Each split draws equally many crops from each (photo, scale) source, at positions seeded by
+    ``seed`` and the split; crops with pixel std below ``min_std`` (flat sky, borders) are redrawn, so
+    the same arguments give bit-identical data. ``scale`` downscales the photos first; ``scale_jitter``
+    adds training crops at ``scale × m``; ``flip``/``rot90`` augment the train loader only.
     """
 
     name = "natural"
-    num_classes = None
-    native_channels = 3
     crop_is_augmentation = False
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = 32,
-        seed: int = 0,
-        n_train: int = 2048,
-        n_val: int = 256,
-        n_test: int = 256,
-        scale: float = 0.5,
-        min_std: float = 0.02,
-        pin_memory: bool = False,
-        sources: Mapping[str, Sequence[str]] | None = None,
-        gray_sources: Sequence[str] | None = None,
-        scale_jitter: Sequence[float] = (1.0,),
-        flip: bool = False,
-        rot90: bool = False,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            grayscale=grayscale,
-            crop_size=32 if crop_size is None else crop_size,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, grayscale: bool = False,
+                 crop_size: int | None = 32, seed: int = 0, n_train: int = 2048, n_val: int = 256,
+                 n_test: int = 256, scale: float = 0.5, min_std: float = 0.02, pin_memory: bool = False,
+                 sources: Mapping[str, Sequence[str]] | None = None,
+                 gray_sources: Sequence[str] | None = None, scale_jitter: Sequence[float] = (1.0,),
+                 flip: bool = False, rot90: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
+                         crop_size=32 if crop_size is None else crop_size, seed=seed, pin_memory=pin_memory)
         counts = (n_train, n_val, n_test)
         self.n = {split: _check_int(f"n_{split}", n, 1) for split, n in zip(SPLITS, counts, strict=True)}
         if not (0.0 < float(scale) <= 1.0):
@@ -204,21 +158,15 @@ class NaturalDataModule(ImageDataModule):
                                  "(the split is by photo)")
         return out
 
-    def _split_sources(self, split: str) -> list[tuple[str, float]]:
-        multipliers = self.scale_jitter if split == "train" else [1.0]
-        return [(photo, self.scale * m) for photo in self.sources[split] for m in multipliers]
-
     def _build_split(self, split: str) -> NaturalCrops:
-        assert split in SPLITS
-        sources = self._split_sources(split)
+        multipliers = self.scale_jitter if split == "train" else [1.0]
+        sources = [(photo, self.scale * m) for photo in self.sources[split] for m in multipliers]
         c = int(self.crop_size)  # type: ignore[arg-type]
         photos = [load_photo(name, sc) for name, sc in sources]
         smallest = min(min(p.shape[-2:]) for p in photos)
         if c > smallest:
-            raise ValueError(
-                f"crop_size={c} is larger than the smallest '{split}' photo at its scale "
-                f"({smallest} px); use a smaller crop_size or a larger scale"
-            )
+            raise ValueError(f"crop_size={c} is larger than the smallest '{split}' photo at its scale "
+                             f"({smallest} px); use a smaller crop_size or a larger scale")
         n = self.n[split]
         gen = torch.Generator().manual_seed(self.seed + _SPLIT_OFFSET[split])
         counts = [n // len(sources) + (1 if k < n % len(sources) else 0) for k in range(len(sources))]
@@ -244,15 +192,12 @@ class NaturalDataModule(ImageDataModule):
             lefts = torch.randint(0, w - c + 1, (m,), generator=gen)
             if self.min_std > 0:
                 pairs = zip(tops.tolist(), lefts.tolist(), strict=True)
-                stds = torch.stack([photo[:, t : t + c, x : x + c].std() for t, x in pairs])
-                ok = stds >= self.min_std
+                ok = torch.stack([photo[:, t : t + c, x : x + c].std() for t, x in pairs]) >= self.min_std
                 tops, lefts = tops[ok], lefts[ok]
             take = min(want - have, len(tops))
             kept.append(torch.stack([torch.full((take,), k), tops[:take], lefts[:take]], dim=1))
             have += take
             if have == want:
                 return torch.cat(kept).to(torch.int64)
-        raise ValueError(
-            f"could not find {want} crops of {c}x{c} with std >= min_std={self.min_std} in photo '{source}'; "
-            "lower min_std"
-        )
+        raise ValueError(f"could not find {want} crops of {c}x{c} with std >= min_std={self.min_std} in "
+                         f"photo '{source}'; lower min_std")

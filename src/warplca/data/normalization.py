@@ -17,10 +17,9 @@ kind               base (kept outside the code)                gain; what λ is 
                    (sporco's convention, ``lowpass_lambda``)   high-pass detail only
 =================  ==========================================  =========================================
 
-The per-image options need the source images to undo the normalisation: :meth:`Normalization.invert`
-takes them (``images=``) and recomputes the base and gain from them, so nothing per-image has to be
-carried around. PSNR/SSIM are always reported on the [0, 1] pixel scale after :meth:`invert`; the base is
-free (it costs no active coefficient), which is why rate–distortion curves name the normalisation.
+The per-image kinds are undone from the source images (``invert(x, images=...)`` recomputes base and
+gain). PSNR/SSIM are reported on the pixel scale after :meth:`invert`; the base costs no coefficient,
+which is why rate–distortion curves name the normalisation.
 """
 
 from __future__ import annotations
@@ -39,6 +38,8 @@ __all__ = ["KINDS", "Normalization", "tikhonov_lowpass"]
 #: the normalisation options (``norm.kind``)
 KINDS: tuple[str, ...] = ("dataset_mean", "image_mean", "standardize", "lowpass")
 _PER_IMAGE = frozenset({"image_mean", "standardize", "lowpass"})
+#: the fields of :meth:`Normalization.to_dict`, in order
+_FIELDS = ("kind", "mean", "scale", "lowpass_lambda", "lowpass_pad", "eps")
 
 
 def tikhonov_lowpass(images: Tensor, lam: float, pad: int = 16) -> Tensor:
@@ -61,18 +62,11 @@ def tikhonov_lowpass(images: Tensor, lam: float, pad: int = 16) -> Tensor:
 
 @dataclass(frozen=True)
 class Normalization:
-    """One of :data:`KINDS`, with the train split's channel means (which also fix the channel count).
+    """One of :data:`KINDS` (see the module doc), on ``(C, H, W)`` or ``(B, C, H, W)`` float tensors.
 
-    Args:
-        mean: per-channel means of the train split, on the [0, 1] pixel scale (the base of
-            ``dataset_mean``; the other kinds keep it for the channel count and for reference).
-        scale: divides the centred image (all kinds).
-        kind: see the module docstring.
-        lowpass_lambda: λ of the Tikhonov low-pass (``lowpass``): larger keeps less outside the code.
-        lowpass_pad: reflect padding of the low-pass solve, in pixels.
-        eps: floor added to the per-image standard deviation (``standardize``), so flat images stay finite.
-
-    Works on ``(C, H, W)`` or ``(B, C, H, W)`` tensors on any device and floating dtype.
+    ``mean``: the train split's channel means on the pixel scale (the base of ``dataset_mean``; it also
+    fixes the channel count). ``lowpass_lambda``/``lowpass_pad``: λ and reflect padding (pixels) of the
+    ``lowpass`` solve. ``eps``: added to the per-image std of ``standardize`` so flat images stay finite.
     """
 
     mean: tuple[float, ...]
@@ -88,23 +82,19 @@ class Normalization:
             raise ValueError("Normalization.mean must have one entry per channel, got an empty sequence")
         if not all(math.isfinite(m) for m in mean):
             raise ValueError(f"Normalization.mean must be finite, got {mean}")
-        scale = float(self.scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"Normalization.scale must be a finite number > 0, got {self.scale!r}")
         if self.kind not in KINDS:
             raise ValueError(f"Normalization.kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if not (math.isfinite(float(self.lowpass_lambda)) and float(self.lowpass_lambda) > 0):
-            raise ValueError(f"Normalization.lowpass_lambda must be > 0, got {self.lowpass_lambda!r}")
+        for name in ("scale", "lowpass_lambda", "eps"):
+            given = getattr(self, name)
+            value = float(given)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Normalization.{name} must be a finite number > 0, got {given!r}")
+            object.__setattr__(self, name, value)
         pad = self.lowpass_pad
         if isinstance(pad, bool) or not isinstance(pad, (int, float)) or int(pad) != pad or pad < 0:
             raise ValueError(f"Normalization.lowpass_pad must be an integer ≥ 0, got {self.lowpass_pad!r}")
-        if not (math.isfinite(float(self.eps)) and float(self.eps) > 0):
-            raise ValueError(f"Normalization.eps must be > 0, got {self.eps!r}")
         object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "scale", scale)
-        object.__setattr__(self, "lowpass_lambda", float(self.lowpass_lambda))
-        object.__setattr__(self, "lowpass_pad", int(self.lowpass_pad))
-        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "lowpass_pad", int(pad))
 
     @property
     def channels(self) -> int:
@@ -156,13 +146,12 @@ class Normalization:
         ``images`` are the pixels ``x`` was computed from (or that a reconstruction ``x`` stands for);
         the per-image kinds recompute their base and gain from them and refuse to guess without.
         """
+        self._check(x)
         if images is None:
             if self.per_image:
                 raise ValueError(f"normalisation {self.kind!r} is per image: pass the source images "
                                  f"(invert(x, images=...)) to undo it")
-            self._check(x)
             return x * self.scale + self.base(x)
-        self._check(x)
         if tuple(images.shape[-3:]) != tuple(x.shape[-3:]):
             raise ValueError(f"invert: images of shape {tuple(images.shape)} do not match x of shape "
                              f"{tuple(x.shape)}")
@@ -172,28 +161,23 @@ class Normalization:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form for checkpoints, manifests and JSON."""
-        return {"kind": self.kind, "mean": list(self.mean), "scale": self.scale,
-                "lowpass_lambda": self.lowpass_lambda, "lowpass_pad": self.lowpass_pad, "eps": self.eps}
+        return {k: list(self.mean) if k == "mean" else getattr(self, k) for k in _FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Normalization:
         """Inverse of :meth:`to_dict`; artifacts written before ``kind`` existed are ``dataset_mean``."""
         if "mean" not in d:
             raise ValueError(f"Normalization.from_dict needs a 'mean' key, got keys {sorted(d)}")
-        unknown = set(d) - {"kind", "mean", "scale", "lowpass_lambda", "lowpass_pad", "eps"}
+        unknown = set(d) - set(_FIELDS)
         if unknown:
             raise ValueError(f"Normalization.from_dict: unknown keys {sorted(unknown)}")
-        options = {k: d[k] for k in ("lowpass_lambda", "lowpass_pad", "eps") if k in d}
-        return cls(mean=tuple(d["mean"]), scale=float(d.get("scale", 1.0)),
-                   kind=str(d.get("kind", "dataset_mean")), **options)
+        return cls(**{**d, "mean": tuple(d["mean"]), "kind": str(d.get("kind", "dataset_mean"))})
 
     @classmethod
     def fit(cls, images: Tensor, scale: float = 1.0, kind: str = "dataset_mean",
             **options: Any) -> Normalization:
-        """Per-channel mean of a ``(B, C, H, W)`` (or ``(C, H, W)``) tensor of [0, 1] images.
-
-        Fit on the training split only, so that validation/test statistics never leak into the model.
-        """
+        """The normalisation with the channel means of ``(B, C, H, W)`` or ``(C, H, W)`` [0, 1] images
+        (fit on the training split only, so val/test statistics never leak into the model)."""
         if not isinstance(images, Tensor) or images.ndim not in (3, 4):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(

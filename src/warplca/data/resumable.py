@@ -1,21 +1,10 @@
 """Training loaders whose order is a function of (seed, epoch) and that resume in the middle of an epoch.
 
-Two properties a crash-safe, scalable training run needs from its training loader:
-
-- **deterministic order**: epoch e visits the items in ``randperm(n)`` drawn from a generator seeded with
-  (seed, e) — the same order whether the run is fresh, resumed, or started from epoch e, and independent of
-  the global RNG (nothing else in the run changes it);
-- **mid-epoch resume**: the loader is *stateful* in Lightning's sense (``state_dict``/``load_state_dict``).
-  Lightning stores its state (epoch, batches yielded so far) in every checkpoint; after ``fit(ckpt_path=…)``
-  the next pass skips the batches already trained on — by index, without loading them — so a run killed
-  mid-epoch and resumed sees exactly the batches the uninterrupted run would have seen.
-
-Under DDP the sampler shards the epoch's permutation itself (Lightning keeps it: it is a
-``DistributedSampler``): rank r takes items r, r + W, r + 2W, … of the permutation, so with a per-process
-``batch_size`` B on W processes step t trains on exactly the items of step t of a one-process run with
-batch B·W — the **global batch** is ``batch_size × devices × num_nodes``, and gradients (averaged by DDP)
-and synced metrics match the one-process run up to float rounding. When W does not divide n, the
-permutation is padded by repeating its start, like ``DistributedSampler``.
+Epoch e visits the items in ``randperm(n)`` from a generator seeded with (seed, e), whether the run is
+fresh or resumed, independent of the global RNG. The loader is *stateful* in Lightning's sense: its
+checkpointed state (epoch, batches yielded) makes a resumed run skip, by index, the batches already
+trained on. Under DDP, rank r of W takes items r, r + W, … of the epoch's permutation, so step t trains
+on the items of step t of a one-process run with batch ``batch_size × W`` (the global batch).
 """
 
 from __future__ import annotations
@@ -48,13 +37,11 @@ def _from_dist(given: int | None, query: Callable[[], int], default: int) -> int
 
 
 class EpochSampler(DistributedSampler):
-    """Indices 0..n−1, permuted per epoch from (seed, epoch) (``shuffle=True``) or in order, and sharded
-    across DDP ranks: rank r of W takes positions r, r + W, r + 2W, … of the epoch's order (padded by
-    repeating its start, like ``DistributedSampler``, when W does not divide n).
+    """Indices 0..n−1, permuted per epoch from (seed, epoch) (``shuffle=True``) or in order, sharded over
+    DDP ranks (padded by repeating the start, like ``DistributedSampler``, when W does not divide n).
 
-    It is a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it in its own (which
-    would re-shuffle with another seed); the world size and rank are read from ``torch.distributed``
-    when iterating (or given). ``set_epoch(e)`` — which Lightning calls every epoch — picks the order.
+    A ``DistributedSampler`` so that Lightning keeps it rather than wrapping it in its own (which would
+    re-shuffle); world size and rank are read from ``torch.distributed`` when iterating (or given).
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
@@ -99,13 +86,9 @@ class EpochSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` with a (seed, epoch)-determined order that can resume mid-epoch (see module doc).
 
-    Args:
-        dataset: a map-style dataset.
-        batch_size: items per batch *per process*.
-        seed: seed of the per-epoch permutations (and of the worker base seeds).
-        order: ``shuffle`` (a new permutation every epoch) or ``sequential``.
-        sampler: only for Lightning, which passes its distributed sampler when it re-creates the loader.
-        **kwargs: the other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, …).
+    ``batch_size`` is per process; ``seed`` seeds the permutations and worker base seeds; ``order`` is
+    ``shuffle`` or ``sequential``; ``sampler`` is for Lightning, which passes one when re-creating the
+    loader; ``kwargs`` go to ``DataLoader``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 1, seed: int = 0, order: str = "shuffle",
@@ -152,21 +135,17 @@ class ResumableDataLoader(DataLoader):
     def _inner_iter(self) -> Iterator[Any]:
         """The iterator of one pass, skipping the batches a restored state says were done."""
         resume, self._resume = self._resume, None
-        skip = 0
-        if resume is not None and resume["epoch"] == self._epoch():
-            skip = resume["batches"]
+        skip = resume["batches"] if resume is not None and resume["epoch"] == self._epoch() else 0
         self._yielded = skip
         if skip == 0:
             return super().__iter__()
         log.info("training loader: resuming epoch %d after %d of %d batches", self._epoch(), skip, len(self))
         remaining = list(self.batch_sampler)[skip:]  # indices only: nothing is loaded for skipped batches
-        rest = DataLoader(self.dataset, batch_sampler=remaining, num_workers=self.num_workers,
-                          collate_fn=self.collate_fn, pin_memory=self.pin_memory, timeout=self.timeout,
-                          worker_init_fn=self.worker_init_fn,
-                          multiprocessing_context=self.multiprocessing_context,
-                          generator=self.generator, prefetch_factor=self.prefetch_factor,
-                          persistent_workers=False)
-        return iter(rest)
+        return iter(DataLoader(self.dataset, batch_sampler=remaining, num_workers=self.num_workers,
+                               collate_fn=self.collate_fn, pin_memory=self.pin_memory, timeout=self.timeout,
+                               worker_init_fn=self.worker_init_fn,
+                               multiprocessing_context=self.multiprocessing_context, generator=self.generator,
+                               prefetch_factor=self.prefetch_factor, persistent_workers=False))
 
 
 class _ResumingIterator:
@@ -192,9 +171,8 @@ class _ResumingIterator:
 
 def make_loader(dataset: Dataset, shuffle: bool, *, batch_size: int, seed: int = 0, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """The loader datamodules hand out: with ``shuffle`` a :class:`ResumableDataLoader` (order = f(seed,
-    epoch), resumable mid-epoch, sharded like one big batch under DDP), else a fixed-order ``DataLoader``;
-    workers persist across epochs when there are any."""
+    """A :class:`ResumableDataLoader` when ``shuffle``, else a fixed-order ``DataLoader`` (what
+    datamodules hand out); workers persist across epochs when there are any."""
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
                               "persistent_workers": num_workers > 0, "pin_memory": pin_memory}
     if shuffle:

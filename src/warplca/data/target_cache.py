@@ -1,22 +1,11 @@
 """State-target cache: cold-LCA states u* of a dataset split, computed once, on disk, resumable.
 
-WARP-CNN regresses the internal states of ordinary (cold-started) LCA runs after ``target_iters``
-steps. Those targets are expensive (CIFAR-10: 50k images × 1000 steps), so they are computed once
-into a directory (layout, manifest and reader: :mod:`warplca.data.target_store`, re-exported here).
-
-Guarantees:
-
-- **never half-written**: a chunk counts only once its marker exists, and the marker is renamed into
-  place after its rows are on disk; :meth:`TargetCache.open` refuses an incomplete cache.
-- **resumable**: a crashed build is resumed by building again with the same manifest; finished
-  chunks are not recomputed (every chunk is a fixed row range computed in fixed sub-batches, so a
-  resumed cache is bit-identical to an uninterrupted one on the same device).
-- **refused when stale**: a manifest that differs from the current config raises
-  :class:`TargetCacheMismatchError` naming the differing keys.
-- **DDP**: building runs through Lightning's predict loop; the dataloader yields whole chunks, the
-  distributed sampler gives each rank its own chunks, every rank writes its own rows and markers,
-  rank 0 writes the manifest (before, behind a broadcast) and ``COMPLETE`` (after, behind a barrier).
-- **flat memory**: a process holds at most a chunk (building) or an item (reading).
+WARP-CNN regresses the states of cold-started LCA after ``target_iters`` steps; these are expensive, so
+they are computed once into a directory (format and reader: :mod:`warplca.data.target_store`). A chunk
+counts only once its marker is renamed into place after its rows are on disk, so a crashed build resumes
+bit-identically and an incomplete cache is refused; a cache built with other settings raises
+:class:`TargetCacheMismatchError`. Building runs through Lightning's predict loop (one chunk per step,
+each DDP rank writes its own chunks; rank 0 writes the manifest and ``COMPLETE``).
 """
 
 from __future__ import annotations
@@ -30,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +59,6 @@ def __getattr__(name: str) -> Any:
     return getattr(store, name)
 
 
-# -------------------------------------------------------------------------------------------------
-# the builder (a LightningModule run by trainer.predict)
-# -------------------------------------------------------------------------------------------------
-
-
 class _ChunkDataset(Dataset):
     """Item j = (chunk id, images of that chunk's rows) for the chunks still to compute."""
 
@@ -87,11 +72,6 @@ class _ChunkDataset(Dataset):
         i = self.chunks[j]
         start, stop = store.chunk_range(i, self.chunk_size, self.count)
         return i, torch.stack([store.item_image(self.dataset[k]) for k in range(start, stop)])
-
-
-def _single(items: list[Any]) -> Any:
-    """collate_fn of the chunk loader (batch_size=1): the one chunk, unbatched."""
-    return items[0]
 
 
 def solve_targets(coder: SparseCoder, images: Tensor, iters: int, continuation: Continuation | None = None,
@@ -115,23 +95,13 @@ def solve_targets(coder: SparseCoder, images: Tensor, iters: int, continuation: 
 
 
 class TargetBuilder(pl.LightningModule):
-    """Computes the cold-LCA target states of a dataset into a cache directory (``trainer.predict``).
+    """Computes the target states of ``dataset`` (item i → row i) into ``directory`` (``trainer.predict``).
 
-    One predict step = one chunk: the chunk's images are normalised and coded by cold LCA (one
-    :class:`~warplca.coder.SparseCoder`) for ``target_iters`` steps in sub-batches of ``batch_size``,
-    written at their row offsets and fsync'ed; then the chunk's marker is renamed into place. Finished
-    chunks are skipped, so calling ``trainer.predict`` again resumes a crashed build. ``overwrite=True``
-    wipes any existing cache in ``directory`` first (a mismatching one is refused otherwise).
-
-    Args:
-        directory: the cache directory (created).
-        dataset: the deterministic split; item i → row i (``(image in [0, 1], label)`` items).
-        dictionary: the fixed atoms (copied and frozen).
-        lca_settings: :meth:`LCA.settings` of the run (its ``iters`` is replaced by ``target_iters``).
-        manifest: from :func:`target_manifest` (must describe the same dictionary, settings and data).
-        normalization: applied to the images before coding (None: images are coded as they are).
-        batch_size: LCA batch within a chunk.
-        num_workers: DataLoader workers loading chunk images.
+    One predict step codes one chunk in sub-batches of ``batch_size``, writes and fsyncs its rows, then
+    renames its marker into place; finished chunks are skipped, so predicting again resumes a crashed
+    build. ``dictionary`` is copied and frozen; ``lca_settings`` is :meth:`LCA.settings` (its ``iters``
+    is replaced by the manifest's ``target_iters``). ``overwrite=True`` wipes an existing cache first (a
+    mismatching one is refused otherwise).
     """
 
     def __init__(self, directory: str | os.PathLike, dataset: Dataset, dictionary: ConvDictionary,
@@ -152,10 +122,8 @@ class TargetBuilder(pl.LightningModule):
         self.manifest = store.jsonable(dict(manifest))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.overwrite = bool(overwrite)
-        self.fsync = bool(fsync)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.overwrite, self.fsync = bool(overwrite), bool(fsync)
         self.chunk_size = int(self.manifest["chunk_size"])
         self.count = int(self.manifest["count"])
         self.remaining: list[int] = []
@@ -197,38 +165,30 @@ class TargetBuilder(pl.LightningModule):
         return True
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
         self._check_existing()  # every rank refuses a mismatching cache, so none waits forever
         remaining = self.prepare() if self.trainer.is_global_zero else None
-        self.remaining = list(strategy.broadcast(remaining, src=0))
+        self.remaining = list(self.trainer.strategy.broadcast(remaining, src=0))
         n_chunks = int(self.manifest["n_chunks"])
         if self.trainer.is_global_zero:
+            ranges = (store.chunk_range(i, self.chunk_size, self.count) for i in self.remaining)
             log.info("state targets %s [%s]: %d of %d chunks cached; computing %d chunks (%d images × %d "
                      "LCA steps)", self.directory, self.manifest["split"], n_chunks - len(self.remaining),
-                     n_chunks, len(self.remaining), self._rows_of(self.remaining), self.target_iters)
-
-    def _rows_of(self, chunks: Sequence[int]) -> int:
-        ranges = (store.chunk_range(i, self.chunk_size, self.count) for i in chunks)
-        return sum(stop - start for start, stop in ranges)
+                     n_chunks, len(self.remaining), sum(b - a for a, b in ranges), self.target_iters)
 
     def predict_dataloader(self) -> DataLoader:
         ds = _ChunkDataset(self.dataset, self.remaining, self.chunk_size, self.count)
-        return DataLoader(ds, batch_size=1, shuffle=False, collate_fn=_single, num_workers=self.num_workers,
-                          persistent_workers=False)
+        return DataLoader(ds, batch_size=1, shuffle=False, collate_fn=itemgetter(0),  # one chunk, unbatched
+                          num_workers=self.num_workers, persistent_workers=False)
 
     # -- one chunk ------------------------------------------------------------------------------
-    def compute_states(self, images: Tensor) -> tuple[Tensor, float, float]:
-        """Target states (n, K, H', W') of [0, 1] images, with the sums of their energies and ℓ0."""
-        return solve_targets(self.coder, images, self.target_iters, self.continuation, self.batch_size)
-
     def predict_step(self, batch: tuple[int, Tensor], batch_idx: int) -> int:
-        chunk, images = batch
-        chunk = int(chunk)
+        chunk, images = int(batch[0]), batch[1]
         start, stop = store.chunk_range(chunk, self.chunk_size, self.count)
         if images.shape[0] != stop - start:
             raise RuntimeError(f"chunk {chunk}: got {images.shape[0]} images for rows [{start}, {stop})")
         t0 = time.perf_counter()
-        states, energy, l0 = self.compute_states(images)
+        states, energy, l0 = solve_targets(self.coder, images, self.target_iters, self.continuation,
+                                           self.batch_size)
         rows = states.detach().to("cpu", torch.float32).contiguous().numpy()
         if self._rows is None:
             self._rows = store.RowFile(self.directory / store.STATES, writable=True)
@@ -289,11 +249,6 @@ def build_target_cache(directory: str | os.PathLike, dataset: Dataset, dictionar
     return TargetCache.open(directory, manifest)
 
 
-# -------------------------------------------------------------------------------------------------
-# reading for training
-# -------------------------------------------------------------------------------------------------
-
-
 class TargetDataset(Dataset):
     """(image in [0, 1], target states) pairs: images from the deterministic split, states read lazily
     from the cache (one ``pread`` per item; nothing is loaded up front)."""
@@ -306,9 +261,7 @@ class TargetDataset(Dataset):
         if list(shape) != list(cache.manifest["image_shape"]):
             raise ValueError(f"{cache.directory}: cached states belong to images "
                              f"{cache.manifest['image_shape']}, the dataset yields {list(shape)}")
-        self.cache = cache
-        self.images = images
-        self.return_index = return_index
+        self.cache, self.images, self.return_index = cache, images, return_index
 
     def __len__(self) -> int:
         return self.cache.count
@@ -317,9 +270,8 @@ class TargetDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = i % len(self)
-        x = store.item_image(self.images[i])
-        u = self.cache.read(i)
-        return (x, u, torch.tensor(i)) if self.return_index else (x, u)
+        pair = (store.item_image(self.images[i]), self.cache.read(i))
+        return (*pair, torch.tensor(i)) if self.return_index else pair
 
 
 class TargetDataModule(pl.LightningDataModule):

@@ -2,17 +2,15 @@
 
 A cache directory holds::
 
-    <dir>/manifest.json     what the targets are: dictionary fingerprint, λ, τ, target_iters, threshold,
-                            nonneg, θ, normalisation, dataset + config, split, count, shape, dtype, chunk size
-    <dir>/states.npy        float32 (N, K, H', W') in the .npy format (np.load(..., mmap_mode="r") reads it)
-    <dir>/chunks/<i>.done   one marker per finished chunk (rows [i·c, (i+1)·c)): JSON with the rows'
-                            SHA-256 and target statistics, written atomically *after* the rows are fsync'ed
+    <dir>/manifest.json     what the targets are (dictionary fingerprint, LCA settings, normalisation,
+                            dataset, split, count, shape, chunk size, ...)
+    <dir>/states.npy        float32 (N, K, H', W') in the .npy format
+    <dir>/chunks/<i>.done   one marker per finished chunk: JSON with the rows' SHA-256 and statistics,
+                            written atomically *after* the rows are fsync'ed (only then does the chunk count)
     <dir>/COMPLETE          written by rank 0 once every chunk is done (summary statistics)
 
-A chunk counts only once its marker exists. Rows are read and written with positioned file I/O
-(``os.pwrite``/``os.pread``) rather than through a mapping, so a process never holds more than a chunk
-(building) or an item (reading): mapped file pages would count in the resident set as the cache grows.
-:mod:`warplca.data.target_cache` builds caches in this format.
+Rows are read and written with ``os.pread``/``os.pwrite`` rather than a mapping, so a process holds at
+most a chunk or an item (mapped pages would grow its resident set). Built by :mod:`warplca.data.target_cache`.
 """
 
 from __future__ import annotations
@@ -47,15 +45,16 @@ MANIFEST = "manifest.json"
 STATES = "states.npy"
 CHUNKS = "chunks"
 COMPLETE = "COMPLETE"
-DTYPE = np.float32
+DTYPE = np.dtype(np.float32)
 
-#: manifest keys that describe, not identify, a cache (never compared). The dataset config is recorded
-#: but not compared (e.g. ``n_test`` does not change the train split); ``data_fingerprint`` and
-#: ``count`` identify the images instead.
+#: manifest keys that describe, not identify, a cache (never compared; ``data_fingerprint`` and ``count``
+#: identify the images, not the dataset config)
 INFO_KEYS = frozenset({"created", "warplca_version", "tau_resolved", "dataset_config"})
 #: datamodule config keys that do not change the images of a split (dropped from ``dataset_config``)
 VOLATILE_DATA_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "download",
                                 "data_dir", "root"})
+#: the LCA settings a manifest records, with their defaults
+_LCA_DEFAULTS = {"threshold": "hard", "lam": 1.0, "tau": 100.0, "nonneg": False, "theta": 0.5, "tol": None}
 
 
 class TargetCacheMismatchError(ValueError):
@@ -64,11 +63,6 @@ class TargetCacheMismatchError(ValueError):
 
 class TargetCacheIncompleteError(RuntimeError):
     """The cache on disk is missing chunks (an interrupted build): build it again to resume."""
-
-
-# -------------------------------------------------------------------------------------------------
-# the manifest
-# -------------------------------------------------------------------------------------------------
 
 
 def jsonable(obj: Any) -> Any:
@@ -101,17 +95,12 @@ def data_fingerprint(dataset: Dataset, count: int | None = None, probe: int = 16
 def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any], target_iters: int,
                     normalization: Normalization | None, *, dataset: str, split: str, count: int,
                     image_shape: Sequence[int], chunk_size: int,
-                    dataset_config: Mapping[str, Any] | None = None,
-                    fingerprint: str | None = None,
+                    dataset_config: Mapping[str, Any] | None = None, fingerprint: str | None = None,
                     solver: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest that identifies a target cache (builders write it; readers compare against it).
 
-    ``solver`` names how the target states are computed: ``{"name": "cold"}`` (the default: cold LCA
-    for ``target_iters`` steps) or ``{"name": "continuation", "start_factor", "stages", "anneal_frac"}``
-    (λ-continuation, :mod:`warplca.lca.continuation`).
-
-    ``lca_settings`` is :meth:`LCA.settings`; its ``iters`` is ignored (``target_iters`` counts).
-    ``dataset_config`` is filtered of keys that do not change the images (:data:`VOLATILE_DATA_KEYS`).
+    ``solver``: see :func:`normalize_solver`. ``lca_settings`` is :meth:`LCA.settings` (its ``iters`` is
+    ignored); ``dataset_config`` loses the :data:`VOLATILE_DATA_KEYS`.
     """
     if not isinstance(target_iters, int) or isinstance(target_iters, bool) or target_iters < 1:
         raise ValueError(f"target_iters must be an integer ≥ 1, got {target_iters!r}")
@@ -124,32 +113,16 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
         raise ValueError(f"images have {c} channels, the dictionary {dictionary.in_channels}")
     config = {k: v for k, v in (dataset_config or {}).items() if k not in VOLATILE_DATA_KEYS}
     s = dict(lca_settings)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dictionary": dictionary.fingerprint(),
-        "dictionary_config": dictionary.config(),
-        "threshold": s.get("threshold", "hard"),
-        "lam": s.get("lam", 1.0),
-        "tau": s.get("tau", 100.0),
-        "nonneg": s.get("nonneg", False),
-        "theta": s.get("theta", 0.5),
-        "tol": s.get("tol"),
-        "target_iters": target_iters,
-        "solver": normalize_solver(solver),
+    return jsonable({
+        "format": FORMAT, "version": VERSION,
+        "dictionary": dictionary.fingerprint(), "dictionary_config": dictionary.config(),
+        **{k: s.get(k, default) for k, default in _LCA_DEFAULTS.items()},
+        "target_iters": target_iters, "solver": normalize_solver(solver),
         "normalization": None if normalization is None else normalization.to_dict(),
-        "dataset": dataset,
-        "dataset_config": config,
-        "data_fingerprint": fingerprint,
-        "split": split,
-        "count": int(count),
-        "image_shape": [c, h, w],
-        "shape": [int(count), *dictionary.code_shape(h, w)],
-        "dtype": np.dtype(DTYPE).name,
-        "chunk_size": chunk_size,
-        "n_chunks": math.ceil(count / chunk_size),
-    }
-    return jsonable(manifest)
+        "dataset": dataset, "dataset_config": config, "data_fingerprint": fingerprint, "split": split,
+        "count": int(count), "image_shape": [c, h, w], "shape": [int(count), *dictionary.code_shape(h, w)],
+        "dtype": DTYPE.name, "chunk_size": chunk_size, "n_chunks": math.ceil(count / chunk_size),
+    })
 
 
 def expected_manifest(dataset: Dataset, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
@@ -190,13 +163,8 @@ def solver_continuation(solver: Mapping[str, Any] | str | None) -> Continuation 
 
 def manifest_diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (found, expected)}`` for every identifying key of ``expected`` that ``found`` differs in."""
-    expected = jsonable(dict(expected))
-    diff = {}
-    for key, want in expected.items():
-        have = found.get(key, "<missing>")
-        if key not in INFO_KEYS and have != want:
-            diff[key] = (have, want)
-    return diff
+    pairs = ((k, found.get(k, "<missing>"), want) for k, want in jsonable(dict(expected)).items())
+    return {k: (have, want) for k, have, want in pairs if k not in INFO_KEYS and have != want}
 
 
 def check_manifest(directory: Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -214,11 +182,6 @@ def check_manifest(directory: Path, found: Mapping[str, Any], expected: Mapping[
         f"{directory}: the state-target cache was built with different settings (differing keys: "
         f"{', '.join(diff)}):\n" + "\n".join(lines) +
         "\nRebuild it (force=true / overwrite=True) or use a new run directory.")
-
-
-# -------------------------------------------------------------------------------------------------
-# files
-# -------------------------------------------------------------------------------------------------
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -245,10 +208,7 @@ def done_chunks(directory: Path) -> set[int]:
 def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """(data offset, shape, dtype) of a .npy file, without reading its data."""
     mm = np.load(path, mmap_mode="r")
-    try:
-        return int(mm.offset), tuple(mm.shape), mm.dtype
-    finally:
-        del mm
+    return int(mm.offset), tuple(mm.shape), mm.dtype
 
 
 def create_npy(path: Path, shape: tuple[int, ...]) -> None:
@@ -266,10 +226,10 @@ class RowFile:
         self.path = Path(path)
         self.writable = writable
         self.offset, self.shape, dtype = _npy_layout(self.path)
-        if dtype != np.dtype(DTYPE):
-            raise ValueError(f"{self.path}: expected dtype {np.dtype(DTYPE).name}, found {dtype}")
+        if dtype != DTYPE:
+            raise ValueError(f"{self.path}: expected dtype {DTYPE.name}, found {dtype}")
         self.row_shape = self.shape[1:]
-        self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(DTYPE).itemsize
+        self.row_bytes = int(np.prod(self.row_shape)) * DTYPE.itemsize
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -299,10 +259,9 @@ class RowFile:
             raise IndexError(f"rows [{start}, {stop}) out of range for {self.shape[0]} rows")
         n = (stop - start) * self.row_bytes
         buf = bytearray(n)
-        view = memoryview(buf)
         fd, pos, got = self._handle(), self.offset + start * self.row_bytes, 0
         while got < n:
-            k = os.preadv(fd, [view[got:]], pos + got)
+            k = os.preadv(fd, [memoryview(buf)[got:]], pos + got)
             if k == 0:
                 raise ValueError(f"{self.path}: truncated (wanted rows [{start}, {stop}))")
             got += k
@@ -320,11 +279,6 @@ class RowFile:
 
     def sync(self) -> None:
         os.fsync(self._handle())
-
-
-# -------------------------------------------------------------------------------------------------
-# the reader
-# -------------------------------------------------------------------------------------------------
 
 
 class TargetCache:
@@ -369,9 +323,8 @@ class TargetCache:
             _, shape, dtype = _npy_layout(path)
         except Exception as exc:
             raise ValueError(f"{path}: not a readable .npy file ({exc}); rebuild the cache") from exc
-        want = self.shape
-        if shape != want or dtype != np.dtype(DTYPE):
-            raise ValueError(f"{path}: holds {shape} {dtype}, the manifest says {want} {np.dtype(DTYPE)}")
+        if shape != self.shape or dtype != DTYPE:
+            raise ValueError(f"{path}: holds {shape} {dtype}, the manifest says {self.shape} {DTYPE}")
 
     # -- layout ---------------------------------------------------------------------------------
     @property
@@ -427,8 +380,7 @@ class TargetCache:
 
     def read(self, start: int, stop: int | None = None) -> Tensor:
         """States of rows [start, stop) (one row, without the batch axis, when ``stop`` is None)."""
-        rows = self._file().read(start, start + 1 if stop is None else stop)
-        t = torch.from_numpy(rows)
+        t = torch.from_numpy(self._file().read(start, start + 1 if stop is None else stop))
         return t[0] if stop is None else t
 
     def states(self) -> np.memmap:
@@ -444,11 +396,9 @@ class TargetCache:
 
     def stats(self) -> dict[str, float]:
         """Mean cold-LCA energy and ℓ0 per image of the targets (from the chunk markers)."""
-        energy = l0 = n = 0.0
-        for info in map(self.chunk_info, self._done()):
-            energy += info["energy_sum"]
-            l0 += info["l0_sum"]
-            n += info["stop"] - info["start"]
+        infos = [self.chunk_info(i) for i in self._done()]
+        n = float(sum(info["stop"] - info["start"] for info in infos))
+        energy, l0 = (sum(info[key] for info in infos) for key in ("energy_sum", "l0_sum"))
         return {"count": n, "energy": energy / max(n, 1.0), "l0_per_image": l0 / max(n, 1.0)}
 
     def verify(self) -> None:

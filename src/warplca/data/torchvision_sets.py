@@ -1,13 +1,8 @@
 """Real datasets on disk: CIFAR-10, STL-10, Oxford-IIIT Pets and any ImageFolder tree (e.g. Tiny ImageNet).
 
-Files are read directly in their published formats (CIFAR pickles, STL-10 binaries, Pets JPEGs +
-annotation lists, folders of images), so no checksum pass or network call happens on a normal run.
-torchvision is only called to *download* when ``download=True`` and the files are missing; otherwise a
-:class:`~warplca.data.datamodule.DatasetNotFoundError` names the directory and the expected files.
-
-Validation splits that the datasets do not publish (CIFAR-10, STL-10, Pets) are carved from the training
-set with a stratified, seeded split (``val_fraction``, ``split_seed``), independent of the training
-``seed``, so a changed seed never moves images between splits.
+Files are read directly in their published formats, so a normal run makes no network call; torchvision
+only downloads (``download=True``, files missing). Validation splits the datasets do not publish are
+carved from the training set by a stratified split seeded with ``split_seed`` (not the training ``seed``).
 """
 
 from __future__ import annotations
@@ -47,25 +42,16 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 class ImageFileDataset(Dataset):
-    """Image files + labels -> float [0, 1] RGB (or luminance) tensors.
+    """Image files + labels -> float [0, 1] RGB (or luminance) tensors; with ``image_size``, the shorter
+    side is resized to it (antialiased) and the centre square kept, so photos of any shape batch."""
 
-    With ``image_size`` set, the shorter side is resized to it (antialiased bilinear) and the centre
-    ``image_size`` square is kept, so differently shaped photos batch together.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        labels: Sequence[int],
-        image_size: int | None = None,
-        grayscale: bool = False,
-    ) -> None:
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], image_size: int | None = None,
+                 grayscale: bool = False) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
-        self.image_size = image_size
-        self.grayscale = grayscale
+        self.image_size, self.grayscale = image_size, grayscale
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -88,28 +74,14 @@ class _DiskDataModule(ImageDataModule):
 
     #: paths, relative to ``data_dir``, that must exist for the dataset to load
     expected: tuple[str, ...] = ()
+    #: how to fix missing files, for the error message (None: download or set data_dir)
+    hint: str | None = None
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            grayscale=grayscale,
-            crop_size=crop_size,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 64,
+                 num_workers: int = 0, grayscale: bool = False, crop_size: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.1, split_seed: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
+                         crop_size=crop_size, seed=seed, pin_memory=pin_memory)
         self.data_dir = Path(data_dir).expanduser()
         self.download = bool(download)
         if not (0.0 < float(val_fraction) < 1.0):
@@ -133,7 +105,7 @@ class _DiskDataModule(ImageDataModule):
 
     def _ensure_files(self) -> None:
         self.prepare_data()
-        check_files(self.data_dir, self.expected, self.name)
+        check_files(self.data_dir, self.expected, self.name, self.hint)
 
     def _carve(self, labels: Tensor | np.ndarray, split: str) -> Tensor:
         """Indices of the published train set that form our ``split`` ("train" or "val")."""
@@ -161,7 +133,6 @@ class CIFAR10DataModule(_DiskDataModule):
 
     name = "cifar10"
     num_classes = 10
-    native_channels = 3
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
@@ -187,7 +158,6 @@ class STL10DataModule(_DiskDataModule):
 
     name = "stl10"
     num_classes = 10
-    native_channels = 3
     folder = "stl10_binary"
     expected = tuple(f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"))
 
@@ -206,49 +176,27 @@ class STL10DataModule(_DiskDataModule):
                 f"{labels.size} images x 3x96x96 = {labels.size * 3 * 96 * 96} (corrupt or truncated file?)"
             )
         # the binaries are column-major per channel: (N, C, W, H) -> (N, C, H, W)
-        images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
-        return images, labels
+        return raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), labels
 
 
 class PetsDataModule(_DiskDataModule):
-    """Oxford-IIIT Pets (37 breeds), resized + centre-cropped to ``image_size`` (default 64).
+    """Oxford-IIIT Pets (37 breeds), resized + centre-cropped to ``image_size``; val is carved from trainval.
 
-    Reads ``<data_dir>/oxford-iiit-pet/{images/*.jpg, annotations/trainval.txt, annotations/test.txt}``
-    (torchvision's layout), or the same two folders directly under ``data_dir``. Validation is carved
-    from trainval.
+    Reads ``oxford-iiit-pet/{images, annotations}`` (torchvision's layout) or the two folders directly
+    under ``data_dir``.
     """
 
     name = "pets"
     num_classes = 37
-    native_channels = 3
     folder = "oxford-iiit-pet"
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        pin_memory: bool = False,
-        image_size: int = 64,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            grayscale=grayscale,
-            crop_size=crop_size,
-            seed=seed,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 64,
+                 num_workers: int = 0, grayscale: bool = False, crop_size: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.1, split_seed: int = 0, pin_memory: bool = False,
+                 image_size: int = 64) -> None:
+        super().__init__(data_dir=data_dir, download=download, batch_size=batch_size, num_workers=num_workers,
+                         grayscale=grayscale, crop_size=crop_size, seed=seed, val_fraction=val_fraction,
+                         split_seed=split_seed, pin_memory=pin_memory)
         self.image_size = _check_int("image_size", image_size, 1)
         if self.crop_size is not None and self.crop_size > self.image_size:
             raise ValueError(f"crop_size={self.crop_size} exceeds image_size={self.image_size}")
@@ -300,64 +248,38 @@ class PetsDataModule(_DiskDataModule):
 class FolderDataModule(_DiskDataModule):
     """Any ImageFolder root: ``train/<class>/**/img``, ``val/...`` and optional ``test/...``.
 
-    Classes come from ``train/`` (sorted folder names), so every split uses the same label ids. A split
-    folder may also be ``images/`` + ``*annotations.txt`` (Tiny ImageNet's val: ``file<TAB>class ...``),
-    or just ``images/`` without annotations (Tiny ImageNet's test: labels -1). Without ``test/`` the
-    validation split doubles as test (logged). ``image_size`` resizes + centre-crops (None: keep size;
-    images must then all share one size to batch). Folder datasets cannot be downloaded.
+    Not downloadable. Label ids are the sorted class folders of ``train/``. A split folder may also be
+    ``images/`` + ``*annotations.txt`` (Tiny ImageNet's val: ``file<TAB>class ...``) or ``images/`` alone
+    (labels -1). Without ``test/``, val doubles as test. ``image_size`` resizes + centre-crops (None:
+    images must share one size).
     """
 
     name = "folder"
-    native_channels = 3
     expected = ("train", "val")
+    hint = ("set data.data_dir to an ImageFolder root holding train/<class>/*.png and val/<class>/*.png "
+            "(test/ optional; folder datasets cannot be downloaded, so data.download=true does not help)")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        grayscale: bool = False,
-        crop_size: int | None = None,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        pin_memory: bool = False,
-        image_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            grayscale=grayscale,
-            crop_size=crop_size,
-            seed=seed,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 64,
+                 num_workers: int = 0, grayscale: bool = False, crop_size: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.1, split_seed: int = 0, pin_memory: bool = False,
+                 image_size: int | None = None) -> None:
+        super().__init__(data_dir=data_dir, download=download, batch_size=batch_size, num_workers=num_workers,
+                         grayscale=grayscale, crop_size=crop_size, seed=seed, val_fraction=val_fraction,
+                         split_seed=split_seed, pin_memory=pin_memory)
         self.image_size = None if image_size is None else _check_int("image_size", image_size, 1)
         self.classes: list[str] = []
         self.num_classes: int | None = None
 
-    def _fetch(self) -> None:
-        raise DatasetNotFoundError(
-            f"folder: no ImageFolder tree at '{self.data_dir.resolve()}' and folder datasets cannot be "
-            "downloaded; set data.data_dir to a root holding train/<class>/*.png and val/<class>/*.png "
-            "(test/ optional)"
-        )
+    def prepare_data(self) -> None:
+        """Folder datasets cannot be downloaded: with ``download`` and files missing, say what is needed."""
+        if self.download and self._missing():
+            raise DatasetNotFoundError(
+                f"folder: no ImageFolder tree at '{self.data_dir.resolve()}' and folder datasets cannot be "
+                "downloaded; set data.data_dir to a root holding train/<class>/*.png and val/<class>/*.png "
+                "(test/ optional)")
 
     def _ensure_files(self) -> None:
-        if self._missing() and self.download:
-            self._fetch()
-        check_files(
-            self.data_dir,
-            self.expected,
-            self.name,
-            hint="set data.data_dir to an ImageFolder root holding train/<class>/*.png and val/<class>/*.png "
-            "(test/ optional; folder datasets cannot be downloaded, so data.download=true does not help)",
-        )
+        super()._ensure_files()
         if not self.classes:
             self.classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
             if not self.classes:
@@ -376,11 +298,8 @@ class FolderDataModule(_DiskDataModule):
             images = self._images(directory / "images")
             if not annotations:
                 return images, [-1] * len(images)
-            labels_of: dict[str, str] = {}
-            for line in annotations[0].read_text().splitlines():
-                parts = line.split()
-                if len(parts) >= 2:
-                    labels_of[parts[0]] = parts[1]
+            rows = (line.split() for line in annotations[0].read_text().splitlines())
+            labels_of = {row[0]: row[1] for row in rows if len(row) >= 2}
             unknown = sorted({c for c in labels_of.values() if c not in index})
             if unknown:
                 raise ValueError(f"folder: {annotations[0]} names classes not in train/: {unknown[:5]}")
@@ -389,13 +308,8 @@ class FolderDataModule(_DiskDataModule):
         unknown = [d for d in subdirs if d not in index]
         if unknown:
             raise ValueError(f"folder: '{directory}' has class folders not present in train/: {unknown[:5]}")
-        paths: list[Path] = []
-        labels: list[int] = []
-        for c in subdirs:
-            files = self._images(directory / c)
-            paths += files
-            labels += [index[c]] * len(files)
-        return paths, labels
+        files = [(path, index[c]) for c in subdirs for path in self._images(directory / c)]
+        return [path for path, _ in files], [label for _, label in files]
 
     def _build_split(self, split: str) -> Dataset:
         self._ensure_files()

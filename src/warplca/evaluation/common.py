@@ -1,13 +1,12 @@
 """Shared pieces of the evaluations: models, data, devices, iteration grids and pixel metrics.
 
-Every experiment evaluates a *model* with the WarpLCA interface (README, "Python API"): ``model.lca``
-(the solver), ``model.predict_states(x)`` (WARP-CNN states), ``model.preprocess`` / ``model.postprocess``
-(between [0, 1] pixels and the coded space) and ``model(x, iters, warm, trace)``. Anything with those
-attributes works, which keeps the evaluations testable without a trained bundle.
+Experiments take any model with the WarpLCA interface (:class:`EvalModel`), so they are testable
+without a trained bundle.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,13 @@ __all__ = [
 #: the file name of the WARP-LCA bundle inside a run directory
 BUNDLE_NAME = "warp_lca.pt"
 
-
 #: condition key -> label used in tables and legends
 METHODS: dict[str, str] = {"cold": "LCA (cold)", "warm": "WARP-LCA"}
 
 
 @dataclass
 class Figure:
-    """A PNG of an experiment: its file name, the alt text of its report link and ``draw()``, which builds
-    the matplotlib figure from the measured data (only the writer calls it)."""
+    """A PNG of an experiment: file name, alt text and ``draw()`` (builds the figure; the writer calls it)."""
 
     filename: str
     label: str
@@ -82,7 +80,8 @@ _R = TypeVar("_R", bound=ExperimentResult)
 
 
 class EvalModel(Protocol):
-    """What the evaluations need from a model (``warplca.bundle.WarpLCA`` satisfies it)."""
+    """What the evaluations need from a model (``warplca.bundle.WarpLCA`` satisfies it): the solver
+    ``lca``, WARP-CNN states, pixels <-> coded space and ``model(x, iters, warm, trace)``."""
 
     lca: Any
     dictionary: Any
@@ -98,10 +97,7 @@ class EvalModel(Protocol):
 
 # -- iteration grids ---------------------------------------------------------------------------------
 def log_spaced_ks(total: int, mantissas: Iterable[int] = (1, 2, 3, 5)) -> list[int]:
-    """0 plus the 1-2-3-5 decades up to ``total`` plus ``total`` itself: [0, 1, 2, 3, 5, 10, …, T].
-
-    Powers of ten are always included, so the 1/10/100/1000 table reads straight off the grid.
-    """
+    """0, the 1-2-3-5 decades up to ``total`` (powers of ten included) and ``total``: [0, 1, 2, …, T]."""
     total = int(total)
     if total < 0:
         raise ValueError(f"the iteration budget must be >= 0, got {total}")
@@ -117,13 +113,11 @@ def normalize_ks(ks: Iterable[int] | None, total: int) -> list[int]:
     """Sorted unique checkpoints in [0, total] that always contain 0 and ``total``."""
     if ks is None:
         return log_spaced_ks(total)
-    out = {0, int(total)}
-    for k in ks:
-        k = int(k)
-        if k < 0 or k > total:
-            raise ValueError(f"checkpoint k={k} lies outside [0, {total}]")
-        out.add(k)
-    return sorted(out)
+    ks = [int(k) for k in ks]
+    outside = [k for k in ks if not 0 <= k <= total]
+    if outside:
+        raise ValueError(f"checkpoint k={outside[0]} lies outside [0, {total}]")
+    return clip_ks(ks, total)
 
 
 def clip_ks(ks: Iterable[int], total: int) -> list[int]:
@@ -172,10 +166,8 @@ def to_pixels(model: EvalModel, recon: Tensor, images: Tensor) -> Tensor:
 
 
 def pixel_quality(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image PSNR and SSIM (B,) on the [0, 1] scale with ``data_range=1.0`` (README, "The maths").
-
-    The means of these equal what :func:`warplca.metrics.reconstruction_metrics` accumulates.
-    """
+    """Per-image PSNR and SSIM (B,) on [0, 1] pixels, ``data_range=1.0``; their means equal what
+    :func:`warplca.metrics.reconstruction_metrics` accumulates."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     pred = pred.detach().to(torch.float32)
@@ -192,10 +184,8 @@ def find_bundle(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / BUNDLE_NAME
     if not p.is_file():
-        raise FileNotFoundError(
-            f"{p}: no WARP-LCA bundle here (expected {BUNDLE_NAME} in the run directory; "
-            "train one with `python train.py stages=[dictionary,targets,warp]`)"
-        )
+        raise FileNotFoundError(f"{p}: no WARP-LCA bundle here (expected {BUNDLE_NAME} in the run directory; "
+                                "train one with `python train.py stages=[dictionary,targets,warp]`)")
     return p
 
 
@@ -203,44 +193,32 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> E
     """Load the WARP-LCA bundle of a run directory (or a ``.pt`` file) onto ``device``, in eval mode."""
     from warplca.bundle import WarpLCA
 
-    model = WarpLCA.load(find_bundle(path))
-    model = model.to(resolve_device(device)) if hasattr(model, "to") else model
-    if hasattr(model, "eval"):
-        model.eval()
-    return model
+    return WarpLCA.load(find_bundle(path)).to(resolve_device(device)).eval()
 
 
-def run_data_config(
-    run_dir: str | os.PathLike | None, paths: Mapping[str, Any] | None = None, seed: int = 0
-) -> tuple[dict[str, Any], str]:
+def run_data_config(run_dir: str | os.PathLike | None, paths: Mapping[str, Any] | None = None,
+                    seed: int = 0) -> tuple[dict[str, Any], str]:
     """The data config a training run used, resolved, and where it came from.
 
-    ``${paths.…}``/``${hydra:…}`` interpolations that only resolve inside the training run's Hydra
-    context are retried with the given ``paths`` (and ``seed``); without a saved config, or if it still
-    fails, the embedded natural images are used (logged).
+    Interpolations that only resolve inside the run's Hydra context are retried with ``paths`` and
+    ``seed``; without a saved config, or if that fails too, the natural images are used (logged).
     """
-    from omegaconf import OmegaConf
-
     saved = Path(run_dir) / ".hydra" / "config.yaml" if run_dir is not None else None
     run_cfg = OmegaConf.load(saved) if saved is not None and saved.is_file() else None
     if run_cfg is not None and run_cfg.get("data") is not None:
-        source = f"{run_dir}/.hydra/config.yaml"
-        try:
-            return dict(OmegaConf.to_container(run_cfg.data, resolve=True)), source  # type: ignore[arg-type]
-        except Exception:
-            fixed = OmegaConf.merge(run_cfg, {"paths": dict(paths or {}), "seed": seed})
+        for retry in (False, True):
+            cfg = OmegaConf.merge(run_cfg, {"paths": dict(paths or {}), "seed": seed}) if retry else run_cfg
             try:
-                return dict(OmegaConf.to_container(fixed.data, resolve=True)), source  # type: ignore[arg-type]
+                data = OmegaConf.to_container(cfg.data, resolve=True)
+                return dict(data), f"{run_dir}/.hydra/config.yaml"  # type: ignore[arg-type]
             except Exception as exc:
-                log.warning(
-                    "cannot resolve the data config of %s (%s); using the natural images", run_dir, exc
-                )
+                error = exc
+        log.warning("cannot resolve the data config of %s (%s); using the natural images", run_dir, error)
     return {"name": "natural", "seed": int(seed)}, "default (natural)"
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
+    """A (resolved) config node or mapping as a fresh plain dict."""
     if isinstance(cfg, DictConfig):
         return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     return dict(cfg)
@@ -249,11 +227,8 @@ def _plain(cfg: Any) -> dict[str, Any]:
 def build_datamodule_from_config(data_cfg: Mapping[str, Any] | Any, **overrides: Any) -> Any:
     """A datamodule from a ``data`` config: ``_target_`` (instantiated) or ``name`` (+ constructor kwargs).
 
-    Keys the datamodule's constructor does not accept (documentation-only keys of a data preset) are
-    dropped with a debug message, so configs from other runs stay usable.
+    Keys the constructor does not accept (documentation-only keys of a preset) are dropped (debug log).
     """
-    import inspect
-
     from warplca.data import DATAMODULES
 
     cfg = _plain(data_cfg)  # a fresh dict
@@ -266,9 +241,8 @@ def build_datamodule_from_config(data_cfg: Mapping[str, Any] | Any, **overrides:
     else:
         name = cfg.pop("name", None)
         if name not in DATAMODULES:
-            raise ValueError(
-                f"data config needs `_target_` or a `name` in {sorted(DATAMODULES)}, got {name!r}"
-            )
+            raise ValueError(f"data config needs `_target_` or a `name` in {sorted(DATAMODULES)}, "
+                             f"got {name!r}")
         cls = DATAMODULES[name]
     params = inspect.signature(cls.__init__).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -281,8 +255,7 @@ def build_datamodule_from_config(data_cfg: Mapping[str, Any] | Any, **overrides:
 
 def load_images(datamodule: Any, split: str = "test", limit: int | None = None) -> Tensor:
     """The first ``limit`` images ([0, 1], (N, C, H, W)) of a datamodule split."""
-    images, _ = datamodule.tensor(split, limit)
-    return images
+    return datamodule.tensor(split, limit)[0]
 
 
 def model_sentence(model: EvalModel) -> str:
@@ -290,10 +263,8 @@ def model_sentence(model: EvalModel) -> str:
     info = describe_model(model)
     meta = getattr(model, "meta", None) or {}
     k = info.get("dict_kernel_size", "?")
-    text = (
-        f"Model: {info.get('dict_n_atoms', '?')} atoms {info.get('dict_in_channels', '?')}×{k}×{k} "
-        f"(stride {info.get('dict_stride', '?')}), {info['threshold']} threshold, λ = {info['lam']:g}"
-    )
+    text = (f"Model: {info.get('dict_n_atoms', '?')} atoms {info.get('dict_in_channels', '?')}×{k}×{k} "
+            f"(stride {info.get('dict_stride', '?')}), {info['threshold']} threshold, λ = {info['lam']:g}")
     if "predictor_params" in info:
         text += f", WARP-CNN with {info['predictor_params']:,} parameters"
     if meta.get("target_iters"):
@@ -308,13 +279,13 @@ def model_sentence(model: EvalModel) -> str:
 
 def describe_model(model: EvalModel) -> dict[str, Any]:
     """Plain facts about a model for reports: threshold, λ, τ, dictionary geometry, predictor size."""
-    lca = model.lca
-    d = model.dictionary
-    out: dict[str, Any] = {}
+    lca, d = model.lca, model.dictionary
     settings = lca.settings() if hasattr(lca, "settings") else {}
-    out["threshold"] = settings.get("threshold", getattr(getattr(lca, "threshold", None), "name", "?"))
-    out["lam"] = settings.get("lam", getattr(lca, "lam", math.nan))
-    out["tau"] = settings.get("tau", "?")
+    out: dict[str, Any] = {
+        "threshold": settings.get("threshold", getattr(getattr(lca, "threshold", None), "name", "?")),
+        "lam": settings.get("lam", getattr(lca, "lam", math.nan)),
+        "tau": settings.get("tau", "?"),
+    }
     if hasattr(d, "config"):
         out.update({f"dict_{k}": v for k, v in d.config().items()})
     predictor = getattr(model, "predictor", None)

@@ -1,13 +1,8 @@
 """Experiment 1 — convergence: cold LCA vs WARP-LCA against the iteration count (README, "Experiments
 and reports").
 
-:func:`measure_convergence` runs both conditions up to the budget T (:mod:`~warplca.evaluation.curves`:
-the traced, segmented runs, iterations-to-match, the equal-energy speed-up), times them and returns
-the tables, metrics, figures and report section; :func:`~warplca.evaluation.report.write_result`
-writes them. Wall-clock time is measured separately, without tracing, through the public
-``model(x, iters, warm)`` call (warm includes the predictor and the start guard), as the median over
-repeats; the fraction of images the start guard sent back to the cold start and its time per image
-are reported.
+:func:`measure_convergence` runs both conditions up to T (:mod:`~warplca.evaluation.curves`) and times
+them untraced through ``model(x, iters, warm)`` (warm: predictor and start guard included).
 """
 
 from __future__ import annotations
@@ -50,8 +45,7 @@ from warplca.evaluation.report import fmt, markdown_table, write_result
 
 __all__ = [
     "ConvergenceResult", "TimingSettings", "evaluate_convergence", "guard_sentence", "match_sentence",
-    "measure_convergence", "speedup_display", "speedup_markdown", "summary_rows", "table_markdown",
-    "time_per_image",
+    "measure_convergence", "speedup_display", "speedup_markdown", "table_markdown", "time_per_image",
 ]
 
 DEFAULT_BUDGETS = (1, 10, 100, 1000)
@@ -68,11 +62,8 @@ def _timing_default(key: str) -> Any:
 
 @dataclass
 class TimingSettings:
-    """Wall-clock measurement: ``images`` per timed batch, up to ``repeats`` runs per budget, but stop
-    repeating once a budget has used ``max_seconds`` (large budgets on CPUs); the median is reported.
-
-    A field not given takes its value from ``eval.convergence.timing`` in ``conf/eval/convergence.yaml``.
-    """
+    """Wall-clock measurement: ``images`` per timed batch, up to ``repeats`` runs per budget until a budget
+    has used ``max_seconds``; the median is reported. Defaults: ``conf/eval/convergence.yaml``."""
 
     images: int = field(default_factory=lambda: int(_timing_default("images")))
     repeats: int = field(default_factory=lambda: int(_timing_default("repeats")))
@@ -82,8 +73,7 @@ class TimingSettings:
 
 @dataclass
 class ConvergenceResult(ExperimentResult):
-    """:class:`ExperimentResult` plus the curves, the budgets table and iterations-to-match (the report
-    stage prints the table)."""
+    """:class:`ExperimentResult` plus the curves, the budgets table and iterations-to-match."""
 
     curves: dict[str, Curves] = field(default_factory=dict)
     table: list[dict[str, Any]] = field(default_factory=list)
@@ -109,11 +99,9 @@ def _median_ms(call: Callable[[], Any], n: int, settings: TimingSettings, device
 def time_per_image(model: EvalModel, images: Tensor, budgets: Sequence[int], settings: TimingSettings,
                    device: torch.device | None = None, show_progress: bool = True) -> dict[str, float]:
     """Median wall-clock ms per image: ``<method>@<k>`` of ``model(x, iters=k, warm=…)`` for every budget,
-    ``predictor`` (the WARP-CNN alone) and ``start_guard`` (``model.guard(x, û)`` on given predictions;
-    NaN for models without one).
+    ``predictor`` (the WARP-CNN alone) and ``start_guard`` (``model.guard(x, û)``; NaN without one).
 
-    Runs without the trace; warm includes the predictor. Images go through ``preprocess`` first (not
-    timed: it is the same for both conditions); every call is run once untimed (allocations, caches).
+    ``preprocess`` is not timed (same for both conditions); every call runs once untimed first (warm-up).
     """
     device = device or model.dictionary.weight.device
     x = model.preprocess(images[: settings.images].to(device))
@@ -141,24 +129,11 @@ def time_per_image(model: EvalModel, images: Tensor, budgets: Sequence[int], set
 
 
 # -- tables and sentences ----------------------------------------------------------------------------
-def summary_rows(
-    curves: Mapping[str, Curves], budgets: Sequence[int], timing: Mapping[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """Table rows at the budgets: iterations, method, energy, PSNR, SSIM, ℓ0, ms per image."""
-    return [
-        {"iters": k, "method": METHODS.get(method, method), "key": method, **c.at(k),
-         "ms_per_image": (timing or {}).get(f"{method}@{k}", math.nan)}
-        for k in budgets for method, c in curves.items()
-    ]
-
-
 def table_markdown(table: Sequence[Mapping[str, Any]], match: Mapping[str, Any] | None = None) -> str:
     """The cold LCA vs WARP-LCA table (markdown) plus the iterations-to-match sentence."""
     text = markdown_table(
-        table,
-        ("iters", "method", "energy", "psnr", "ssim", "l0", "l0_frac", "ms_per_image"),
-        ("iterations", "method", "energy", "PSNR (dB)", "SSIM", "ℓ0 / image", "ℓ0 fraction", "ms / image"),
-    )
+        table, ("iters", "method", "energy", "psnr", "ssim", "l0", "l0_frac", "ms_per_image"),
+        ("iterations", "method", "energy", "PSNR (dB)", "SSIM", "ℓ0 / image", "ℓ0 fraction", "ms / image"))
     return text + ("\n" + match_sentence(match) + "\n" if match is not None else "")
 
 
@@ -168,11 +143,9 @@ def match_sentence(match: Mapping[str, Any]) -> str:
     if math.isnan(k):
         return (f"Iterations-to-match: WARP-LCA does not reach cold LCA's mean energy at T={t} within {t} "
                 f"iterations ({frac:.0f}% of images do individually).")
-    return (
-        f"Iterations-to-match: WARP-LCA reaches cold LCA's mean energy at T={t} after **{fmt(k)}** "
-        f"iterations (speed-up ≈ {fmt(match['speedup'], 3)}×); per image median "
-        f"{fmt(match['iterations_to_match_median'])}, {frac:.0f}% of images match within T."
-    )
+    return (f"Iterations-to-match: WARP-LCA reaches cold LCA's mean energy at T={t} after **{fmt(k)}** "
+            f"iterations (speed-up ≈ {fmt(match['speedup'], 3)}×); per image median "
+            f"{fmt(match['iterations_to_match_median'])}, {frac:.0f}% of images match within T.")
 
 
 def guard_sentence(model: EvalModel, guarded: Tensor | None, guard_ms: float, pred_ms: float) -> str:
@@ -183,11 +156,9 @@ def guard_sentence(model: EvalModel, guarded: Tensor | None, guard_ms: float, pr
         return ("Start guard: off for this bundle (`start_guard=False`): WARP-LCA starts from the raw "
                 "prediction.")
     n, fired = guarded.numel(), int(guarded.sum())
-    return (
-        f"Start guard: on; the predicted start's energy exceeded cold LCA's ½‖x‖² for **{fired} of {n}** "
-        f"images ({100 * fired / max(n, 1):.1f} %), which start cold instead. It costs "
-        f"{fmt(guard_ms, 3)} ms / image (the predictor alone: {fmt(pred_ms, 3)} ms / image)."
-    )
+    return (f"Start guard: on; the predicted start's energy exceeded cold LCA's ½‖x‖² for **{fired} of {n}** "
+            f"images ({100 * fired / max(n, 1):.1f} %), which start cold instead. It costs "
+            f"{fmt(guard_ms, 3)} ms / image (the predictor alone: {fmt(pred_ms, 3)} ms / image).")
 
 
 def speedup_display(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -238,13 +209,12 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
                         show_progress: bool = True, device: torch.device | None = None) -> ConvergenceResult:
     """Cold LCA vs WARP-LCA on ``images`` ([0, 1]) up to ``iters`` = T, measured (nothing written).
 
-    Files it describes (names prefixed by ``prefix``): ``<prefix>.csv`` (means at every checkpoint),
-    ``<prefix>_table.csv`` (the budgets table with ms per image), ``<prefix>_iterations_to_match.csv`` (per
-    image), ``<prefix>.png``, ``<prefix>_examples.png``, ``atoms.png``, and the equal-energy speed-up
-    ``speedup.csv`` / ``speedup.png`` (``<prefix>_speedup.*`` for another prefix). Metrics are keyed
-    ``<prefix>/<cold|warm>/<metric>@<k>`` plus ``<prefix>/iterations_to_match`` & co.,
-    ``<prefix>/equal_energy/<cold|warm>_iterations@<warm|cold><k>`` and ``…/speedup@<warm|cold><k>`` (NaN:
-    not reached within T), ``<prefix>/start_guard_frac`` and ``<prefix>/start_guard_ms_per_image``.
+    Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets, ms per image),
+    ``<prefix>_iterations_to_match.csv`` (per image), ``<prefix>.png``, ``<prefix>_examples.png``,
+    ``atoms.png``, ``speedup.csv`` / ``speedup.png`` (``<prefix>_speedup.*`` for another prefix).
+    Metrics: ``<prefix>/<cold|warm>/<metric>@<k>``, ``<prefix>/iterations_to_match`` & co.,
+    ``<prefix>/equal_energy/<cold|warm>_iterations@<warm|cold><k>`` and ``…/speedup@…`` (NaN: not within
+    T), ``<prefix>/start_guard_frac``, ``<prefix>/start_guard_ms_per_image``.
     """
     total = int(iters)
     budgets = budget_list(budgets, total)
@@ -256,7 +226,9 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     timing = timing or TimingSettings()
     times = time_per_image(model, images, budgets, timing, device, show_progress) if timing.enabled else {}
     pred_ms, guard_ms = times.get("predictor", math.nan), times.get("start_guard", math.nan)
-    rows, table = curve_rows(curves), summary_rows(curves, budgets, times)
+    rows = curve_rows(curves)
+    table = [{"iters": k, "method": METHODS[m], "key": m, **c.at(k),
+              "ms_per_image": times.get(f"{m}@{k}", math.nan)} for k in budgets for m, c in curves.items()]
     cold_t, warm_t = (curves[m].at(total)["energy"] for m in METHODS)
 
     p = prefix
@@ -266,14 +238,12 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     metrics.update({f"{p}/{key}": float(match[key]) for key in MATCH_METRICS})
     metrics.update({f"{p}/predictor_ms_per_image": pred_ms, f"{p}/start_guard_ms_per_image": guard_ms,
                     f"{p}/start_guard_frac": curves["warm"].guard_frac})
-    for row in speed:  # "never within T" is NaN here, as for iterations-to-match; speedup.csv gives the bound
-        if row["k"] in budgets:
-            other = "cold" if row["budget"] == "warm" else "warm"
-            never = math.isinf(float(row[f"{other}_iterations"]))
-            key = f"{row['budget']}{row['k']}"
-            metrics[f"{p}/equal_energy/{other}_iterations@{key}"] = (
-                math.nan if never else float(row[f"{other}_iterations"]))
-            metrics[f"{p}/equal_energy/speedup@{key}"] = math.nan if never else float(row["speedup"])
+    for row in (r for r in speed if r["k"] in budgets):  # "never within T": NaN (speedup.csv gives a bound)
+        counted = f"{'cold' if row['budget'] == 'warm' else 'warm'}_iterations"
+        never = math.isinf(float(row[counted]))
+        for key in (counted, "speedup"):
+            value = math.nan if never else float(row[key])
+            metrics[f"{p}/equal_energy/{key}@{row['budget']}{row['k']}"] = value
     metrics[f"{p}/energy_ratio@T"] = warm_t / cold_t if cold_t else math.nan
 
     info = describe_model(model)
@@ -285,9 +255,8 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     figures = {"plot": Figure(f"{p}.png", "convergence curves",
                               lambda: plot_convergence(curves, title, match))}
     if keep:
-        cold, warm = curves["cold"], curves["warm"]
-        recons = {f"{METHODS[c.method]} @ {k}": c.kept[k] for k in keep_ks for c in (cold, warm)}
-        codes = {f"Σa² {METHODS[c.method]} @ {total}": c.kept_codes[total] for c in (cold, warm)}
+        recons = {f"{METHODS[c.method]} @ {k}": c.kept[k] for k in keep_ks for c in curves.values()}
+        codes = {f"Σa² {METHODS[c.method]} @ {total}": c.kept_codes[total] for c in curves.values()}
         figures["examples"] = Figure(f"{p}_examples.png", "examples",
                                      lambda: plot_examples(images[:keep], recons, codes, title))
     figures["atoms"] = Figure("atoms.png", "dictionary atoms", lambda: plot_atoms(model.dictionary.weight))
@@ -296,10 +265,7 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     guard_cost = (f", and the start guard, {fmt(guard_ms, 3)} ms / image)."
                   if getattr(model, "start_guard", False) else ").")
     md = [
-        f"## Convergence{': ' + name if name else ''}",
-        "",
-        model_sentence(model),
-        "",
+        f"## Convergence{': ' + name if name else ''}", "", model_sentence(model), "",
         f"{title}. Cold LCA starts from u = 0, WARP-LCA from the WARP-CNN's predicted states; both run "
         f"the same LCA (τ = {fmt(tau_used)}{' (auto)' if info['tau'] == 'auto' else ''}). "
         f"PSNR/SSIM on [0, 1] pixels; ms / image from {min(timing.images, images.shape[0])}-image batches "
@@ -308,14 +274,10 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
         "",
         table_markdown(table, match),
         f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(metrics[f'{p}/energy_ratio@T'], 6)} "
-        f"(< 1: WARP-LCA settles in a lower minimum).",
-        "",
-        guard_sentence(model, curves["warm"].guarded, guard_ms, pred_ms),
-        "",
-        *(figures[k].link for k in ("plot", "examples", "atoms") if k in figures),
-        "",
-        "### Equal-energy speed-up",
-        "",
+        f"(< 1: WARP-LCA settles in a lower minimum).", "",
+        guard_sentence(model, curves["warm"].guarded, guard_ms, pred_ms), "",
+        *(figures[k].link for k in ("plot", "examples", "atoms") if k in figures), "",
+        "### Equal-energy speed-up", "",
         "From the per-iteration energy traces above: for each WARP-LCA budget k, the cold-LCA iterations "
         "that reach the same mean energy (speed-up = cold / k), and for each cold budget the WARP-LCA "
         "iterations that reach its mean energy (the row at T is iterations-to-match). Per image the same "
@@ -329,29 +291,18 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
                  for i, k in enumerate(match["per_image"])]
     shown_speed = speedup_display(speed)
     return ConvergenceResult.from_lines(
-        prefix, md,
-        metrics=metrics,
-        csv={
-            f"{p}.csv": (["method", "k", *CURVE_METRICS], rows),
-            f"{p}_table.csv": (["iters", "key", "method", *CURVE_METRICS, "ms_per_image"], table),
-            f"{p}_iterations_to_match.csv": (["image", "k", "cold_energy_T"], per_image),
-            f"{stem}.csv": (list(SPEEDUP_COLUMNS), shown_speed),
-        },
-        figures=figures,
-        tables={
-            f"{p}/curves": (["method", "k", *CURVE_METRICS], rows),
-            f"{p}/table": (["iters", "method", *CURVE_METRICS, "ms_per_image"], table),
-            f"{p}/speedup": (list(SPEEDUP_COLUMNS), shown_speed),
-        },
-        curves=curves,
-        table=table,
-        match=match,
-    )
+        prefix, md, metrics=metrics, figures=figures, curves=curves, table=table, match=match,
+        csv={f"{p}.csv": (["method", "k", *CURVE_METRICS], rows),
+             f"{p}_table.csv": (["iters", "key", "method", *CURVE_METRICS, "ms_per_image"], table),
+             f"{p}_iterations_to_match.csv": (["image", "k", "cold_energy_T"], per_image),
+             f"{stem}.csv": (list(SPEEDUP_COLUMNS), shown_speed)},
+        tables={f"{p}/curves": (["method", "k", *CURVE_METRICS], rows),
+                f"{p}/table": (["iters", "method", *CURVE_METRICS, "ms_per_image"], table),
+                f"{p}/speedup": (list(SPEEDUP_COLUMNS), shown_speed)})
 
 
-def evaluate_convergence(
-    model: EvalModel, images: Tensor, out_dir: str | Path, **kwargs: Any
-) -> ConvergenceResult:
+def evaluate_convergence(model: EvalModel, images: Tensor, out_dir: str | Path,
+                         **kwargs: Any) -> ConvergenceResult:
     """:func:`measure_convergence` (``kwargs``), then its CSVs, PNGs and report section into ``out_dir``."""
     result = measure_convergence(model, images, **kwargs)
     write_result(result, out_dir)

@@ -1,12 +1,7 @@
 """Experiment 3 — denoising (README, "Experiments and reports").
 
-Clean [0, 1] images get additive Gaussian noise of std σ (``warplca.data.corrupt``, clamped to
-[0, 1], seeded). Cold LCA and WARP-LCA code the *noisy* image; the reconstruction Φa, mapped back to
-pixels, is compared with the *clean* image (PSNR/SSIM, ``data_range=1.0``). The noisy input itself is
-the baseline. The sparse code acts as the denoiser: a good minimum keeps structure and drops noise.
-Each (σ, condition) is one traced run up to the largest budget; quality is read at the log-spaced
-checkpoints, the table at the budgets, and the best PSNR over all checkpoints is reported too
-(LCA denoising often peaks before convergence).
+Cold LCA and WARP-LCA code noisy images (Gaussian σ); PSNR/SSIM compare the reconstruction with the
+*clean* image. The best PSNR over the checkpoints is reported too: LCA denoising often peaks early.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warplca.data import corrupt
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -52,8 +48,6 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
     ``<prefix>/sigma<σ>/noisy/psnr``, ``<prefix>/sigma<σ>/<cold|warm>/<psnr|ssim>@<k>``,
     ``<prefix>/sigma<σ>/<cold|warm>/best_psnr`` (+ ``best_k``), ``<prefix>/warm_minus_cold_psnr@<T>``.
     """
-    from warplca.data import corrupt
-
     budgets = sorted({int(b) for b in budgets if int(b) >= 1})
     if not budgets:
         raise ValueError("denoise needs at least one iteration budget >= 1")
@@ -90,10 +84,9 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
         for method, c in curves[sigma].items():
             mean_psnr = c.psnr.mean(1)
             j = int(torch.argmax(mean_psnr))
-            metrics[f"{key}/{method}/best_psnr"] = float(mean_psnr[j])
-            metrics[f"{key}/{method}/best_k"] = float(c.ks[j])
             best.append({"sigma": sigma, "method": METHODS[method], "best_psnr": float(mean_psnr[j]),
                          "best_k": c.ks[j]})
+            metrics.update({f"{key}/{method}/{n}": float(best[-1][n]) for n in ("best_psnr", "best_k")})
     gains = [metrics[f"{key}/warm/psnr@{total}"] - metrics[f"{key}/cold/psnr@{total}"]
              for key in (f"{prefix}/{sigma_key(s)}" for s in sigmas)]
     if gains:
@@ -114,15 +107,13 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
     shown = [dict(r, method=METHODS.get(r["method"], "noisy input"), k=r["k"] if r["k"] is not None else "–")
              for r in table]
     md = [
-        "## Denoising",
-        "",
+        "## Denoising", "",
         f"{title}. Gaussian noise σ ∈ {{{', '.join(f'{s:g}' for s in sigmas)}}} on [0, 1] pixels (clamped, "
         f"seed {seed}); LCA codes the noisy image, PSNR/SSIM compare its reconstruction with the clean one.",
         "",
         markdown_table(shown, COLUMNS,
                        ["σ", "method", "iterations", "PSNR (dB)", "SSIM", "energy", "ℓ0 / image"]),
-        "Best PSNR over the checkpoints (early stopping as a denoiser):",
-        "",
+        "Best PSNR over the checkpoints (early stopping as a denoiser):", "",
         markdown_table(best, ["sigma", "method", "best_psnr", "best_k"],
                        ["σ", "method", "best PSNR (dB)", "at k"]),
         *(f.link for f in figures.values()),
@@ -130,9 +121,5 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
     if any(math.isnan(g) for g in gains):
         md.append("\nSome PSNR values are undefined (NaN).")
     return ExperimentResult.from_lines(
-        prefix, md,
-        metrics=metrics,
-        csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table)},
-        figures=figures,
-        tables={f"{prefix}/curves": (COLUMNS, rows)},
-    )
+        prefix, md, metrics=metrics, figures=figures, tables={f"{prefix}/curves": (COLUMNS, rows)},
+        csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table)})

@@ -1,9 +1,6 @@
 """Example figures: images next to their cold / warm reconstructions and code-energy maps; atom grids.
 
-:func:`plot_examples` lays out whatever reconstructions it is given (one column each) plus the code
-energy Σ_k a_k² at every code position (where the code spends its activity); :func:`examples_figure`
-computes them directly with a model (the notebook uses it); the convergence experiment passes the
-reconstructions it kept during its traced runs.
+The code-energy map Σ_k a_k² at each code position shows where the code spends its activity.
 """
 
 from __future__ import annotations
@@ -21,24 +18,18 @@ __all__ = ["examples_figure", "plot_atoms", "plot_examples"]
 
 
 def _show(ax: Any, img: Tensor) -> None:
+    """A (C, H, W) [0, 1] image on ``ax`` (grey for one channel)."""
     arr = img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
     gray = arr.shape[-1] == 1
-    ax.imshow(
-        arr[..., 0] if gray else arr, cmap="gray" if gray else None, vmin=0, vmax=1, interpolation="nearest"
-    )
+    ax.imshow(arr[..., 0] if gray else arr, cmap="gray" if gray else None, vmin=0, vmax=1,
+              interpolation="nearest")
 
 
-def plot_examples(
-    images: Tensor, recons: Mapping[str, Tensor], codes: Mapping[str, Tensor] | None = None, title: str = ""
-) -> Any:
-    """A grid: one row per image; columns = the image, each reconstruction, each code-energy map.
-
-    Args:
-        images: clean [0, 1] images (n, C, H, W).
-        recons: column title -> [0, 1] reconstructions (n, C, H, W); PSNR is printed under each.
-        codes: column title -> activations (n, K, H', W'); shown as Σa² maps with a shared colour scale
-            per row, ℓ0 printed under each.
-    """
+def plot_examples(images: Tensor, recons: Mapping[str, Tensor], codes: Mapping[str, Tensor] | None = None,
+                  title: str = "") -> Any:
+    """A grid, one row per image (n, C, H, W): the image, each reconstruction (column title -> [0, 1]
+    images, PSNR under each) and each code (column title -> (n, K, H', W') activations, as Σa² maps on a
+    shared colour scale per row, ℓ0 under each)."""
     import matplotlib.pyplot as plt
 
     codes = dict(codes or {})
@@ -64,13 +55,11 @@ def plot_examples(
 
 
 @torch.no_grad()
-def examples_figure(
-    model: EvalModel, images: Tensor, iters: Sequence[int] = (10, 1000), title: str = ""
-) -> Any:
-    """Run cold LCA and WARP-LCA on ``images`` for each budget in ``iters`` and plot the examples grid
-    (codes shown at the largest budget)."""
-    device = model.dictionary.weight.device
-    images = images.to(device)
+def examples_figure(model: EvalModel, images: Tensor, iters: Sequence[int] = (10, 1000),
+                    title: str = "") -> Any:
+    """:func:`plot_examples` of cold LCA and WARP-LCA on ``images`` at each budget in ``iters`` (codes at
+    the largest)."""
+    images = images.to(model.dictionary.weight.device)
     x = model.preprocess(images)
     recons: dict[str, Tensor] = {}
     codes: dict[str, Tensor] = {}

@@ -1,12 +1,8 @@
 """The experiments as the ``evaluate`` command and the pipeline's ``report`` stage run them.
 
-Both read their settings through :func:`eval_settings` (the ``eval`` node over the YAML defaults of
-``conf/eval/``), take their images through :func:`eval_images` and measure the convergence experiment
-through :func:`run_convergence`, so the main job's closing table and ``python evaluate.py`` agree;
-both write results through :func:`warplca.evaluation.report.write_result`.
-
-Library code (stages, the study) imports from here, never from the command module
-:mod:`warplca.tasks.evaluate`.
+Both take settings from :func:`eval_settings`, images from :func:`eval_images` and the convergence
+experiment from :func:`run_convergence`, so the main job's closing table and ``python evaluate.py``
+agree. Library code imports from here, never from the command module :mod:`warplca.tasks.evaluate`.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ MODES = ("convergence", "thresholds", "denoise", "ood", "robustness")
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``over`` merged into a deep copy of ``base``, recursively."""
     out = copy.deepcopy(dict(base))
     for k, v in (over or {}).items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
@@ -52,11 +49,8 @@ def _resolved(cfg: Any, values: dict[str, Any]) -> dict[str, Any]:
 def eval_settings(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
     """The evaluation settings of ``cfg`` as plain Python, with the YAML as the only source of defaults.
 
-    The shared settings and the ``convergence`` section come from ``conf/eval/convergence.yaml`` (with
-    ``common.yaml``), the ``eval`` node of ``cfg`` (if any; the train config has none unless given) merged
-    over them; ``modes`` is only what the node names. The section of each other mode in ``modes``
-    (``thresholds``, ``denoise``, ``ood``) is the node's, keys it leaves out taken from that mode's own
-    ``conf/eval/<mode>.yaml``.
+    ``cfg``'s ``eval`` node (if any) is merged over ``conf/eval/convergence.yaml``; ``modes`` is only what
+    the node names, and each other mode's section takes the keys it leaves out from ``conf/eval/<mode>.yaml``.
     """
     settings = option_defaults("eval", "convergence")
     settings.pop("modes", None)
@@ -76,8 +70,7 @@ def eval_images(dm: Any, model: EvalModel, split: str, n_images: int | None) -> 
     """The first ``n_images`` of ``split``, channels matched to the model (grey -> RGB, RGB -> luminance)."""
     from warplca.evaluation.ood import match_channels
 
-    images = load_images(dm, split, n_images)
-    images, note = match_channels(images, model.dictionary.in_channels)
+    images, note = match_channels(load_images(dm, split, n_images), model.dictionary.in_channels)
     if note:
         log.warning("evaluation data: %s", note)
     return images
@@ -85,8 +78,7 @@ def eval_images(dm: Any, model: EvalModel, split: str, n_images: int | None) -> 
 
 def run_convergence(model: EvalModel, images: Any, settings: Mapping[str, Any], name: str = "",
                     show_progress: bool = True, device: Any = None) -> Any:
-    """Experiment 1 measured with the :func:`eval_settings` ``settings`` (T defaults to the bundle's
-    ``lca.iters``); returns the :class:`~warplca.evaluation.convergence.ConvergenceResult`."""
+    """Experiment 1's ``ConvergenceResult`` with the :func:`eval_settings` ``settings`` (T: ``lca.iters``)."""
     from warplca.evaluation.convergence import TimingSettings, measure_convergence
 
     conv = settings["convergence"]
@@ -94,5 +86,4 @@ def run_convergence(model: EvalModel, images: Any, settings: Mapping[str, Any], 
         model, images, iters=int(settings.get("iters") or model.lca.iters), ks=conv.get("ks"),
         budgets=settings["budgets"], batch_size=int(settings["batch_size"]),
         timing=TimingSettings(**conv["timing"]), examples=int(conv["examples"]["images"]),
-        examples_iters=int(conv["examples"]["iters"]), name=name, show_progress=show_progress, device=device,
-    )
+        examples_iters=int(conv["examples"]["iters"]), name=name, show_progress=show_progress, device=device)

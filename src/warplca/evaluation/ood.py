@@ -1,18 +1,8 @@
 """Experiment 4 — out of distribution (README, "Experiments and reports").
 
-A bundle trained on one dataset is applied, unchanged (its own normalisation, dictionary and
-predictor), to other datasets and to larger images — WARP-CNN is fully convolutional, so 64×64 or
-96×96 inputs just give larger state maps. Each source is a datamodule config plus a split, or
-``photos``: deterministic crops of scikit-image's bundled grayscale photos of other scenes
-(:func:`photo_crops`; camera, brick, grass, gravel, moon, coins, clock — loaded as 3 equal channels).
-A source whose files are missing (STL-10, Pets without ``paths.data_dir`` contents) is skipped with a
-note. Channel mismatches are bridged when that is lossless in meaning: 1-channel images (digits) are
-replicated to 3 channels, 3-channel images are converted to luminance for a 1-channel model.
-
-Energies are compared per pixel value (``energy_norm`` = E / (C·H·W)) across image sets, since image
-sizes differ; within an image set, :func:`cold_warm_rows` compares cold LCA and WARP-LCA directly
-(mean energy and ℓ0 at k = 0, 1, 10 and the budgets, warm ≤ cold?). :func:`measure_ood` measures;
-:func:`~warplca.evaluation.report.write_result` writes.
+A bundle is applied unchanged to other datasets, larger images and photo crops (:func:`photo_crops`);
+missing datasets are skipped with a note, channels matched (:func:`match_channels`). Energies are
+compared per pixel value (E / C·H·W), since image sizes differ.
 """
 
 from __future__ import annotations
@@ -28,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warplca.data import DatasetNotFoundError, luminance
+from warplca.data.natural import load_photo
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -57,6 +49,7 @@ COMPARE_COLUMNS = [
     "dataset", "size", "n_images", "k", "cold_energy", "warm_energy", "warm_le_cold", "warm_le_cold_frac",
     "cold_energy_norm", "warm_energy_norm", "cold_l0", "warm_l0", "start_guard_frac",
 ]
+MATCH_KEYS = ("iterations_to_match", "matched_frac")
 #: iteration counts the comparison always reports (plus the experiment's budgets)
 COMPARE_KS = (0, 1, 10)
 #: scikit-image's bundled grayscale photos of natural scenes: in no split of the RGB natural data (the
@@ -66,9 +59,8 @@ PHOTOS = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock_motion")
 
 @dataclass
 class OODSource:
-    """One evaluation dataset: a name, a datamodule config (``name``/``_target_`` + kwargs) and a split,
-    or ``photos`` (keyword arguments of :func:`photo_crops` but ``n``), and how many images to take
-    (None: the experiment's default)."""
+    """One evaluation dataset: a datamodule config (``name``/``_target_`` + kwargs) and split, or ``photos``
+    (:func:`photo_crops` kwargs but ``n``); ``n_images`` None: the experiment's default."""
 
     name: str
     data: Mapping[str, Any] = field(default_factory=dict)
@@ -78,6 +70,7 @@ class OODSource:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> OODSource:
+        """A source from its ``eval.ood.sources`` entry; ValueError names what is wrong."""
         d = _plain(cfg)
         if "name" not in d:
             raise ValueError(f"an OOD source needs a name, got {d}")
@@ -94,34 +87,24 @@ class OODSource:
                    n_images=d.get("n_images"), photos=dict(d["photos"]) if d.get("photos") else None)
 
 
-def photo_crops(
-    names: Sequence[str] = PHOTOS,
-    crop_size: int = 32,
-    n: int = 32,
-    scale: float = 0.5,
-    seed: int = 0,
-    min_std: float = 0.02,
-) -> Tensor:
+def photo_crops(names: Sequence[str] = PHOTOS, crop_size: int = 32, n: int = 32, scale: float = 0.5,
+                seed: int = 0, min_std: float = 0.02) -> Tensor:
     """``n`` deterministic ``crop_size`` crops (N, 3, c, c) in [0, 1] of bundled photos, round robin.
 
-    Image i comes from ``names[i % len(names)]`` (the first len(names) images: one per photo), each photo
-    downscaled by ``scale`` (the natural data's default 0.5) through
-    :func:`warplca.data.natural.load_photo` (grey photos: 3 equal channels). A photo's crop positions come
-    from its own generator (``seed`` and the photo's name), in fixed batches of candidates of which those
-    with pixel std ≥ ``min_std`` are kept in order: the crops of one photo do not depend on ``n`` or on
-    the other photos. A crop larger than a photo raises ValueError.
+    Image i comes from ``names[i % len(names)]``, downscaled by ``scale`` (``data.natural.load_photo``).
+    Each photo draws candidates from its own generator (``seed``, its name) and keeps those
+    with pixel std ≥ ``min_std``, so its crops depend on neither ``n`` nor the other photos. A crop larger
+    than a photo raises ValueError.
     """
-    from warplca.data.natural import load_photo
-
     names = [str(p) for p in names]
     if not names:
         raise ValueError("photo_crops needs at least one photo name")
     c, n = int(crop_size), int(n)
     if c < 1 or n < 1:
         raise ValueError(f"crop_size and n must be >= 1, got crop_size={crop_size}, n={n}")
-    want = [len(range(i, n, len(names))) for i in range(len(names))]
-    per_photo: list[Tensor] = []
-    for name, count in zip(names, want, strict=True):
+    per_photo: list[list[Tensor]] = []
+    for i, name in enumerate(names):
+        count = len(range(i, n, len(names)))
         photo = load_photo(name, scale)
         h, w = photo.shape[-2:]
         if c > min(h, w):
@@ -131,19 +114,14 @@ def photo_crops(
         for _ in range(200):
             if len(kept) >= count:
                 break
-            tops = torch.randint(0, h - c + 1, (64,), generator=gen)
-            lefts = torch.randint(0, w - c + 1, (64,), generator=gen)
-            for top, left in zip(tops.tolist(), lefts.tolist(), strict=True):
-                crop = photo[:, top : top + c, left : left + c]
-                if float(crop.std()) >= min_std:
-                    kept.append(crop)
-                    if len(kept) == count:
-                        break
+            tops = torch.randint(0, h - c + 1, (64,), generator=gen).tolist()
+            lefts = torch.randint(0, w - c + 1, (64,), generator=gen).tolist()
+            crops = [photo[:, top : top + c, left : left + c] for top, left in zip(tops, lefts, strict=True)]
+            kept += [crop for crop in crops if float(crop.std()) >= min_std]
         if len(kept) < count:
             raise ValueError(f"photo {name!r}: fewer than {count} {c}×{c} crops with pixel std ≥ {min_std}")
-        per_photo.append(torch.stack(kept) if kept else photo.new_zeros((0, 3, c, c)))
-    order = [per_photo[i % len(names)][i // len(names)] for i in range(n)]
-    return torch.stack(order).contiguous()
+        per_photo.append(kept[:count])
+    return torch.stack([per_photo[i % len(names)][i // len(names)] for i in range(n)]).contiguous()
 
 
 def match_channels(images: Tensor, channels: int) -> tuple[Tensor, str | None]:
@@ -154,16 +132,12 @@ def match_channels(images: Tensor, channels: int) -> tuple[Tensor, str | None]:
     if have == 1 and channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous(), "grey images replicated to 3 channels"
     if have == 3 and channels == 1:
-        from warplca.data import luminance
-
         return luminance(images), "colour images converted to luminance"
     raise ValueError(f"cannot feed {have}-channel images to a {channels}-channel model")
 
 
 def load_source(source: OODSource, channels: int, default_n: int) -> tuple[Tensor | None, str | None]:
     """Images of a source (matched to ``channels``) and a note; (None, reason) when it is unavailable."""
-    from warplca.data import DatasetNotFoundError
-
     n = source.n_images or default_n
     try:
         if source.photos:
@@ -175,30 +149,23 @@ def load_source(source: OODSource, channels: int, default_n: int) -> tuple[Tenso
         return None, f"skipped: {exc}"
 
 
-def cold_warm_rows(
-    curves: Mapping[str, Mapping[str, Curves]], ks: Sequence[int], sizes: Mapping[str, str] | None = None
-) -> list[dict[str, Any]]:
-    """Cold LCA vs WARP-LCA per image set and k ∈ ``ks`` (those ≤ T; pure): mean energy (and per pixel
-    value), mean ℓ0 (active coefficients per image), whether warm ≤ cold on the means and the fraction
-    of images where it holds, and the fraction of images whose start the start guard sent back."""
+def cold_warm_rows(curves: Mapping[str, Mapping[str, Curves]], ks: Sequence[int],
+                   sizes: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Cold LCA vs WARP-LCA per image set and k ∈ ``ks`` (≤ T): mean energy (and per pixel value), mean
+    ℓ0, warm ≤ cold on the means and per image, and the share of starts the start guard sent back."""
     rows = []
     for name, cond in curves.items():
         cold, warm = cond["cold"], cond["warm"]
         for k in sorted({int(k) for k in ks if 0 <= int(k) <= min(cold.total, warm.total)}):
             ce, we = cold.energy[k], warm.energy[k]
             rows.append({
-                "dataset": name,
-                "size": (sizes or {}).get(name, ""),
-                "n_images": cold.n_images,
-                "k": k,
-                "cold_energy": float(ce.mean()),
-                "warm_energy": float(we.mean()),
+                "dataset": name, "size": (sizes or {}).get(name, ""), "n_images": cold.n_images, "k": k,
+                "cold_energy": float(ce.mean()), "warm_energy": float(we.mean()),
                 "warm_le_cold": bool(we.mean() <= ce.mean()),
                 "warm_le_cold_frac": float((we <= ce).double().mean()),
                 "cold_energy_norm": float(ce.mean()) / cold.numel,
                 "warm_energy_norm": float(we.mean()) / warm.numel,
-                "cold_l0": float(cold.l0[k].mean()),
-                "warm_l0": float(warm.l0[k].mean()),
+                "cold_l0": float(cold.l0[k].mean()), "warm_l0": float(warm.l0[k].mean()),
                 "start_guard_frac": warm.guard_frac,
             })
     return rows
@@ -206,17 +173,12 @@ def cold_warm_rows(
 
 def cold_warm_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """:func:`cold_warm_rows` as a markdown table (✓ where WARP-LCA's mean energy is ≤ cold LCA's)."""
-    shown = [
-        dict(r, le="✓" if r["warm_le_cold"] else "✗ (warm higher)",
-             frac=f"{100 * r['warm_le_cold_frac']:.0f}%")
-        for r in rows
-    ]
+    shown = [dict(r, le="✓" if r["warm_le_cold"] else "✗ (warm higher)",
+                  frac=f"{100 * r['warm_le_cold_frac']:.0f}%") for r in rows]
     return markdown_table(
-        shown,
-        ["dataset", "size", "k", "cold_energy", "warm_energy", "le", "frac", "cold_l0", "warm_l0"],
+        shown, ["dataset", "size", "k", "cold_energy", "warm_energy", "le", "frac", "cold_l0", "warm_l0"],
         ["dataset", "size", "iterations", "energy cold", "energy warm", "warm ≤ cold", "images warm ≤ cold",
-         "ℓ0 cold", "ℓ0 warm"],
-    )
+         "ℓ0 cold", "ℓ0 warm"])
 
 
 def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 1000,
@@ -225,18 +187,15 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
                 device: torch.device | None = None) -> ExperimentResult:
     """Cold LCA vs WARP-LCA on each source (and the in-distribution ``reference`` images, if given).
 
-    Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets),
-    ``<prefix>_cold_vs_warm.csv`` (:func:`cold_warm_rows` at k = 0, 1, 10 and the budgets), ``<prefix>.png``.
-    Metrics: ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>``, ``<prefix>/<dataset>/warm_le_cold@<k>``,
-    ``<prefix>/<dataset>/iterations_to_match`` and ``<prefix>/<dataset>/start_guard_frac``.
+    Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets), ``<prefix>.png``,
+    ``<prefix>_cold_vs_warm.csv`` (:func:`cold_warm_rows` at k = 0, 1, 10 and the budgets). Metrics:
+    ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>``, ``…/warm_le_cold@<k>``, ``…/iterations_to_match``, …
     """
     total = int(iters)
     budgets = budget_list(budgets, total)
     notes: list[str] = []
-    datasets: list[tuple[str, Tensor, str | None]] = []
-    if reference is not None:
-        note = "in distribution (the training data's test split)"
-        datasets.append((reference[0], reference[1][:n_images], note))
+    datasets: list[tuple[str, Tensor, str | None]] = [] if reference is None else [
+        (reference[0], reference[1][:n_images], "in distribution (the training data's test split)")]
     for source in sources:
         images, note = load_source(source, model.dictionary.in_channels, n_images)
         if images is None:
@@ -258,28 +217,20 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
     p = prefix
     metrics = row_metrics(p, table, ("energy_norm", "psnr", "ssim", "l0_frac"), "dataset")
     for name, images, note in datasets:
-        metrics[f"{p}/{name}/iterations_to_match"] = matches[name]["iterations_to_match"]
-        metrics[f"{p}/{name}/matched_frac"] = matches[name]["matched_frac"]
+        metrics.update({f"{p}/{name}/{key}": matches[name][key] for key in MATCH_KEYS})
         metrics[f"{p}/{name}/n_images"] = float(images.shape[0])
         if note:
             notes.append(f"`{name}` ({sizes[name]}, {images.shape[0]} images): {note}")
     for r in compare:
         name, k = r["dataset"], r["k"]
-        for method in METHODS:
-            metrics[f"{p}/{name}/{method}/energy@{k}"] = r[f"{method}_energy"]
-            metrics[f"{p}/{name}/{method}/l0@{k}"] = r[f"{method}_l0"]
+        metrics.update({f"{p}/{name}/{m}/{q}@{k}": r[f"{m}_{q}"] for m in METHODS for q in ("energy", "l0")})
         metrics[f"{p}/{name}/warm_le_cold@{k}"] = float(r["warm_le_cold"])
         metrics[f"{p}/{name}/start_guard_frac"] = r["start_guard_frac"]
 
     info = describe_model(model)
     title = f"Out of distribution — {info['threshold']} threshold, λ={fmt(info['lam'])}, T={total}"
-    md = [
-        "## Out of distribution",
-        "",
-        f"{title}. The bundle is applied unchanged (its own normalisation); energy per pixel value "
-        f"(E / C·H·W) makes image sizes comparable.",
-        "",
-    ]
+    md = ["## Out of distribution", "", f"{title}. The bundle is applied unchanged (its own normalisation); "
+          "energy per pixel value (E / C·H·W) makes image sizes comparable.", ""]
     figures: dict[str, Figure] = {}
     if curves:
         figures["plot"] = Figure(f"{p}.png", "out-of-distribution curves", lambda: plot_sets(
@@ -289,37 +240,25 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
                  for r in compare if r["k"] == 0 and not math.isnan(r["start_guard_frac"])]
         md += [
             markdown_table(
-                shown,
-                ["dataset", "size", "method", "k", "energy_norm", "psnr", "ssim", "l0_frac"],
+                shown, ["dataset", "size", "method", "k", "energy_norm", "psnr", "ssim", "l0_frac"],
                 ["dataset", "size", "method", "iterations", "energy / value", "PSNR (dB)", "SSIM",
-                 "ℓ0 fraction"],
-            ),
+                 "ℓ0 fraction"]),
             *(f"- **{name}**: {match_sentence(m)}" for name, m in matches.items()),
-            "",
-            "### Cold LCA vs WARP-LCA per image set",
-            "",
+            "", "### Cold LCA vs WARP-LCA per image set", "",
             "Mean energy ½‖x − Φa‖² + ΣP(a) and mean ℓ0 (active coefficients per image) after k iterations; "
             "warm ≤ cold on the means, and the share of images where it holds per image.",
             "",
             cold_warm_markdown(compare),
             *(["Start guard (WARP-LCA started cold because the predicted start's energy exceeded ½‖x‖²): "
                + ", ".join(guard) + " of the images."] if guard else []),
-            "",
-            figures["plot"].link,
+            "", figures["plot"].link,
         ]
     else:
         md.append("No dataset could be evaluated.")
-    summary = [{"dataset": n, **{k: m[k] for k in ("iterations_to_match", "matched_frac")}}
-               for n, m in matches.items()]
+    summary = [{"dataset": n, **{k: m[k] for k in MATCH_KEYS}} for n, m in matches.items()]
     return ExperimentResult.from_lines(
-        prefix, md, notes,
-        metrics=metrics,
+        prefix, md, notes, metrics=metrics, figures=figures,
         csv={f"{p}.csv": (COLUMNS, rows), f"{p}_table.csv": (COLUMNS, table),
              f"{p}_cold_vs_warm.csv": (COMPARE_COLUMNS, compare)},
-        figures=figures,
-        tables={
-            f"{p}/curves": (COLUMNS, rows),
-            f"{p}/iterations_to_match": (["dataset", "iterations_to_match", "matched_frac"], summary),
-            f"{p}/cold_vs_warm": (COMPARE_COLUMNS, compare),
-        },
-    )
+        tables={f"{p}/curves": (COLUMNS, rows), f"{p}/cold_vs_warm": (COMPARE_COLUMNS, compare),
+                f"{p}/iterations_to_match": (["dataset", *MATCH_KEYS], summary)})

@@ -1,7 +1,6 @@
 """Figures of the experiments, drawn from measured :class:`~warplca.evaluation.curves.Curves`.
 
-Every function returns a matplotlib figure and writes nothing; the experiments wrap them in
-:class:`~warplca.evaluation.common.Figure` specs that :func:`warplca.evaluation.report.write_result` draws.
+Every function returns a matplotlib figure and writes nothing.
 """
 
 from __future__ import annotations
@@ -39,17 +38,13 @@ def finish_figure(fig: Any, title: str) -> Any:
 def style_iteration_axes(panels: Iterable[tuple[Any, str, str]], legend_size: float = 7) -> None:
     """Log-x "LCA iterations" axes with a y label, title, grid and legend, for (ax, ylabel, title) panels."""
     for ax, ylabel, title in panels:
-        ax.set_xscale("log")
-        ax.set_xlabel("LCA iterations")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set(xscale="log", xlabel="LCA iterations", ylabel=ylabel, title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=legend_size)
 
 
-def plot_convergence(
-    curves: Mapping[str, Curves], title: str = "", match: Mapping[str, Any] | None = None
-) -> Any:
+def plot_convergence(curves: Mapping[str, Curves], title: str = "",
+                     match: Mapping[str, Any] | None = None) -> Any:
     """2×2 figure: energy, PSNR, SSIM and ℓ0 (means over images) against iterations, log x."""
     import matplotlib.pyplot as plt
 
@@ -62,19 +57,14 @@ def plot_convergence(
         axes[1, 0].plot(*c.checkpoint_means("ssim"), "o-", ms=3, **style)
         axes[1, 1].plot(it, c.l0[1:].mean(1).numpy(), **style)
     if "cold" in curves:
-        ref = float(curves["cold"].energy[-1].mean())
-        axes[0, 0].axhline(ref, color="gray", ls=":", lw=1, label=f"cold energy at T={curves['cold'].total}")
+        axes[0, 0].axhline(float(curves["cold"].energy[-1].mean()), color="gray", ls=":", lw=1,
+                           label=f"cold energy at T={curves['cold'].total}")
     k = math.nan if match is None else match["iterations_to_match"]
     if not math.isnan(k) and k >= 1:
         axes[0, 0].axvline(k, color="tab:green", ls="--", lw=1, label=f"iterations-to-match = {int(k)}")
-    labels = [
-        ("energy (mean per image)", "Energy ½‖x − Φa‖² + ΣP(a)"),
-        ("PSNR (dB)", "PSNR vs clean image"),
-        ("SSIM", "SSIM vs clean image"),
-        ("active coefficients ℓ0 per image", "Sparsity"),
-    ]
-    style_iteration_axes(((ax, ylabel, sub) for ax, (ylabel, sub) in zip(axes.flat, labels, strict=True)),
-                         legend_size=8)
+    labels = [("energy (mean per image)", "Energy ½‖x − Φa‖² + ΣP(a)"), ("PSNR (dB)", "PSNR vs clean image"),
+              ("SSIM", "SSIM vs clean image"), ("active coefficients ℓ0 per image", "Sparsity")]
+    style_iteration_axes(((ax, *lab) for ax, lab in zip(axes.flat, labels, strict=True)), legend_size=8)
     energies = torch.cat([c.energy[1:].mean(1) for c in curves.values()])
     if bool((energies > 0).all()) and float(energies.max() / energies.min()) > 20:
         axes[0, 0].set_yscale("log")
@@ -84,9 +74,8 @@ def plot_convergence(
 def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
     """Equal-energy iterations, log–log: x = WARP-LCA iterations, y = cold iterations to the same mean energy.
 
-    The line is the warm-budget rows (mean curves) with the per-image 25–75 % band; the hollow squares
-    are the cold-budget rows (x = WARP-LCA iterations to reach cold's energy at y); the dotted diagonals
-    mark speed-ups 1×, 10×, 100×. "Never within T" is drawn at T with a triangle pointing out of the plot.
+    Line + 25–75 % band: warm-budget rows; hollow squares: cold-budget rows; diagonals: 1×, 10×, 100×
+    speed-ups; "never within T": a triangle at T pointing out of the plot.
     """
     import matplotlib.pyplot as plt
 
@@ -96,10 +85,8 @@ def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     clip = lambda v: min(max(float(v), 1.0), float(total))  # noqa: E731 - the log axes span [1, T]
     if warm:
-        ks = [int(r["k"]) for r in warm]
-        lo = [clip(r["q25_iterations"]) for r in warm]
-        hi = [clip(r["q75_iterations"]) for r in warm]
-        ax.fill_between(ks, lo, hi, color="tab:orange", alpha=0.2, lw=0,
+        ax.fill_between([int(r["k"]) for r in warm], [clip(r["q25_iterations"]) for r in warm],
+                        [clip(r["q75_iterations"]) for r in warm], color="tab:orange", alpha=0.2, lw=0,
                         label="per image: 25–75 % (clipped to [1, T])")
         ok = [(int(r["k"]), float(r["cold_iterations"])) for r in warm
               if 1 <= float(r["cold_iterations"]) < math.inf]
@@ -120,8 +107,7 @@ def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
         ax.plot([total] * len(never), never, ">", color="tab:purple", ms=8,
                 label=f"WARP-LCA never reaches it within T = {total}")
     span = [1.0, float(total)]
-    for factor, style in ((1, ":"), (10, "--"), (100, "--")):
-        alpha = 0.8 if factor == 1 else 0.4
+    for factor, style, alpha in ((1, ":", 0.8), (10, "--", 0.4), (100, "--", 0.4)):
         ax.plot(span, [v * factor for v in span], style, color="gray", lw=0.8, alpha=alpha)
         if factor <= total:
             ax.annotate(f"{factor}×" if factor > 1 else "1× (y = x)", (1.05, factor * 1.05), color="gray",
@@ -138,10 +124,9 @@ def plot_speedup(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
 
 def plot_sets(curves: Mapping[str, Mapping[str, Curves]], panels: Sequence[str], title: str,
               figsize: tuple[float, float]) -> Any:
-    """One panel per metric of :data:`SET_PANELS` against iterations; one colour per image set (or
-    threshold), dashed = cold LCA, solid = WARP-LCA (said after ``title``). ``rel_energy`` divides by each
-    set's own cold energy at T, since energies of different penalties or image sizes are not comparable in
-    absolute terms."""
+    """One panel per metric of :data:`SET_PANELS` against iterations, one colour per image set (or
+    threshold), dashed = cold LCA, solid = WARP-LCA; ``rel_energy`` is relative to each set's cold energy
+    at T."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
@@ -152,11 +137,9 @@ def plot_sets(curves: Mapping[str, Mapping[str, Curves]], panels: Sequence[str],
             style = {"ls": "--" if method == "cold" else "-", "color": cmap(i % 10),
                      "label": f"{name} — {METHODS.get(method, method)}"}
             it = torch.arange(1, c.total + 1).numpy()
-            trace = {
-                "energy_norm": (c.energy[1:] / c.numel).mean(1),
-                "rel_energy": c.energy[1:].mean(1) / ref,
-                "l0_frac": (c.l0[1:] / c.code_numel).mean(1),
-            }
+            e = c.energy[1:]
+            trace = {"energy_norm": (e / c.numel).mean(1), "rel_energy": e.mean(1) / ref,
+                     "l0_frac": (c.l0[1:] / c.code_numel).mean(1)}
             for ax, panel in zip(axes[0], panels, strict=True):
                 if panel == "psnr":
                     ax.plot(*c.checkpoint_means("psnr"), marker="o", ms=3, **style)
@@ -168,9 +151,8 @@ def plot_sets(curves: Mapping[str, Mapping[str, Curves]], panels: Sequence[str],
     return finish_figure(fig, title + " (dashed: cold LCA, solid: WARP-LCA)")
 
 
-def plot_denoise(
-    curves: Mapping[float, Mapping[str, Curves]], noisy: Mapping[float, tuple[float, float]], title: str = ""
-) -> Any:
+def plot_denoise(curves: Mapping[float, Mapping[str, Curves]], noisy: Mapping[float, tuple[float, float]],
+                 title: str = "") -> Any:
     """PSNR (top) and SSIM (bottom) vs iterations per σ; the noisy input as a dotted baseline."""
     import matplotlib.pyplot as plt
 
@@ -178,13 +160,12 @@ def plot_denoise(
     fig, axes = plt.subplots(2, len(sigmas), figsize=(4.2 * len(sigmas), 7), squeeze=False)
     panels = []
     for j, sigma in enumerate(sigmas):
-        for row, (metric, name) in enumerate((("psnr", "PSNR"), ("ssim", "SSIM"))):
+        for row, (metric, name, unit) in enumerate((("psnr", "PSNR", " (dB)"), ("ssim", "SSIM", ""))):
             ax = axes[row, j]
             for method, c in curves[sigma].items():
                 ax.plot(*c.checkpoint_means(metric), "o-", ms=3, color=COLORS.get(method),
                         label=METHODS.get(method, method))
             ax.axhline(noisy[sigma][row], color="gray", ls=":", label="noisy input")
-            ylabel = f"{name}{' (dB)' if metric == 'psnr' else ''} vs clean"
-            panels.append((ax, ylabel, f"σ = {sigma:g}: {name}"))
+            panels.append((ax, f"{name}{unit} vs clean", f"σ = {sigma:g}: {name}"))
     style_iteration_axes(panels, legend_size=8)
     return finish_figure(fig, title or "Denoising: reconstruction of the noisy image vs the clean image")

@@ -1,21 +1,13 @@
 """Writing evaluation results: metrics.json (merged), CSV tables, report.md sections, logger output.
 
-:func:`write_result` is the one writer of every experiment: from an
-:class:`~warplca.evaluation.common.ExperimentResult` (what the experiment measured) it produces, in its
-output directory,
-
-- CSV tables — one row per (condition, iteration count); plain ``csv`` module, header first;
-- PNG figures — drawn from the measured data through :func:`warplca.plotting.save_png`;
-- its ``report.md`` section, between ``<!-- warplca:<name> -->`` markers, so re-running one experiment
-  replaces its own section and keeps the others;
-- optionally its metrics, *merged* into ``metrics.json`` (one flat object per section);
-
-and sends the same scalars, images and tables to the run's Lightning loggers (:func:`log_to_loggers`;
-wandb: ``wandb.Table`` for curves and images; TensorBoard: images and text; CSV: scalars only).
+:func:`write_result` is the one writer of every :class:`~warplca.evaluation.common.ExperimentResult`.
+Report sections sit between ``<!-- warplca:<name> -->`` markers, so re-running one experiment replaces
+only its own section.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -23,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,14 +72,12 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def merge_metrics(
-    path: str | os.PathLike, metrics: Mapping[str, Any], section: str | None = None
-) -> dict[str, Any]:
+def merge_metrics(path: str | os.PathLike, metrics: Mapping[str, Any],
+                  section: str | None = None) -> dict[str, Any]:
     """Merge ``metrics`` into the JSON object at ``path`` (a file or a directory) and return the result.
 
-    The pipeline's ``metrics.json`` is ``{"<stage>": {"<key>": value}}``; with ``section`` the metrics go
-    into that sub-object (``"eval"`` for ``evaluate.py``). Keys written by other stages are kept; keys
-    in ``metrics`` replace older values of the same name.
+    With ``section`` the metrics go into that sub-object (``{"<stage>": {"<key>": value}}``, ``"eval"``
+    for ``evaluate.py``); other keys are kept, keys in ``metrics`` replace older values.
     """
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":
@@ -114,9 +105,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[s
     return out
 
 
-def write_csv(
-    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
-) -> Path:
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+              columns: Sequence[str] | None = None) -> Path:
     """Rows of dicts -> CSV with a header; columns default to the union of keys in first-seen order."""
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -165,12 +155,8 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def markdown_table(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str],
-    headers: Sequence[str] | None = None,
-    digits: int = 4,
-) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                   headers: Sequence[str] | None = None, digits: int = 4) -> str:
     """A GitHub-flavoured markdown table of ``rows`` (dicts) restricted to ``columns``."""
     headers = list(headers) if headers is not None else list(columns)
     body = [[fmt(row.get(c), digits) for c in columns] for row in rows]
@@ -181,37 +167,25 @@ def markdown_table(
     return "\n".join(out) + "\n"
 
 
-def write_report_section(
-    out_dir: str | os.PathLike, name: str, markdown: str, filename: str = REPORT_NAME
-) -> Path:
+def write_report_section(out_dir: str | os.PathLike, name: str, markdown: str,
+                         filename: str = REPORT_NAME) -> Path:
     """Replace (or append) the section ``name`` of ``<out_dir>/report.md``; other sections stay."""
     path = Path(out_dir) / filename
     start, end = f"<!-- warplca:{name} -->", f"<!-- /warplca:{name} -->"
     block = f"{start}\n{markdown.rstrip()}\n{end}\n"
     text = path.read_text(encoding="utf-8") if path.is_file() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
-    text = (
-        pattern.sub(lambda _: block, text, count=1)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block
-    )
-    return write_text_atomic(path, text)
+    text, found = pattern.subn(lambda _: block, text, count=1)
+    return write_text_atomic(path, text if found else text.rstrip() + "\n\n" + block)
 
 
 # -- the writer ----------------------------------------------------------------------------------
-def write_result(
-    result: ExperimentResult,
-    out_dir: str | os.PathLike,
-    loggers: Iterable[Any] | None = None,
-    prefix: str = "eval",
-    metrics_section: str | None = None,
-) -> dict[str, Path]:
+def write_result(result: ExperimentResult, out_dir: str | os.PathLike, loggers: Iterable[Any] | None = None,
+                 prefix: str = "eval", metrics_section: str | None = None) -> dict[str, Path]:
     """Write everything an experiment produces into ``out_dir``; returns the files (``result.files``).
 
-    CSV tables (``result.csv``), PNG figures (``result.figures``, drawn now), the report.md section
-    ``result.name``, the metrics merged into ``metrics.json`` under ``metrics_section`` (None: not
-    written, e.g. for a pipeline stage whose runner stores the metrics it returns), and scalars, images,
-    tables and the section's markdown to ``loggers``, every key under ``prefix``.
+    Metrics go into ``metrics.json`` only under a ``metrics_section`` (None: a pipeline stage whose runner
+    stores what it returns); every logger key is under ``prefix``.
     """
     from warplca.plotting import save_png
 
@@ -223,45 +197,29 @@ def write_result(
     write_report_section(out_dir, result.name, result.markdown)
     if metrics_section is not None:
         merge_metrics(out_dir, result.metrics, section=metrics_section)
-    log_to_loggers(
-        loggers,
-        {f"{prefix}/{k}": v for k, v in result.metrics.items()},
-        images={f"{prefix}/{result.name}/{key}": result.files[key] for key in result.figures},
-        tables={f"{prefix}/{k}": v for k, v in result.tables.items()},
-        text={f"{prefix}/{result.name}/report": result.markdown},
-    )
+    log_to_loggers(loggers, {f"{prefix}/{k}": v for k, v in result.metrics.items()},
+                   images={f"{prefix}/{result.name}/{key}": result.files[key] for key in result.figures},
+                   tables={f"{prefix}/{k}": v for k, v in result.tables.items()},
+                   text={f"{prefix}/{result.name}/report": result.markdown})
     return result.files
 
 
 # -- loggers ---------------------------------------------------------------------------------------------
-def log_to_loggers(
-    loggers: Iterable[Any] | None,
-    metrics: Mapping[str, Any] | None = None,
-    images: Mapping[str, Any] | None = None,
-    tables: Mapping[str, tuple[Sequence[str], Sequence[Mapping[str, Any]]]] | None = None,
-    text: Mapping[str, str] | None = None,
-) -> None:
-    """Send evaluation results to Lightning loggers.
-
-    Args:
-        loggers: Lightning logger objects (CSV, TensorBoard, wandb, …); None or empty -> nothing.
-        metrics: flat scalars (``log_metrics``; NaN/None skipped).
-        images: key -> PNG path or (H, W, 3) array (wandb ``log_image``; TensorBoard ``add_image``).
-        tables: key -> (columns, rows) (wandb ``log_table`` = a ``wandb.Table``; others: ignored, the
-            CSV files in the run directory hold them).
-        text: key -> markdown (TensorBoard ``add_text``; wandb: a one-cell table).
-    """
+def log_to_loggers(loggers: Iterable[Any] | None, metrics: Mapping[str, Any] | None = None,
+                   images: Mapping[str, Any] | None = None,
+                   tables: Mapping[str, tuple[Sequence[str], Sequence[Mapping[str, Any]]]] | None = None,
+                   text: Mapping[str, str] | None = None) -> None:
+    """Send evaluation results to Lightning loggers: flat scalars (NaN/None skipped) to all; images (PNG
+    path or (H, W, 3) array) and markdown ``text`` to wandb and TensorBoard; ``tables`` (columns, rows) to
+    wandb only (``wandb.Table``; elsewhere the CSV files hold them). A failing logger only warns."""
     loggers = [lg for lg in (loggers or []) if lg is not None]
     if not loggers:
         return
     scalars = {}
     for k, v in (metrics or {}).items():
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            scalars[k] = f
+        with contextlib.suppress(TypeError, ValueError):  # None, strings: not scalars
+            if math.isfinite(f := float(v)):
+                scalars[k] = f
     arrays = {k: _as_image(v) for k, v in (images or {}).items()}
     for lg in loggers:
         kind = type(lg).__name__
@@ -310,29 +268,19 @@ _SECTION = re.compile(r"<!-- warplca:([\w.-]+) -->\n(.*?)<!-- /warplca:\1 -->", 
 SECTION_ORDER = ("convergence", "thresholds", "denoise", "ood", "robustness", "sweep", "pipeline")
 
 
-def write_results_page(
-    out_dir: str | os.PathLike,
-    page: str | os.PathLike,
-    command: str,
-    figures_dir: str | os.PathLike | None = None,
-    title: str = "Results",
-) -> Path:
+def write_results_page(out_dir: str | os.PathLike, page: str | os.PathLike, command: str,
+                       figures_dir: str | os.PathLike | None = None, title: str = "Results") -> Path:
     """Turn ``<out_dir>/report.md`` into a README-ready page at ``page`` (e.g. ``docs/results.md``).
 
-    The figures the report links are copied into ``figures_dir`` (default: ``figures/`` next to the page)
-    and the links rewritten relative to the page, so the page renders on GitHub wherever the run lived.
-    ``command`` is printed at the top: the exact command that regenerates the page.
+    Linked figures are copied into ``figures_dir`` (default: ``figures/`` next to the page) and relinked
+    relative to the page; ``command``, the command that regenerates the page, is printed at the top.
     """
-    import shutil
-
     out_dir = Path(out_dir)
     page = Path(page).expanduser()
     report = out_dir / REPORT_NAME
     if not report.is_file():
-        raise FileNotFoundError(
-            f"{report}: no report to build the results page from; run an evaluation first "
-            f"(python evaluate.py run_dir={out_dir} eval=convergence)"
-        )
+        raise FileNotFoundError(f"{report}: no report to build the results page from; run an evaluation "
+                                f"first (python evaluate.py run_dir={out_dir} eval=convergence)")
     figures = Path(figures_dir) if figures_dir is not None else page.parent / "figures"
     text = report.read_text(encoding="utf-8")
     sections = {m.group(1): m.group(2).strip() for m in _SECTION.finditer(text)}

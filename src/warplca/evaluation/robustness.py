@@ -1,19 +1,8 @@
 """Noisy-classification robustness: corrupted test sets and the ``robustness.csv`` table, plot and markdown.
 
-Shared by the ``classify`` stage (which writes the artifacts) and the report (which reads them).
-
-- Conditions are ``(corruption, level)`` pairs; ``("clean", 0.0)`` comes first. Levels read on the
-  scales documented in :mod:`warplca.data.corruptions` (σ on [0, 1] for Gaussian noise, …).
-- :class:`CorruptedDataset` corrupts item ``i`` of a dataset with its own seed derived from
-  ``(seed, i)``: the corrupted test set is the same whatever the batch size, the number of workers or
-  the DDP sharding, and different images get independent noise.
-- ``robustness.csv`` has exactly the columns :data:`CSV_COLUMNS`
-  (``frontend, corruption, level, accuracy, ms_per_image``), one row per front end × condition.
-- ``accuracy`` is the plain (micro-averaged) accuracy of one condition's test set: correctly
-  classified images / images, in [0, 1] (not balanced accuracy, the mean of per-class recalls).
-- The mean corruption accuracy (mCA) of a front end is the unweighted mean of those accuracies over
-  all corrupted conditions (every corruption × level, clean excluded).
-- :func:`robustness_result` turns a run's ``robustness.csv`` into a report section.
+Shared by the ``classify`` stage (writes the artifacts) and the report (reads them). Conditions are
+``(corruption, level)`` pairs, ``("clean", 0.0)`` first. ``accuracy`` is micro-averaged (correct / images,
+in [0, 1]); mCA, the mean corruption accuracy, is its unweighted mean over every corruption × level.
 """
 
 from __future__ import annotations
@@ -48,13 +37,10 @@ ACCURACY_NOTE = ("Accuracy: correctly classified test images / test images (micr
 Condition = tuple[str, float]
 
 
-def robustness_conditions(
-    levels: Mapping[str, Sequence[float]] | None = None, include_clean: bool = True
-) -> list[Condition]:
-    """``[("clean", 0.0), (corruption, level), …]`` in the order given (default: ``DEFAULT_LEVELS``).
-
-    Raises ValueError for unknown corruptions, no levels, or negative / non-finite levels.
-    """
+def robustness_conditions(levels: Mapping[str, Sequence[float]] | None = None,
+                          include_clean: bool = True) -> list[Condition]:
+    """``[("clean", 0.0), (corruption, level), …]`` in the order given (default: ``DEFAULT_LEVELS``);
+    ValueError for unknown corruptions, no levels, or negative / non-finite levels."""
     levels = DEFAULT_LEVELS if levels is None else levels
     out: list[Condition] = [(CLEAN, 0.0)] if include_clean else []
     for name, values in levels.items():
@@ -77,20 +63,14 @@ def condition_name(corruption: str, level: float) -> str:
 
 
 def item_seed(seed: int, index: int) -> int:
-    """Seed for item ``index`` of a corrupted set (``corrupt`` mixes it with the corruption and level).
-
-    torch's CPU generator keeps only the low 32 bits of a seed, so the mix stays in 32 bits: distinct
-    indices of one set always get distinct seeds, and the set seed shifts them by a large odd
-    (golden-ratio) constant.
-    """
+    """Seed for item ``index`` of a corrupted set: distinct per index within 32 bits (all torch's CPU
+    generator keeps), shifted by the set seed times an odd golden-ratio constant."""
     return (int(index) + int(seed) * 0x9E3779B9) % 2**32
 
 
 class CorruptedDataset(Dataset):
-    """Items ``(corrupt(image_i, corruption, level, item_seed(seed, i)), label_i)`` of a base dataset.
-
-    ``corruption == "clean"`` passes images through. Base items are ``(image (C, H, W) in [0, 1], label)``.
-    """
+    """Items ``(corrupt(image_i, corruption, level, item_seed(seed, i)), label_i)`` of a base dataset of
+    ``(image (C, H, W) in [0, 1], label)``: the same whatever the batching, workers or DDP sharding."""
 
     def __init__(self, base: Dataset, corruption: str, level: float, seed: int = 0) -> None:
         if corruption != CLEAN and corruption not in CORRUPTIONS:
@@ -107,8 +87,7 @@ class CorruptedDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Any]]:
-        """A batch of items at once (the DataLoader's batched fetch): deterministic corruptions such
-        as blur run as one batched call, random ones with one generator per item."""
+        """A batch of items at once (the DataLoader's batched fetch; see :func:`corrupted_tensor`)."""
         items = [self.base[int(i)] for i in indices]
         if self.corruption == CLEAN or not items:
             return items
@@ -123,8 +102,9 @@ DETERMINISTIC = frozenset({"gaussian_blur"})
 
 def corrupted_tensor(images: Tensor, corruption: str, level: float, seed: int = 0,
                      indices: Sequence[int] | None = None) -> Tensor:
-    """Corrupt images (N, C, H, W) as items ``indices`` (default ``0..N−1``) of a corrupted set:
-    row j equals ``CorruptedDataset(base, corruption, level, seed)[indices[j]][0]``."""
+    """Corrupt images (N, C, H, W) as items ``indices`` (default ``0..N−1``) of a corrupted set: row j equals
+    ``CorruptedDataset(base, corruption, level, seed)[indices[j]][0]``. Blur runs as one batched call,
+    random corruptions with one generator per item."""
     if corruption == CLEAN:
         return images.clone()
     if corruption in DETERMINISTIC:
@@ -168,67 +148,51 @@ def _corruptions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per front end: ``clean`` (accuracy = correct / images on the clean test set), ``mca`` (mean
-    corruption accuracy: mean of the accuracies over every corruption × level), ``<corruption>``
-    (mean over its levels) and ``ms_per_image`` (mean over conditions)."""
+    """Per front end: ``clean`` accuracy, ``mca``, ``<corruption>`` (mean over its levels) and
+    ``ms_per_image`` (mean over conditions)."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
     out: dict[str, dict[str, float]] = {}
     for fe in _frontends(rows):
         mine = [r for r in rows if r["frontend"] == fe]
-        corrupted = [float(r["accuracy"]) for r in mine if r["corruption"] != CLEAN]
-        clean = [float(r["accuracy"]) for r in mine if r["corruption"] == CLEAN]
-        summary = {
-            "clean": clean[0] if clean else math.nan,
-            "mca": sum(corrupted) / len(corrupted) if corrupted else math.nan,
-            "ms_per_image": sum(float(r["ms_per_image"]) for r in mine) / len(mine),
+        acc = {c: [float(r["accuracy"]) for r in mine if r["corruption"] == c]
+               for c in (CLEAN, *_corruptions(mine))}
+        out[fe] = {
+            "clean": acc[CLEAN][0] if acc[CLEAN] else math.nan,
+            "mca": mean([a for c, accs in acc.items() if c != CLEAN for a in accs]),
+            "ms_per_image": mean([float(r["ms_per_image"]) for r in mine]),
+            **{c: mean(accs) for c, accs in acc.items() if c != CLEAN},
         }
-        for name in _corruptions(mine):
-            accs = [float(r["accuracy"]) for r in mine if r["corruption"] == name]
-            summary[name] = sum(accs) / len(accs)
-        out[fe] = summary
     return out
 
 
 def robustness_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = "Noisy classification") -> str:
-    """Markdown: a summary table (clean, mCA, per-corruption means, ms/image per front end) and one
-    accuracy table per corruption (levels × front ends). Accuracies in percent, micro-averaged
-    (correct / images); a line under the summary table says so."""
+    """Markdown: a summary table (clean, mCA, per-corruption means, ms/image per front end), then one
+    accuracy table (%) per corruption (levels × front ends)."""
     rows = list(rows)
-    fes = _frontends(rows)
-    corrs = _corruptions(rows)
-    summary = robustness_summary(rows)
-    lines: list[str] = [f"## {title}", ""] if title else []
+    fes, corrs = _frontends(rows), _corruptions(rows)
+    line = lambda cells: "| " + " | ".join(cells) + " |"
     head = ["front end", "clean acc. %", "mCA %", *corrs, "ms / image"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for fe in fes:
-        s = summary[fe]
-        cells = [fe, _pct(s["clean"]), _pct(s["mca"]), *(_pct(s.get(c, math.nan)) for c in corrs),
-                 f"{s['ms_per_image']:.3g}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [*([f"## {title}", ""] if title else []), line(head), "|" + "---|" * len(head)]
+    lines += [line([fe, _pct(s["clean"]), _pct(s["mca"]), *(_pct(s.get(c, math.nan)) for c in corrs),
+                    f"{s['ms_per_image']:.3g}"]) for fe, s in robustness_summary(rows).items()]
     lines += ["", ACCURACY_NOTE]
     acc = {(str(r["frontend"]), str(r["corruption"]), float(r["level"])): float(r["accuracy"]) for r in rows}
     for corr in corrs:
         levels = sorted({float(r["level"]) for r in rows if r["corruption"] == corr})
-        lines += [
-            "",
-            f"**{corr}** (accuracy % = correct / images, level 0 = clean)",
-            "",
-            "| level | " + " | ".join(fes) + " |",
-            "|" + "---|" * (len(fes) + 1),
-        ]
-        for level in [0.0, *levels]:
-            key_corr = CLEAN if level == 0.0 else corr
-            cells = [_pct(acc.get((fe, key_corr, level), math.nan)) for fe in fes]
-            lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
+        lines += ["", f"**{corr}** (accuracy % = correct / images, level 0 = clean)", "",
+                  line(["level", *fes]), "|" + "---|" * (len(fes) + 1)]
+        lines += [line([f"{level:g}", *(_pct(acc.get((fe, CLEAN if level == 0.0 else corr, level), math.nan))
+                                        for fe in fes)]) for level in [0.0, *levels]]
     return "\n".join(lines) + "\n"
 
 
 def _pct(x: float) -> str:
+    """A [0, 1] accuracy as a percentage with one decimal ("–" for NaN)."""
     return "–" if math.isnan(x) else f"{100.0 * x:.1f}"
 
 
 def robustness_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """Accuracy (correct / images, %) vs level, one panel per corruption, one line per front end (clean
-    accuracy at level 0)."""
+    """Accuracy (%) vs level, one panel per corruption, one line per front end (clean at level 0)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -246,8 +210,7 @@ def robustness_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
             pts = [(0.0, clean[0])] + pts if clean else pts
             if pts:
                 ax.plot([p[0] for p in pts], [100.0 * p[1] for p in pts], marker="o", ms=3, label=fe)
-        ax.set_title(corr)
-        ax.set_xlabel("level")
+        ax.set(title=corr, xlabel="level")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (% correct)")
     axes[0][-1].legend(fontsize=8)
@@ -263,12 +226,9 @@ def save_robustness_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
 
 
 def robustness_result(run_dir: str | os.PathLike) -> ExperimentResult:
-    """Experiment 5 as a report section: the classify stage's ``robustness.csv`` (accuracy per front end,
-    corruption and level; micro-averaged: correct / images) as a markdown table, mean corruption
-    accuracies ``robustness/<front end>/<clean|mca|corruption|ms_per_image>`` and ``robustness.png``.
-
-    Classification is not re-run here (it needs the trained classifier); without the CSV the section says so.
-    """
+    """Experiment 5 as a report section from the classify stage's ``robustness.csv``: markdown tables,
+    metrics ``robustness/<front end>/<clean|mca|corruption|ms_per_image>`` and ``robustness.png``.
+    Nothing is re-classified; without the CSV the section says so."""
     csv_path = Path(run_dir) / "robustness.csv"
     if not csv_path.is_file():
         note = (f"no `{csv_path.name}` in `{run_dir}`: run the classify stage first "
@@ -279,9 +239,6 @@ def robustness_result(run_dir: str | os.PathLike) -> ExperimentResult:
     metrics = {f"robustness/{fe}/{key}": float(value)
                for fe, summary in robustness_summary(rows).items() for key, value in summary.items()}
     return ExperimentResult(
-        name="robustness",
-        metrics=metrics,
+        name="robustness", metrics=metrics, figures={"plot": figure},
         markdown=robustness_markdown(rows).rstrip() + f"\n\n{figure.link}\n",
-        figures={"plot": figure},
-        tables={"robustness/accuracy": (list(CSV_COLUMNS), [dict(r) for r in rows])},
-    )
+        tables={"robustness/accuracy": (list(CSV_COLUMNS), [dict(r) for r in rows])})

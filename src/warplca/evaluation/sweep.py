@@ -1,15 +1,8 @@
 """Sweep summaries (docs/scaling.md, "Sweeps"): gather a Hydra multirun directory into one table and plots.
 
-``python train.py -m lca.lam=0.25,0.5,1.0`` (or ``hparams_search=lam``) leaves one job directory per
-point, each with ``.hydra/overrides.yaml`` (what was swept) and, when it finished, ``metrics.json``.
-:func:`summarize_sweep` reads them all into ``sweep_summary.csv`` (one row per job: status, the
-overridden values, every metric flattened as ``stage/key``), draws ``sweep_<param>.png`` for every
-parameter that varies (selected metrics against that parameter, one line per combination of the other
-swept parameters) and writes ``sweep_summary.md``. When exactly two parameters vary
-(``hparams_search=warm_map``: λ × normalisation) it also draws ``sweep_map.png`` (one heat map per
-selected metric) and writes one pivot table per metric into the markdown. A job with a ``FAILED``
-marker (its exception, written by the task wrapper) or without ``metrics.json`` (crashed, killed, still
-running) is a row with status ``failed``.
+:func:`summarize_sweep` writes ``sweep_summary.csv`` / ``.md``, ``sweep_<param>.png`` per varying
+parameter and, for exactly two (e.g. ``hparams_search=warm_map``), ``sweep_map.png`` and pivot tables.
+A job with a ``FAILED`` marker or without ``metrics.json`` has status ``failed``.
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from warplca.evaluation.common import ExperimentResult
 from warplca.evaluation.plots import finish_figure
@@ -58,35 +52,22 @@ class SweepJob:
 
     @property
     def name(self) -> str:
+        """The job directory's name."""
         return self.path.name
 
 
-def _natural_key(p: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
-
-
 def find_jobs(sweep_dir: str | os.PathLike) -> list[Path]:
-    """Job directories under ``sweep_dir``: every directory holding ``.hydra/overrides.yaml``."""
+    """Job directories under ``sweep_dir`` (those holding ``.hydra/overrides.yaml``), in natural order."""
     root = Path(sweep_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such sweep directory (pass sweep_dir=<the multirun dir>)")
     jobs = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
-    return sorted(jobs, key=_natural_key)
-
-
-def _value(text: str) -> Any:
-    """Override values as numbers when they are numbers (``0.5`` -> 0.5), else the string."""
-    import yaml
-
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return v if isinstance(v, (int, float, bool, str)) or v is None else text
+    return sorted(jobs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
 def parse_overrides(lines: Sequence[str]) -> dict[str, Any]:
-    """Hydra override strings (``lca.lam=0.5``, ``+x=1``, ``~y``) -> {key: value}."""
+    """Hydra override strings (``lca.lam=0.5``, ``+x=1``, ``~y``) -> {key: value}; values that YAML reads
+    as a scalar (``0.5`` -> 0.5) are typed, others stay strings."""
     out: dict[str, Any] = {}
     for line in lines:
         line = str(line).strip()
@@ -96,20 +77,21 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, Any]:
         key = key.lstrip("+~")
         if key.startswith("hydra.") or key in ("hydra", "sweep_dir"):
             continue
-        out[key] = _value(value)
+        try:
+            typed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            typed = value
+        out[key] = typed if isinstance(typed, (int, float, bool, str)) or typed is None else value
     return out
 
 
 def read_job(path: str | os.PathLike) -> SweepJob:
     """Read one job directory (overrides + metrics); no or unreadable ``metrics.json`` -> ``failed``."""
-    import yaml
-
     path = Path(path)
     job = SweepJob(path=path)
     try:
         job.overrides = parse_overrides(
-            yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
-        )
+            yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or [])
     except (OSError, yaml.YAMLError) as exc:
         job.error = f"unreadable overrides: {exc}"
     try:
@@ -117,16 +99,12 @@ def read_job(path: str | os.PathLike) -> SweepJob:
     except ValueError as exc:
         raw = {}
         job.error = str(exc)
-    numbers = {k: float(v) if _is_number(v) else math.nan
-               for k, v in flatten(raw).items() if _is_number(v) or v is None}
-    job.metrics = numbers
+    job.metrics = {k: float(v) if _is_number(v) else math.nan
+                   for k, v in flatten(raw).items() if _is_number(v) or v is None}
     failure = read_failure(path)  # the FAILED marker the task wrapper writes when a sweep job fails
-    if failure is not None:
+    if failure is not None or not job.metrics:
         job.status = "failed"
-        job.error = failure
-    elif not numbers:
-        job.status = "failed"
-        job.error = job.error or "no metrics.json (the job failed or did not finish)"
+        job.error = failure or job.error or "no metrics.json (the job failed or did not finish)"
     return job
 
 
@@ -151,9 +129,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def plot_parameter(
-    jobs: Sequence[SweepJob], param: str, others: Sequence[str], metrics: Sequence[str]
-) -> Any:
+def plot_parameter(jobs: Sequence[SweepJob], param: str, others: Sequence[str],
+                   metrics: Sequence[str]) -> Any:
     """Each metric against ``param``; one line per combination of the ``others`` swept parameters."""
     import matplotlib.pyplot as plt
 
@@ -161,6 +138,7 @@ def plot_parameter(
     values = [j.overrides[param] for j in ok]
     numeric = all(_is_number(v) for v in values) and bool(values)
     cats = sorted({str(v) for v in values}) if not numeric else []
+    x = lambda j: j.overrides[param] if numeric else cats.index(str(j.overrides[param]))  # also the order
     ncols = max(1, len(metrics))
     fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 4.2), squeeze=False)
     groups: dict[tuple, list[SweepJob]] = {}
@@ -168,19 +146,15 @@ def plot_parameter(
         groups.setdefault(tuple(str(j.overrides.get(o)) for o in others), []).append(j)
     for ax, metric in zip(axes[0], metrics, strict=False):
         for gkey, members in sorted(groups.items()):
-            members = sorted(
-                members, key=lambda j: j.overrides[param] if numeric else str(j.overrides[param])
-            )
-            xs = [j.overrides[param] if numeric else cats.index(str(j.overrides[param])) for j in members]
-            ys = [j.metrics.get(metric, math.nan) for j in members]
+            members = sorted(members, key=x)
             label = ", ".join(f"{o}={v}" for o, v in zip(others, gkey, strict=True)) or None
-            ax.plot(xs, ys, "o-", label=label)
+            ys = [j.metrics.get(metric, math.nan) for j in members]
+            ax.plot([x(j) for j in members], ys, "o-", label=label)
         if numeric and values and min(values) > 0 and max(values) / min(values) >= 8:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(cats)), cats, rotation=30)
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
+        ax.set(xlabel=param, ylabel=metric)
         ax.set_title(metric, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         if others:
@@ -220,8 +194,7 @@ def plot_map(jobs: Sequence[SweepJob], rows: str, cols: str, metrics: Sequence[s
             ax.text(c, r, fmt(float(v), 3), ha="center", va="center", fontsize=8, color="w")
         ax.set_xticks(range(len(col_values)), [str(v) for v in col_values], rotation=30, fontsize=8)
         ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)
-        ax.set_xlabel(cols)
-        ax.set_ylabel(rows)
+        ax.set(xlabel=cols, ylabel=rows)
         ax.set_title(metric.split("/", 1)[-1], fontsize=8)
     fig.tight_layout()
     return fig
@@ -235,18 +208,12 @@ def _pivot_markdown(jobs: Sequence[SweepJob], rows: str, cols: str, metric: str)
     return f"`{metric}`\n\n" + markdown_table(table, columns, [f"{rows} \\ {cols}", *columns[1:]])
 
 
-def summarize_sweep(
-    sweep_dir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = None,
-    metrics: Sequence[str] | None = None,
-) -> ExperimentResult:
+def summarize_sweep(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                    metrics: Sequence[str] | None = None) -> ExperimentResult:
     """Build ``sweep_summary.csv``, ``sweep_<param>.png`` per swept parameter and ``sweep_summary.md``.
 
-    Args:
-        sweep_dir: the multirun directory (``hydra.sweep.dir``).
-        out_dir: where to write (default ``sweep_dir``).
-        metrics: metric names (or fragments of them) to plot; default: iterations-to-match, warm energy at
-            10, cold energy at 1000, warm PSNR at 10 where present, else the first four metrics.
+    ``sweep_dir``: the multirun directory; ``out_dir``: where to write (default ``sweep_dir``);
+    ``metrics``: metric names (or fragments) to plot (default: :data:`DEFAULT_METRICS` where present).
     """
     from warplca.plotting import save_png
 
@@ -273,31 +240,21 @@ def summarize_sweep(
     if len(plotted) == 2 and chosen:
         files["map"] = save_png(plot_map(jobs, plotted[0], plotted[1], chosen), out / "sweep_map.png")
     failed = [j for j in jobs if j.status != "ok"]
-    md = [
-        f"## Sweep summary: `{root}`",
-        "",
-        f"{len(jobs)} jobs ({len(jobs) - len(failed)} ok, {len(failed)} failed); swept: "
-        f"{', '.join(f'`{p}`' for p in swept) or '–'}.",
-        "",
-        markdown_table(rows, ["job", "status", *swept, *chosen], ["job", "status", *swept, *chosen]),
-    ]
+    md = [f"## Sweep summary: `{root}`", "", f"{len(jobs)} jobs ({len(jobs) - len(failed)} ok, {len(failed)} "
+          f"failed); swept: {', '.join(f'`{p}`' for p in swept) or '–'}.", "",
+          markdown_table(rows, ["job", "status", *swept, *chosen])]
     md += [f"![sweep over {p}]({f.name})" for k, f in files.items() if k.startswith("plot:") for p in [k[5:]]]
     if "map" in files:
-        md += ["", f"### Maps over {plotted[0]} × {plotted[1]}", ""]
-        md += [_pivot_markdown(jobs, plotted[0], plotted[1], metric) for metric in chosen]
-        md += [f"![map]({files['map'].name})"]
+        md += ["", f"### Maps over {plotted[0]} × {plotted[1]}", "",
+               *(_pivot_markdown(jobs, plotted[0], plotted[1], metric) for metric in chosen),
+               f"![map]({files['map'].name})"]
     if failed:
         md += ["", "Failed jobs:", *[f"- `{j.name}`: {j.error}" for j in failed]]
     md += ["", f"Regenerate: `python evaluate.py sweep_dir={root}`"]
     text = "\n".join(md) + "\n"
     files["md"] = write_text_atomic(out / "sweep_summary.md", "# warp-lca sweep\n\n" + text)
-    metrics_out = {"sweep/jobs": float(len(jobs)), "sweep/failed": float(len(failed))}
-    summary_rows = [{k: (fmt(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    shown = [{k: (fmt(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     return ExperimentResult(
-        name="sweep",
-        metrics=metrics_out,
-        markdown=text,
-        files=files,
-        tables={"sweep/summary": (columns, summary_rows)},
-        notes=[f"{j.name}: {j.error}" for j in failed],
-    )
+        name="sweep", metrics={"sweep/jobs": float(len(jobs)), "sweep/failed": float(len(failed))},
+        markdown=text, files=files, tables={"sweep/summary": (columns, shown)},
+        notes=[f"{j.name}: {j.error}" for j in failed])

@@ -1,10 +1,8 @@
 """Experiment 2 — other thresholds (README, "Experiments and reports").
 
-The convergence comparison for soft (ℓ1), cel0 (firm) and half (ℓ1/2) thresholds, each with its own
-WARP-CNN trained on states of that threshold (``python train.py experiment=thresholds_<name>``), next
-to the main run's hard-threshold bundle. Energies of different penalties are not comparable in
-absolute terms, so curves are shown relative to each threshold's own cold energy at T
-(E_k / E_cold(T): 1 is where cold LCA ends; below 1 is a better minimum).
+The convergence comparison for soft, cel0 and half thresholds, each with its own WARP-CNN
+(``python train.py experiment=thresholds_<name>``), next to the main run's bundle. Energies of different
+penalties are not comparable, so curves are relative to each threshold's cold energy at T.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from warplca.evaluation.common import (
     Figure,
     budget_list,
     describe_model,
-    find_bundle,
     load_model,
 )
 from warplca.evaluation.convergence import match_sentence
@@ -43,14 +40,10 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def load_threshold_models(
-    runs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike | None],
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, EvalModel], list[str]]:
-    """Load bundles from run dirs / ``.pt`` files; labels are the mapping keys or each bundle's threshold.
-
-    Missing runs are skipped with a note (they are trained separately, see the module doc).
-    """
+def load_threshold_models(runs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike | None],
+                          device: torch.device | str = "cpu") -> tuple[dict[str, EvalModel], list[str]]:
+    """Load bundles from run dirs / ``.pt`` files, labelled by the mapping keys or each bundle's threshold;
+    missing runs are skipped with a note."""
     items = list(runs.items()) if isinstance(runs, Mapping) else [(None, r) for r in runs]
     models: dict[str, EvalModel] = {}
     notes: list[str] = []
@@ -60,11 +53,10 @@ def load_threshold_models(
                          f"experiment=thresholds_{label}` and pass `eval.thresholds.runs.{label}=<run dir>`)")
             continue
         try:
-            find_bundle(path)
-        except FileNotFoundError as exc:
+            model = load_model(path, device)
+        except FileNotFoundError as exc:  # no bundle there
             notes.append(f"`{label or path}`: skipped: {exc}")
             continue
-        model = load_model(path, device)
         name = str(label) if label is not None else describe_model(model)["threshold"]
         if name in models:
             name = f"{name}:{Path(path).name}"
@@ -95,10 +87,8 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
                               show_progress=show_progress)
         curves[name] = cond
         ref = float(cond["cold"].energy[total].mean())
-        mine = curve_rows(cond, {"threshold": name, "lam": lam})
-        for row in mine:
-            row["rel_energy"] = row["energy"] / ref if ref else math.nan
-        rows += mine
+        rows += [dict(r, rel_energy=r["energy"] / ref if ref else math.nan)
+                 for r in curve_rows(cond, {"threshold": name, "lam": lam})]
         cold_t, warm_t = cond["cold"].at(total), cond["warm"].at(total)
         entry = {
             "threshold": name, "lam": lam, **{k: match[k] for k in SUMMARY_COLUMNS[2:6]},
@@ -116,13 +106,8 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
                                group="threshold"))
 
     title = f"Thresholds — {images.shape[0]} images {images.shape[-2]}×{images.shape[-1]}, T={total}"
-    md = [
-        "## Thresholds",
-        "",
-        f"{title}. Each threshold has its own WARP-CNN (trained with `experiment=thresholds_<name>`); "
-        "energies are relative to that threshold's cold LCA at T.",
-        "",
-    ]
+    md = ["## Thresholds", "", f"{title}. Each threshold has its own WARP-CNN (trained with "
+          "`experiment=thresholds_<name>`); energies are relative to that threshold's cold LCA at T.", ""]
     figures: dict[str, Figure] = {}
     if curves:
         figures["plot"] = Figure(f"{prefix}.png", "thresholds", lambda: plot_sets(
@@ -132,24 +117,16 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
             markdown_table(summary, SUMMARY_COLUMNS, [
                 "threshold", "λ", "iterations-to-match", "median (per image)", "matched", "speedup",
                 f"E_warm/E_cold @ {total}", f"PSNR cold @ {total}", f"PSNR warm @ {total}", "ℓ0 cold",
-                "ℓ0 warm",
-            ]),
+                "ℓ0 warm"]),
             markdown_table(
-                shown,
-                ["threshold", "method", "k", "rel_energy", "psnr", "ssim", "l0_frac"],
-                ["threshold", "method", "iterations", "E / E_cold(T)", "PSNR (dB)", "SSIM", "ℓ0 fraction"],
-            ),
-            *sentences,
-            "",
-            figures["plot"].link,
+                shown, ["threshold", "method", "k", "rel_energy", "psnr", "ssim", "l0_frac"],
+                ["threshold", "method", "iterations", "E / E_cold(T)", "PSNR (dB)", "SSIM", "ℓ0 fraction"]),
+            *sentences, "", figures["plot"].link,
         ]
     else:
         md.append("No threshold bundle was available.")
     return ExperimentResult.from_lines(
-        prefix, md, notes,
-        metrics=metrics,
+        prefix, md, notes, metrics=metrics, figures=figures,
         csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table),
              f"{prefix}_summary.csv": (SUMMARY_COLUMNS, summary)},
-        figures=figures,
-        tables={f"{prefix}/curves": (COLUMNS, rows), f"{prefix}/summary": (SUMMARY_COLUMNS, summary)},
-    )
+        tables={f"{prefix}/curves": (COLUMNS, rows), f"{prefix}/summary": (SUMMARY_COLUMNS, summary)})

@@ -1,9 +1,7 @@
 """Scoring WARP-CNN variants: the ablation and the learning curve of the warm start (README, "Results").
 
-Every variant (a loss, an input, a training-set size, an epoch count) is scored the same way, against
-one cold-LCA run on the same held-out images: warm-start energy after k ∈ budgets iterations,
-iterations-to-match (the first k at which the mean warm energy reaches cold LCA's mean energy at T),
-the final energy ratio warm / cold at T and ℓ0 at T. Pure evaluation: training lives in the tasks.
+Every variant is scored against one cold-LCA run on the same held-out images: energy at the budgets,
+iterations-to-match, the energy ratio warm / cold at T and ℓ0 at T. Training lives in the tasks.
 """
 
 from __future__ import annotations
@@ -35,11 +33,8 @@ def cold_reference(model: EvalModel, images: torch.Tensor, total: int, budgets: 
 def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budgets: Sequence[int],
                      batch_size: int = 64, device: torch.device | None = None, show_progress: bool = True,
                      desc: str = "") -> dict[str, float]:
-    """One variant's scores against ``cold`` (same images, same T = ``cold.total``).
-
-    Keys: ``iterations_to_match`` (NaN if never within T), ``matched_frac`` (images that match within T),
-    ``energy@k`` for k ∈ budgets ∪ {0, T}, ``energy_ratio@T`` (warm / cold), ``l0@T``.
-    """
+    """One variant's scores against ``cold`` (same images, T = ``cold.total``): ``iterations_to_match``
+    (NaN: never), ``matched_frac``, ``energy@k`` for k ∈ budgets ∪ {0, T}, ``energy_ratio@T``, ``l0@T``."""
     total = cold.total
     warm = run_curves(model, images, clip_ks(budgets, total), warm=True, batch_size=batch_size, device=device,
                       show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
@@ -54,13 +49,12 @@ def cold_row(cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
 
 def _row(curves: Curves, cold: Curves, budgets: Sequence[int], iterations_to_match: float,
          matched_frac: float) -> dict[str, float]:
+    """The score columns of ``curves`` against ``cold`` (see :func:`score_warm_start`)."""
     total = cold.total
-    row: dict[str, float] = {"iterations_to_match": iterations_to_match, "matched_frac": matched_frac}
-    for k in clip_ks(budgets, total):
-        row[f"energy@{k}"] = float(curves.energy[k].mean())
-    row["energy_ratio@T"] = float(curves.energy[total].mean() / cold.energy[total].mean())
-    row["l0@T"] = float(curves.l0[total].mean())
-    return row
+    return {"iterations_to_match": iterations_to_match, "matched_frac": matched_frac,
+            **{f"energy@{k}": float(curves.energy[k].mean()) for k in clip_ks(budgets, total)},
+            "energy_ratio@T": float(curves.energy[total].mean() / cold.energy[total].mean()),
+            "l0@T": float(curves.l0[total].mean())}
 
 
 def best_variant(rows: Sequence[Mapping[str, Any]], total: int) -> Mapping[str, Any]:
@@ -81,32 +75,30 @@ def score_columns(total: int, budgets: Sequence[int]) -> list[str]:
 def study_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], total: int,
                 budgets: Sequence[int]) -> str:
     """Markdown table: the variant keys, then the scores (iterations-to-match shown as "never" if NaN)."""
-    shown = []
-    for row in rows:
-        out = dict(row)
-        k = out.get("iterations_to_match")
-        if isinstance(k, float) and math.isnan(k):
-            out["iterations_to_match"] = f"never (> {total})"
-        elif isinstance(k, float):
-            out["iterations_to_match"] = int(k)
-        shown.append(out)
+    def shown(k: Any) -> Any:
+        if not isinstance(k, float):
+            return k
+        return f"never (> {total})" if math.isnan(k) else int(k)
+
     extra = [c for c in ("train_s", "params") if any(c in r for r in rows)]
-    columns = [*keys, *score_columns(total, budgets), *extra]
-    return markdown_table(shown, columns)
+    return markdown_table([dict(r, iterations_to_match=shown(r.get("iterations_to_match"))) for r in rows],
+                          [*keys, *score_columns(total, budgets), *extra])
 
 
-def _save(fig: Any, title: str, path: str | Path) -> Path:
-    """Title, tight layout, write the PNG, close the figure."""
+def _finish(fig: Any, axes: Sequence[Any], cold: Mapping[str, Any], total: int, title: str, path: str | Path,
+            early: int | None = None) -> Path:
+    """Cold LCA in both panels (T on the iterations-to-match axis; its energy at T, and at ``early`` if
+    given), legends, title; writes the PNG."""
     from warplca.plotting import save_png
 
+    axes[0].axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
+    axes[0].set_ylabel("iterations to match cold@T\n(never: drawn at T)")
+    axes[1].axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
+    if early is not None:
+        axes[1].axhline(cold[f"energy@{early}"], color="tab:gray", ls=":", lw=1, label=f"cold @{early}")
+    for ax in axes:
+        ax.legend(fontsize=8)
     return save_png(finish_figure(fig, title), path)
-
-
-def _cold_references(ax1: Any, ax2: Any, cold: Mapping[str, Any], total: int) -> None:
-    """Cold LCA in both panels: T on the iterations-to-match axis ``ax1``, its energy at T on ``ax2``."""
-    ax1.axhline(total, color="tab:blue", ls="--", lw=1, label=f"cold LCA: T = {total}")
-    ax1.set_ylabel("iterations to match cold@T\n(never: drawn at T)")
-    ax2.axhline(cold[f"energy@{total}"], color="tab:blue", ls="--", lw=1, label=f"cold @{total}")
 
 
 def _match_value(row: Mapping[str, Any], total: int) -> float:
@@ -124,20 +116,16 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], to
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(rows) + 4), 3.8))
     pos = list(range(len(rows)))
     ax1.bar(pos, [_match_value(r, total) for r in rows], color="tab:orange")
-    width = 0.4
-    ax2.bar([p - width / 2 for p in pos], [r[f"energy@{early}"] for r in rows], width, label=f"warm @{early}",
-            color="tab:orange")
-    ax2.bar([p + width / 2 for p in pos], [r[f"energy@{total}"] for r in rows], width, label=f"warm @{total}",
-            color="tab:red")
-    _cold_references(ax1, ax2, cold, total)
+    for shift, k, color in ((-0.2, early, "tab:orange"), (0.2, total, "tab:red")):
+        ax2.bar([p + shift for p in pos], [r[f"energy@{k}"] for r in rows], 0.4, label=f"warm @{k}",
+                color=color)
     ax1.set_ylim(0, 1.08 * total)
     ax2.set_ylabel("mean energy")
     for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, "WARP-CNN ablation: loss × input", path)
+    return _finish(fig, (ax1, ax2), cold, total, "WARP-CNN ablation: loss × input", path)
 
 
 def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
@@ -151,16 +139,13 @@ def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, An
         sizes = [int(r["train_size"]) for r in sub]
         ax1.plot(sizes, [_match_value(r, total) for r in sub], "o-", label=f"{epochs} epochs")
         ax2.plot(sizes, [r[f"energy@{early}"] for r in sub], "o-", label=f"{epochs} epochs")
-    _cold_references(ax1, ax2, cold, total)
-    ax2.axhline(cold[f"energy@{early}"], color="tab:gray", ls=":", lw=1, label=f"cold @{early}")
     ax1.set_yscale("log")
     ax2.set_ylabel(f"mean energy after {early} iterations")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training images (cached targets)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, "WARP-CNN learning curve", path)
+    return _finish(fig, (ax1, ax2), cold, total, "WARP-CNN learning curve", path, early)
 
 
 def format_scores(row: Mapping[str, Any], total: int, early: int) -> str:

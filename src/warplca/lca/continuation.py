@@ -1,11 +1,9 @@
 """λ-continuation: LCA with the threshold annealed from a large λ down to the target λ.
 
-With the hard threshold the energy is non-convex and cold LCA (u₀ = 0, fixed λ) settles in the
-first minimum it meets. Starting with a large threshold lets only the strongest atoms activate,
-then lowering it geometrically admits weaker ones: the run ends at the target λ in a lower,
-sparser minimum than cold LCA with the same number of steps. WARP-LCA can be trained to imitate
-these states instead of cold-LCA states (``targets.solver=continuation``); cold LCA at the target λ
-stays the baseline every report compares against.
+With the hard threshold cold LCA settles in the first minimum it meets. A large threshold first
+activates only the strongest atoms; lowering it geometrically admits weaker ones, ending at the target
+λ in a lower, sparser minimum for the same number of steps. WARP-LCA can imitate these states
+(``targets.solver=continuation``); cold LCA at the target λ stays the reports' baseline.
 """
 
 from __future__ import annotations
@@ -19,13 +17,8 @@ from warplca.lca.solver import LCA, LCAResult
 
 @dataclass(frozen=True)
 class Continuation:
-    """A geometric λ schedule.
-
-    Args:
-        start_factor: the first stage uses ``start_factor · λ`` (≥ 1).
-        stages: number of annealing stages from ``start_factor · λ`` to λ.
-        anneal_frac: fraction of the iterations spent annealing; the rest run at λ.
-    """
+    """A geometric λ schedule: ``stages`` annealing stages from ``start_factor``·λ (≥ 1) down to λ over
+    the fraction ``anneal_frac`` of the iterations; the rest run at λ."""
 
     start_factor: float = 4.0
     stages: int = 10
@@ -53,15 +46,13 @@ class Continuation:
 
 def solve_continuation(lca: LCA, x: Tensor, iters: int, schedule: Continuation | None = None,
                        u0: Tensor | None = None) -> LCAResult:
-    """Run ``iters`` LCA steps on ``x`` with λ annealed by ``schedule``; the last stage uses ``lca``'s λ.
+    """Run ``iters`` LCA steps on ``x`` with λ annealed by ``schedule`` down to ``lca``'s λ.
 
-    Every other setting (threshold kind, τ, non-negativity) is ``lca``'s; the result's energy is the
-    energy at the target λ.
+    Every other setting is ``lca``'s; the result's energy is the energy at the target λ.
     """
     schedule = schedule or Continuation()
     settings = {k: v for k, v in lca.settings().items() if k not in ("lam", "iters", "tol")}
-    u = u0
-    stages = schedule.schedule(lca.lam, iters)
+    u, stages = u0, schedule.schedule(lca.lam, iters)
     for lam, steps in stages[:-1]:
         u = LCA(lca.dictionary, lam=lam, **settings)(x, iters=steps, u0=u).u
     return lca(x, iters=stages[-1][1], u0=u)

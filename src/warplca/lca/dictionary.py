@@ -1,9 +1,7 @@
 """Convolutional dictionary Φ: ``n_atoms`` unit-norm atoms of shape C×k×k on a stride-s code grid.
 
-Synthesis (decode) ``Φa`` is the transposed convolution with "same" zero padding p = (k−1)//2 and
-the output padding that makes the image exactly H×W; analysis (encode) ``Φᵀr`` is the matching
-strided convolution, its exact adjoint. ``padding_mode="circular"`` switches both to periodic
-boundaries (what FFT-based solvers such as sporco use).
+Synthesis ``Φa`` is the transposed convolution with "same" zero padding p = (k−1)//2, cropped to H×W;
+analysis ``Φᵀr`` is its exact adjoint. ``padding_mode="circular"`` makes both periodic (as in sporco).
 """
 
 from __future__ import annotations
@@ -25,15 +23,10 @@ FORMAT = "warplca.dictionary"
 
 
 class ConvDictionary(nn.Module):
-    """A bank of unit-norm convolutional atoms with exact encode / decode operators.
+    """A bank of ``n_atoms`` unit-norm atoms (K, C, k, k) with exact encode / decode operators.
 
-    Args:
-        n_atoms: number of atoms K.
-        in_channels: image channels C.
-        kernel_size: odd atom size k.
-        stride: code-grid stride s ≥ 1 (codes are ⌈H/s⌉ × ⌈W/s⌉).
-        padding_mode: ``zeros`` ("same" zero padding) or ``circular``.
-        seed: seed of the random Gaussian initialisation (atoms are normalised after it).
+    ``kernel_size`` k is odd; codes are ⌈H/s⌉ × ⌈W/s⌉ for ``stride`` s; ``padding_mode`` is ``zeros``
+    or ``circular``; ``seed`` seeds the random Gaussian initialisation (normalised after it).
     """
 
     def __init__(self, n_atoms: int = 64, in_channels: int = 3, kernel_size: int = 9, stride: int = 1,
@@ -51,12 +44,10 @@ class ConvDictionary(nn.Module):
         self.stride = stride
         self.padding_mode = padding_mode
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        weight = torch.randn(n_atoms, in_channels, kernel_size, kernel_size, generator=gen)
-        self.weight = nn.Parameter(weight)
+        self.weight = nn.Parameter(torch.randn(n_atoms, in_channels, kernel_size, kernel_size, generator=gen))
         self.normalize_()
         self._norm_cache: dict[tuple, tuple[float, Tensor]] = {}
 
-    # -- geometry -------------------------------------------------------------------------------
     @property
     def n_atoms(self) -> int:
         return self.weight.shape[0]
@@ -69,19 +60,13 @@ class ConvDictionary(nn.Module):
     def kernel_size(self) -> int:
         return self.weight.shape[-1]
 
-    @property
-    def padding(self) -> int:
-        return (self.kernel_size - 1) // 2
-
     def code_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape (K, ⌈H/s⌉, ⌈W/s⌉) of the codes of an H×W image."""
         return (self.n_atoms, code_size(height, self.stride), code_size(width, self.stride))
 
     def extra_repr(self) -> str:
-        return (f"n_atoms={self.n_atoms}, in_channels={self.in_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding_mode={self.padding_mode!r}")
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
-    # -- atoms ----------------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_(self) -> ConvDictionary:
         """Rescale every atom to unit ℓ2 norm, in place (zero atoms are re-drawn)."""
@@ -104,10 +89,7 @@ class ConvDictionary(nn.Module):
         return op.from_grid(op.encode(op.pixels(x)))
 
     def decode(self, a: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """Synthesis Φa: codes (B, K, H', W') → images (B, C, H, W).
-
-        ``size`` is the image size (H, W); by default H = s·H'. Pass it for sizes not divisible by s.
-        """
+        """Synthesis Φa: codes (B, K, H', W') → images (B, C, H, W) of ``size`` (default s·H' × s·W')."""
         height, width = size if size is not None else (a.shape[-2] * self.stride, a.shape[-1] * self.stride)
         if self.code_shape(height, width)[1:] != tuple(a.shape[-2:]):
             raise ValueError(f"codes of spatial shape {tuple(a.shape[-2:])} do not belong to "
@@ -115,17 +97,14 @@ class ConvDictionary(nn.Module):
         op = self.operator(height, width)
         return op.image(op.decode(op.to_grid(a)))
 
-    # -- operator norm --------------------------------------------------------------------------
     @torch.no_grad()
     def operator_norm(self, height: int = 64, width: int | None = None, iters: int = 300,
                       rtol: float = 1e-5) -> float:
         """L = ‖Φ‖²_op = largest eigenvalue of ΦᵀΦ on H×W images.
 
-        Computed in float64 by restarted Lanczos (power iteration stalls for convolution operators,
-        whose top eigenvalues are nearly degenerate, and underestimates L by ~1e-3). ``iters``
-        caps the operator applications; the run stops when the Ritz residual ‖ΦᵀΦy − Ly‖ is below
-        ``rtol``·L. The result is cached per weight version and the eigenvector warm-starts the
-        next call, so re-checking a slowly changing dictionary (during learning) is cheap.
+        Float64 restarted Lanczos (power iteration stalls on the nearly degenerate top eigenvalues),
+        at most ``iters`` operator applications, stopping at a Ritz residual ≤ ``rtol``·L. Cached per
+        weight version; the eigenvector warm-starts the next call (cheap during learning).
         """
         width = height if width is None else width
         w = self.weight
@@ -148,18 +127,14 @@ class ConvDictionary(nn.Module):
         return value
 
     def top_eigenvector(self, height: int = 64, width: int | None = None) -> Tensor:
-        """Unit eigenvector (1, K, H', W') of ΦᵀΦ for L on H×W images (no gradient; weight dtype).
-
-        ``‖Φv‖²`` with this v is a differentiable estimate of L at the current atoms: the handle a
-        coherence penalty pushes on (see ``DictionaryLearning(coherence_weight=…)``).
-        """
+        """Unit eigenvector v (1, K, H', W') of ΦᵀΦ for L on H×W images (no gradient; weight dtype):
+        ``‖Φv‖²`` is a differentiable estimate of L (what a coherence penalty pushes on)."""
         width = height if width is None else width
         self.operator_norm(height, width)
         w = self.weight
         vec = self._norm_cache[("vec", height, width, w.device, w.dtype)][1]
         return (vec / vec.norm()).to(w.dtype)
 
-    # -- identity and persistence ---------------------------------------------------------------
     def fingerprint(self) -> str:
         """Short SHA-256 of the atoms and geometry: identifies the dictionary in caches and bundles."""
         h = hashlib.sha256()
@@ -174,6 +149,7 @@ class ConvDictionary(nn.Module):
                 "stride": self.stride, "padding_mode": self.padding_mode}
 
     def to_payload(self) -> dict:
+        """Config and atoms as plain objects (for :meth:`save` and bundles)."""
         return {"config": self.config(), "weight": self.weight.detach().cpu().clone()}
 
     @classmethod
@@ -191,17 +167,13 @@ class ConvDictionary(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ConvDictionary:
         """Read a dictionary written by :meth:`save`; a foreign or truncated file raises ValueError."""
-        payload = load_checked(path, FORMAT, map_location)
-        return cls.from_payload(payload)
+        return cls.from_payload(load_checked(path, FORMAT, map_location))
 
     @classmethod
     def from_weights(cls, weight: Tensor, stride: int = 1, padding_mode: str = "zeros",
                      normalize: bool = True, check_norm: bool = True) -> ConvDictionary:
-        """Wrap given atoms (n_atoms, C, k, k); they are normalised to unit norm unless told not to.
-
-        With ``normalize=False`` the atoms must already be unit-norm (``check_norm=False`` skips the
-        check: loading restores the saved atoms exactly).
-        """
+        """Wrap given atoms (n_atoms, C, k, k), normalised to unit norm unless ``normalize=False``;
+        then they must already be unit-norm (``check_norm=False`` skips the check, for loading)."""
         if not isinstance(weight, Tensor) or weight.dim() != 4:
             raise ValueError("weight must be a 4-D tensor (n_atoms, C, k, k), got "
                              f"{getattr(weight, 'shape', type(weight))}")
@@ -225,9 +197,8 @@ def _top_eigenpair(apply: Callable[[Tensor], Tensor], v: Tensor, max_apply: int,
                    max_basis: int = 64, budget_bytes: int = 256 * 2**20) -> tuple[float, Tensor]:
     """Largest eigenvalue and eigenvector of a symmetric PSD operator by restarted Lanczos.
 
-    Full re-orthogonalisation against a basis of at most ``max_basis`` vectors (fewer when they
-    would exceed ``budget_bytes``); at a full basis the run restarts from the top Ritz vector, so
-    the estimate never decreases. Stops when the Ritz residual is ≤ ``rtol``·θ, on an invariant
+    Fully re-orthogonalised basis of at most ``max_basis`` vectors (within ``budget_bytes``), restarted
+    from the top Ritz vector when full. Stops at a Ritz residual ≤ ``rtol``·θ, on an invariant
     subspace, or after ``max_apply`` operator applications.
     """
     shape, n = v.shape, v.numel()
@@ -247,10 +218,8 @@ def _top_eigenpair(apply: Callable[[Tensor], Tensor], v: Tensor, max_apply: int,
             w = w - q[: j + 1].T @ coef
             w = w - q[: j + 1].T @ (q[: j + 1] @ w)  # second pass: orthogonal to working precision
             beta = float(w.norm())
-            tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                off = torch.tensor(betas, dtype=torch.float64)
-                tri += torch.diag(off, 1) + torch.diag(off, -1)
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri = torch.diag(off.new_tensor(alphas)) + torch.diag(off, 1) + torch.diag(off, -1)
             evals, evecs = torch.linalg.eigh(tri)
             theta = float(evals[-1])
             resid = beta * abs(float(evecs[-1, -1]))

@@ -1,25 +1,18 @@
 """Fast synthesis Φ and analysis Φᵀ for one image size, as two stride-1 ``conv2d`` calls.
 
 A stride-s convolution with a k×k kernel equals a stride-1 convolution on the space-to-depth
-(``pixel_unshuffle``) image with a ⌈k/s⌉×⌈k/s⌉ kernel of C·s² input channels (the polyphase form).
-Its adjoint, the transposed convolution that decodes codes into images, is then an ordinary
-``conv2d`` with the flipped kernel followed by ``pixel_shuffle``. Plain ``conv2d`` is the most
-optimised kernel on every backend, whereas ``conv_transpose2d`` dominates a naive LCA step.
+(``pixel_unshuffle``) image with a ⌈k/s⌉×⌈k/s⌉ kernel of C·s² input channels (the polyphase form);
+its adjoint is an ordinary ``conv2d`` with the flipped kernel followed by ``pixel_shuffle``. Plain
+``conv2d`` is the most optimised kernel on every backend; ``conv_transpose2d`` dominates a naive LCA step.
 
-The solver keeps pixels in the space-to-depth domain for the whole run: the image x and each
-reconstruction Φa live there as tensors ``X̃`` of shape (B, C·s², rows, cols) covering exactly the
-image pixels (entries outside the image are masked to zero), so ‖x − Φa‖ = ‖X̃ − Φ̃a‖ and no
-shuffles are needed inside the loop. ``image()`` maps back to (B, C, H, W). Likewise codes live on
-the operator's own grid: ``to_grid`` / ``from_grid`` map (B, K, H', W') codes to it and back. It is
-the code grid itself, or — for thin convolutions (stride 1, few channels) on CPU — that grid read as
-2×2 interleaved grids of stride 2 (see :func:`auto_interleave`). The layout is NHWC where the
-convolution libraries are fastest in it, NCHW for CPU float64 (see :func:`conv_layout`).
+The solver keeps pixels in the space-to-depth domain (``pixels`` / ``image``), entries outside the
+image masked to zero so ‖x − Φa‖ = ‖X̃ − Φ̃a‖, and codes on the operator's grid (``to_grid`` /
+``from_grid``): the code grid, or for thin convolutions 2×2 interleaved grids (:func:`auto_interleave`).
 
-Operators (all exact adjoint pairs, checked against explicit matrices in the tests):
-``PolyphaseOperator`` (zero padding) and ``CircularPolyphaseOperator`` (periodic, H and W multiples
-of the block) are the fast ones; ``DirectOperator`` is the textbook form (``conv_transpose2d`` /
-``conv2d``) and ``CircularOperator`` its periodic version for any size, matching FFT-based solvers
-such as sporco. :func:`make_operator` chooses.
+Operators (exact adjoint pairs, checked against explicit matrices in the tests): ``PolyphaseOperator``
+(zero padding) and ``CircularPolyphaseOperator`` (periodic, H and W multiples of the block) are the fast
+ones; ``DirectOperator`` (``conv_transpose2d`` / ``conv2d``) and ``CircularOperator`` (periodic, any size,
+matching FFT-based solvers such as sporco) the textbook ones. :func:`make_operator` chooses.
 """
 
 from __future__ import annotations
@@ -32,9 +25,8 @@ from torch import Tensor
 
 
 def conv_layout(weight: Tensor) -> torch.memory_format:
-    """Memory layout for the solver's tensors: NHWC ("channels_last") where oneDNN / cuDNN have
-    fast kernels for it (CUDA; CPU float32 / float16 / bfloat16), NCHW for CPU float64, whose only
-    NHWC convolution is a slow reference path (~15× slower)."""
+    """Memory layout for the solver's tensors: NHWC where oneDNN / cuDNN have fast kernels for it,
+    NCHW for CPU float64, whose only NHWC convolution is a slow reference path (~15× slower)."""
     if weight.device.type == "cpu" and weight.dtype == torch.float64:
         return torch.contiguous_format
     return torch.channels_last
@@ -48,27 +40,20 @@ def code_size(size: int, stride: int) -> int:
 class DirectOperator:
     """Φ and Φᵀ with zero ("same") padding via ``conv_transpose2d`` and ``conv2d``."""
 
+    layout = torch.contiguous_format
+
     def __init__(self, weight: Tensor, stride: int, height: int, width: int) -> None:
         self.weight, self.stride, self.height, self.width = weight, stride, height, width
-        k = weight.shape[-1]
-        self.pad = (k - 1) // 2
-        self.code_shape = (weight.shape[0], code_size(height, stride), code_size(width, stride))
-        self.out_pad = (height - 1 - (self.code_shape[1] - 1) * stride,
-                        width - 1 - (self.code_shape[2] - 1) * stride)
-        self.grid_shape = self.code_shape
-        self.layout = torch.contiguous_format
+        self.pad = (weight.shape[-1] - 1) // 2
+        hc, wc = code_size(height, stride), code_size(width, stride)
+        self.code_shape = self.grid_shape = (weight.shape[0], hc, wc)
+        self.out_pad = (height - 1 - (hc - 1) * stride, width - 1 - (wc - 1) * stride)
 
     def to_grid(self, a: Tensor) -> Tensor:
+        """Identity: codes, pixels and their grids are the plain tensors here."""
         return a
 
-    def from_grid(self, g: Tensor) -> Tensor:
-        return g
-
-    def pixels(self, x: Tensor) -> Tensor:
-        return x
-
-    def image(self, xt: Tensor) -> Tensor:
-        return xt
+    from_grid = pixels = image = to_grid
 
     def decode(self, a: Tensor) -> Tensor:
         return F.conv_transpose2d(a, self.weight, stride=self.stride, padding=self.pad,
@@ -78,33 +63,18 @@ class DirectOperator:
         return F.conv2d(r, self.weight, stride=self.stride, padding=self.pad)
 
 
-class CircularOperator:
+class CircularOperator(DirectOperator):
     """Φ and Φᵀ with periodic boundaries (the atom centred on its code position)."""
 
     def __init__(self, weight: Tensor, stride: int, height: int, width: int) -> None:
-        self.weight, self.stride, self.height, self.width = weight, stride, height, width
-        k = weight.shape[-1]
-        self.pad = (k - 1) // 2
+        super().__init__(weight, stride, height, width)
         if self.pad > min(height, width):
             raise ValueError(f"circular padding needs images of at least {self.pad} pixels, "
                              f"got {height}×{width}")
-        self.code_shape = (weight.shape[0], code_size(height, stride), code_size(width, stride))
-        self.grid_shape = self.code_shape
-        self.layout = torch.contiguous_format
-
-    to_grid = DirectOperator.to_grid
-    from_grid = DirectOperator.from_grid
-
-    def pixels(self, x: Tensor) -> Tensor:
-        return x
-
-    def image(self, xt: Tensor) -> Tensor:
-        return xt
 
     def encode(self, r: Tensor) -> Tensor:
         p = self.pad
-        padded = F.pad(r, (p, p, p, p), mode="circular")
-        out = F.conv2d(padded, self.weight, stride=self.stride)
+        out = F.conv2d(F.pad(r, (p, p, p, p), mode="circular"), self.weight, stride=self.stride)
         return out[..., : self.code_shape[1], : self.code_shape[2]]
 
     def decode(self, a: Tensor) -> Tensor:
@@ -122,12 +92,9 @@ def _fold(t: Tensor, p: int, n: int, dim: int) -> Tensor:
 
 
 def _interleaved(weight: Tensor, stride: int, r: int) -> Tensor:
-    """Atoms for the stride-s code grid read as r×r interleaved grids of stride s·r.
-
-    Code position (r·I + dy, r·J + dx) of atom m becomes position (I, J) of "virtual" atom
-    (m, dy, dx): Φ_m shifted by (s·dy, s·dx) inside a support of k + s·(r − 1) pixels, in the
-    channel order of ``pixel_unshuffle(codes, r)``.
-    """
+    """Atoms for the stride-s code grid read as r×r interleaved grids of stride s·r: code (r·I + dy,
+    r·J + dx) of atom m becomes code (I, J) of atom (m, dy, dx), Φ_m shifted by (s·dy, s·dx) in a
+    support of k + s·(r − 1) pixels (channel order of ``pixel_unshuffle(codes, r)``)."""
     if r == 1:
         return weight
     n_atoms, channels, k, _ = weight.shape
@@ -137,27 +104,12 @@ def _interleaved(weight: Tensor, stride: int, r: int) -> Tensor:
     return torch.stack(shifted, dim=1).reshape(n_atoms * r * r, channels, size, size)
 
 
-def _polyphase_kernel(weight: Tensor, block: int) -> tuple[Tensor, int]:
-    """Encode kernel on the space-to-depth grid of block S: W[m, c·S² + ry·S + rx, qy, qx] =
-    Φ[m, c, S·qy + ry, S·qx + rx] (zero past the atom), and its size ⌈k/S⌉."""
-    n_atoms, channels, k, _ = weight.shape
-    kq = math.ceil(k / block)
-    wpad = F.pad(weight, (0, kq * block - k, 0, kq * block - k))
-    w_enc = wpad.reshape(n_atoms, channels, kq, block, kq, block).permute(0, 1, 3, 5, 2, 4)
-    return w_enc.reshape(n_atoms, channels * block * block, kq, kq), kq
-
-
 def auto_interleave(weight: Tensor, stride: int) -> int:
-    """Interleave factor r for the polyphase operators (1 = none).
+    """Interleave factor r for the polyphase operators: 2 on CPU at stride 1 with C ≤ 4, else 1 (none).
 
-    At stride 1 with few image channels (C ≤ 4, e.g. grayscale or RGB) the decode is a convolution
-    with 1–4 output channels, a shape CPU convolution kernels handle poorly (~10 GFLOP/s); reading
-    the code grid as 2×2 interleaved grids of stride 2 gives 4× the channels on both sides for
-    ((k+1)/k)² the multiply-adds. Measured on CPU (one decode + encode, batch 64, 32×32): 1.6–2.2×
-    faster in float32 (NHWC) for 32–64 grayscale atoms, 1.15× for 64 RGB atoms 7×7, 1.3–1.8× in
-    float64 (NCHW, transposed decode). Strided dictionaries already have C·s² channels per block
-    (and gained nothing or lost up to 20 % in the same measurements), so elsewhere r = 1 — as on
-    CUDA, not measured.
+    CPU convolutions with 1–4 output channels are slow; 2×2 interleaved grids give 4× the channels for
+    ((k+1)/k)² the multiply-adds (measured: 1.15–2.2× faster decode + encode, batch 64, 32×32). Strided
+    dictionaries gained nothing (or lost up to 20 %); CUDA was not measured.
     """
     if weight.device.type == "cpu" and stride == 1 and weight.shape[1] <= 4:
         return 2
@@ -167,13 +119,9 @@ def auto_interleave(weight: Tensor, stride: int) -> int:
 class PolyphaseOperator:
     """Φ and Φᵀ with zero ("same") padding as stride-1 ``conv2d`` in the space-to-depth domain.
 
-    Args:
-        weight, stride, height, width: atoms (K, C, k, k), code stride s and image size.
-        interleave: r; the operator's code grid is ``pixel_unshuffle(codes, r)`` (see
-            :func:`auto_interleave`); ⌈H/s⌉ and ⌈W/s⌉ must be multiples of r.
-        transposed_decode: decode with ``conv_transpose2d`` instead of ``conv2d`` (the same sums).
-            Default: on CPU float64, whose NCHW ``conv2d`` with few output channels is an
-            im2col path ~30× slower than the transposed one.
+    ``interleave`` r: the operator's code grid is ``pixel_unshuffle(codes, r)``; ⌈H/s⌉ and ⌈W/s⌉ must
+    be multiples of r. ``transposed_decode``: decode with ``conv_transpose2d`` (the same sums); default
+    on CPU float64, whose NCHW ``conv2d`` with few output channels is ~30× slower.
     """
 
     def __init__(self, weight: Tensor, stride: int, height: int, width: int, interleave: int = 1,
@@ -188,25 +136,32 @@ class PolyphaseOperator:
             raise ValueError(f"interleave {r} needs code grids divisible by it, got {self.code_shape[1:]}")
         hc, wc = self.code_shape[1] // r, self.code_shape[2] // r
         self.grid_shape = (n_atoms * r * r, hc, wc)
-        w_enc, kq = _polyphase_kernel(_interleaved(weight, stride, r), s)
-        self.kq = kq
+        kq = self._kernels(weight, transposed_decode)
         # Space-to-depth rows/cols that hold image pixels: [lo, hi] inclusive.
-        self.rows = (p // s, (p + height - 1) // s)
-        self.cols = (p // s, (p + width - 1) // s)
-        r_lo, r_hi = self.rows
-        c_lo, c_hi = self.cols
+        r_lo, r_hi = self.rows = (p // s, (p + height - 1) // s)
+        c_lo, c_hi = self.cols = (p // s, (p + width - 1) // s)
         self.dec_pad = (kq - 1 - c_lo, c_hi - (wc - 1), kq - 1 - r_lo, r_hi - (hc - 1))
         self.enc_pad = (c_lo, max(0, wc + kq - 2 - c_hi), r_lo, max(0, hc + kq - 2 - r_hi))
         self.img_pad = (p - s * c_lo, s * (c_hi + 1) - p - width, p - s * r_lo, s * (r_hi + 1) - p - height)
+        self.mask = self._mask(weight, channels)
+
+    def _kernels(self, weight: Tensor, transposed_decode: bool | None) -> int:
+        """Set the layout and the encode kernel on the space-to-depth grid of block S,
+        W[m, c·S² + ry·S + rx, qy, qx] = Φ[m, c, S·qy + ry, S·qx + rx] (zero past the atom), and its
+        flipped transpose for decoding; returns the kernel size ⌈k/S⌉."""
+        weight, s = _interleaved(weight, self.stride, self.interleave), self.block
+        n_atoms, channels, k, _ = weight.shape
+        self.kq = kq = math.ceil(k / s)
+        w_enc = F.pad(weight, (0, kq * s - k, 0, kq * s - k)).reshape(n_atoms, channels, kq, s, kq, s)
+        w_enc = w_enc.permute(0, 1, 3, 5, 2, 4).reshape(n_atoms, channels * s * s, kq, kq)
         self.layout = fmt = conv_layout(weight)
         self.transposed = fmt == torch.contiguous_format if transposed_decode is None else transposed_decode
         self.w_enc = w_enc.contiguous(memory_format=fmt)
         self.w_dec = w_enc.transpose(0, 1).flip(2, 3).contiguous(memory_format=fmt)
-        self.mask = self._mask(weight, channels)
-        if self.mask is not None:
-            self.mask = self.mask.contiguous(memory_format=fmt)
+        return self.kq
 
     def _mask(self, weight: Tensor, channels: int) -> Tensor | None:
+        """0/1 mask of the space-to-depth entries inside the image; None when all are."""
         s, p = self.block, self.pad
 
         def valid(lo: int, hi: int, n: int) -> Tensor:
@@ -220,7 +175,8 @@ class PolyphaseOperator:
             return None
         m = rv[:, None, :, None] & cv[None, :, None, :]  # (ry, rx, r, c)
         m = m.reshape(1, 1, s * s, *m.shape[-2:]).expand(1, channels, s * s, *m.shape[-2:])
-        return m.reshape(1, channels * s * s, *m.shape[-2:]).to(weight.dtype)
+        m = m.reshape(1, channels * s * s, *m.shape[-2:]).to(weight.dtype)
+        return m.contiguous(memory_format=self.layout)
 
     def to_grid(self, a: Tensor) -> Tensor:
         """Codes (B, K, H', W') → the operator's code grid (B, K·r², H'/r, W'/r)."""
@@ -259,40 +215,28 @@ class PolyphaseOperator:
         return out[..., : self.grid_shape[1], : self.grid_shape[2]]
 
 
-class CircularPolyphaseOperator:
+class CircularPolyphaseOperator(PolyphaseOperator):
     """Periodic Φ and Φᵀ as stride-1 ``conv2d`` on the space-to-depth grid (H, W multiples of s·r).
 
-    With period H = s·H', wrapping the image is wrapping the code grid, so each operator is one
-    ``conv2d`` plus a circular pad (encode) or fold (decode) of the few pixel channels. Pixels live
-    in the space-to-depth domain of the image rolled by p = (k−1)/2 (a permutation, so norms are
-    unchanged); :meth:`image` undoes it. ``interleave`` and ``transposed_decode`` as for
-    :class:`PolyphaseOperator`.
+    With period H = s·H', wrapping the image is wrapping the code grid: one ``conv2d`` plus a circular
+    pad (encode) or fold (decode) of the few pixel channels. Pixels are the space-to-depth image rolled
+    by p = (k−1)/2 (a permutation: norms are unchanged).
     """
 
     def __init__(self, weight: Tensor, stride: int, height: int, width: int, interleave: int = 1,
                  transposed_decode: bool | None = None) -> None:
-        n_atoms, channels, k, _ = weight.shape
-        r = interleave
+        n_atoms, k, r = weight.shape[0], weight.shape[-1], interleave
         self.stride, self.interleave, self.height, self.width = stride, r, height, width
         self.block = s = stride * r
+        self.pad = (k - 1) // 2
         if height % s or width % s:
             raise ValueError(f"the circular polyphase operator needs H, W divisible by {s} "
                              f"(stride {stride} × interleave {r}), got {height}×{width}")
-        self.pad = (k - 1) // 2
         self.code_shape = (n_atoms, height // stride, width // stride)
         self.grid_shape = (n_atoms * r * r, height // s, width // s)
-        w_enc, kq = _polyphase_kernel(_interleaved(weight, stride, r), s)
-        self.kq = kq
-        if kq - 1 > min(self.grid_shape[1:]):
+        if self._kernels(weight, transposed_decode) - 1 > min(self.grid_shape[1:]):
             raise ValueError(f"atoms of size {k} wrap more than once around {height}×{width} images")
-        self.layout = fmt = conv_layout(weight)
-        self.transposed = fmt == torch.contiguous_format if transposed_decode is None else transposed_decode
-        self.w_enc = w_enc.contiguous(memory_format=fmt)
-        self.w_dec = w_enc.transpose(0, 1).flip(2, 3).contiguous(memory_format=fmt)
         self.mask = None
-
-    to_grid = PolyphaseOperator.to_grid
-    from_grid = PolyphaseOperator.from_grid
 
     def pixels(self, x: Tensor) -> Tensor:
         """Image (B, C, H, W) → space-to-depth tensor of the image rolled by p."""
@@ -315,32 +259,22 @@ class CircularPolyphaseOperator:
         return out
 
     def encode(self, xt: Tensor) -> Tensor:
-        q = self.kq - 1
-        return F.conv2d(_wrap(xt, (0, q, 0, q), self.layout), self.w_enc)
+        return F.conv2d(_wrap(xt, self.kq - 1, self.layout), self.w_enc)
 
 
-def _wrap(t: Tensor, pad: tuple[int, int, int, int], layout: torch.memory_format) -> Tensor:
-    """Circular padding (left, right, top, bottom), each at most the size, in the given layout.
+def _wrap(t: Tensor, q: int, layout: torch.memory_format) -> Tensor:
+    """Circular padding by q ≤ size on the right and bottom, in the given layout.
 
     Block copies into a preallocated tensor: ``F.pad(mode="circular")`` returns NCHW and its copies
     of NHWC inputs are strided (~10× slower than this for the solver's code tensors).
     """
-    left, right, top, bottom = pad
-    if not any(pad):
+    if not q:
         return t
     h, w = t.shape[-2:]
-    out = torch.empty((*t.shape[:-2], h + top + bottom, w + left + right), dtype=t.dtype, device=t.device,
-                      memory_format=layout)
-    mid = out[..., top : top + h, :]
-    mid[..., left : left + w] = t
-    if left:
-        mid[..., :left] = t[..., w - left :]
-    if right:
-        mid[..., left + w :] = t[..., :right]
-    if top:
-        out[..., :top, :] = out[..., h : h + top, :]
-    if bottom:
-        out[..., top + h :, :] = out[..., top : top + bottom, :]
+    out = torch.empty((*t.shape[:-2], h + q, w + q), dtype=t.dtype, device=t.device, memory_format=layout)
+    out[..., :h, :w] = t
+    out[..., :h, w:] = t[..., :q]
+    out[..., h:, :] = out[..., :q, :]
     return out
 
 
@@ -357,9 +291,8 @@ def _conv_padded(x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> T
     out = F.conv2d(x, weight, padding=(py, px))
     if (top, left) == (bottom, right):
         return out
-    k_h, k_w = weight.shape[-2:]
-    rows = x.shape[-2] + top + bottom - k_h + 1
-    cols = x.shape[-1] + left + right - k_w + 1
+    rows = x.shape[-2] + top + bottom - weight.shape[-2] + 1
+    cols = x.shape[-1] + left + right - weight.shape[-1] + 1
     return out[..., py - top : py - top + rows, px - left : px - left + cols]
 
 
@@ -371,10 +304,8 @@ def make_operator(weight: Tensor, stride: int, height: int, width: int, padding_
                   transposed_decode: bool | None = None) -> Operator:
     """Choose the operator for a boundary mode and backend (``polyphase`` or ``direct``).
 
-    ``polyphase`` picks the interleave factor with :func:`auto_interleave` unless given (falling back
-    to 1 where the code grid does not divide). Circular boundaries use the space-to-depth form when H
-    and W are multiples of the block (always at stride 1) and the atoms wrap at most once; otherwise,
-    and for ``direct``, the textbook transposed convolution with a fold.
+    ``polyphase`` uses :func:`auto_interleave` unless ``interleave`` is given (1 where the grid does not
+    divide); circular boundaries fall back to :class:`CircularOperator` where the polyphase form fails.
     """
     if backend not in ("polyphase", "direct"):
         raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
@@ -382,8 +313,8 @@ def make_operator(weight: Tensor, stride: int, height: int, width: int, padding_
     if backend == "direct":
         return (CircularOperator if circular else DirectOperator)(weight, stride, height, width)
     kind = CircularPolyphaseOperator if circular else PolyphaseOperator
-    for r in ([interleave] if interleave is not None else sorted({auto_interleave(weight, stride), 1},
-                                                                 reverse=True)):
+    auto = sorted({auto_interleave(weight, stride), 1}, reverse=True)
+    for r in [interleave] if interleave is not None else auto:
         try:
             return kind(weight, stride, height, width, interleave=r, transposed_decode=transposed_decode)
         except ValueError:

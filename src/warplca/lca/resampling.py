@@ -1,10 +1,9 @@
 """Atom usage and dead-atom resampling for dictionary learning (pure torch).
 
-An atom that LCA never (or hardly ever) activates gets no gradient and stays where it is — random noise at
-the start. Replacing it with the image patch where the residual x − Φa is largest, i.e. where the
-dictionary explains the data worst, gives it a place to start being useful (the K-SVD / sparse-autoencoder
-"resampling" trick). The patch is taken from the image, not the residual: a residual patch is mostly
-unstructured leftover that LCA then never selects, so the atom dies again.
+An atom LCA hardly ever activates gets no gradient and stays random. Replacing it with the image patch
+where the residual x − Φa is largest (the K-SVD / sparse-autoencoder "resampling" trick) makes it useful.
+The patch comes from the image, not the residual: residual patches are unstructured leftovers that LCA
+never selects, so the atom would die again.
 """
 
 from __future__ import annotations
@@ -27,10 +26,8 @@ def atom_usage(a: Tensor) -> Tensor:
 
 
 def dead_atoms(usage: Tensor, fraction: float = USAGE_FRACTION) -> Tensor:
-    """Indices of atoms with less than ``fraction`` of a uniform share (total / K) of the activations.
-
-    With no activations at all every atom is dead.
-    """
+    """Indices of atoms with less than ``fraction`` of a uniform share (total / K) of the activations
+    (every atom when there are none)."""
     total = usage.sum()
     share = total / usage.numel()
     return torch.nonzero(usage < fraction * share).flatten() if total > 0 else torch.arange(usage.numel())
@@ -47,16 +44,14 @@ def resample_atoms(dictionary: ConvDictionary, residual: Tensor, atoms: Tensor,
                    generator: torch.Generator | None = None) -> Tensor:
     """Replace ``atoms`` of ``dictionary`` by k×k patches where ``residual`` (B, C, H, W) has most energy.
 
-    The patches are cut from ``images`` (the coded images, same shape) when given, else from the
-    residual itself. Each image gives its best place first (so the new atoms come from different
-    places); more atoms than images take the next-best places overall. Every new atom is unit-norm
-    (plus optional relative Gaussian ``noise`` before normalising). Returns the indices replaced.
+    Patches come from ``images`` (same shape) when given, else the residual. Each image gives its best
+    place first, then the next-best places overall; new atoms get optional relative Gaussian ``noise``
+    and unit norm. Returns the indices replaced.
     """
     atoms = torch.as_tensor(atoms, dtype=torch.int64).flatten()
     if atoms.numel() == 0:
         return atoms
-    w = dictionary.weight
-    k = dictionary.kernel_size
+    w, k = dictionary.weight, dictionary.kernel_size
     if residual.ndim != 4 or residual.shape[1] != dictionary.in_channels:
         raise ValueError(f"residual must have shape (B, {dictionary.in_channels}, H, W), got "
                          f"{tuple(residual.shape)}")

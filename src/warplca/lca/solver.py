@@ -6,21 +6,15 @@ exact at the borders)::
     a = T_λ(u)
     u ← u + η · ( Φᵀ(x − Φa) + a − u )
 
-started from u₀ = 0 (cold) or from a given state (warm start: WARP-LCA's predicted states).
-The energy E(a) = ½‖x − Φa‖² + Σ P_λ(a) (per image) is what the dynamics minimise; the trace
-records it, ℓ0 and the MSE after every step without a host sync inside the loop.
-
-The solver always runs in float32 (or the input's dtype): an enclosing ``torch.autocast`` region
-(``trainer.precision=bf16-mixed`` for the networks) is switched off inside it, because bf16 states
-would change the fixed points and the reported energies. ``compile=True`` runs the Euler step through
-``torch.compile`` (fused elementwise work around the two convolutions; worth it on GPUs); it is off by
-default, and where compilation is unavailable the solver warns once and runs eagerly.
+started from u₀ = 0 (cold) or a given state (warm start). The dynamics minimise the per-image
+energy E(a) = ½‖x − Φa‖² + Σ P_λ(a); the trace records it, ℓ0 and the MSE after every step without
+host syncs. The solver runs in the input's dtype with any enclosing ``torch.autocast`` switched off:
+bf16 states would change the fixed points and the reported energies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -31,26 +25,19 @@ import torch
 from torch import Tensor
 
 from warplca.lca.dictionary import ConvDictionary, stable_tau
-from warplca.lca.operator import Operator, make_operator
+from warplca.lca.operator import Operator
 from warplca.lca.thresholds import Threshold, count_active, get_threshold
 
 TRACE_KEYS = ("energy", "l0", "mse")
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class LCAResult:
-    """Outcome of an LCA run.
-
-    Attributes:
-        u: final internal states (B, K, H', W').
-        a: final activations T_λ(u).
-        recon: reconstruction Φa (B, C, H, W) in the coded (normalised) space.
-        trace: per-iteration tensors of shape (iters + 1, B): ``energy``, ``l0`` (active count) and
-            ``mse`` (per pixel); entry k is the value after k steps. ``None`` unless asked for.
-        iters: the number of steps actually run (fewer than asked when the tolerance stopped it).
-        tau: the time constant used.
+    """Outcome of an LCA run: final states ``u`` (B, K, H', W'), activations ``a`` = T_λ(u), the
+    reconstruction ``recon`` = Φa (B, C, H, W) in the coded space, the steps run ``iters`` (fewer when
+    the tolerance stopped it), ``tau`` and the final per-image ``energy`` (B,). ``trace`` (None unless
+    asked for) holds ``energy``, ``l0`` (active count) and ``mse`` (per pixel), each (iters + 1, B):
+    entry k is the value after k steps.
     """
 
     u: Tensor
@@ -69,17 +56,15 @@ class LCA:
         dictionary: the atoms Φ.
         threshold: ``hard`` (default), ``soft``, ``cel0`` or ``half`` (see :mod:`.thresholds`).
         lam: threshold level λ ≥ 0.
-        tau: time constant τ (η = 1/τ) or ``"auto"`` (τ = ‖Φ‖²_op from power iteration). A τ ≤ L/2
-            is unstable and refused; L/2 < τ < L is allowed but gives no energy-descent guarantee.
+        tau: time constant τ (η = 1/τ) or ``"auto"`` (τ = L = ‖Φ‖²_op). τ ≤ L/2 is unstable and refused;
+            L/2 < τ < L is allowed but gives no energy-descent guarantee.
         iters: default number of steps.
-        nonneg: non-negative activations.
-        theta: θ of the ``cel0`` threshold.
+        nonneg, theta: non-negative activations; θ of the ``cel0`` threshold.
         tol: optional early stop when max over the batch of ‖Δu‖/‖u‖ < tol (checked every
             ``check_every`` steps: the only host syncs in the loop).
-        backend: ``polyphase`` (fast, default) or ``direct`` (the textbook ``conv_transpose2d`` /
-            ``conv2d`` pair, a reference); both exact, for zero and circular padding.
-        compile: run the Euler step through ``torch.compile`` when no trace, tolerance or gradient is
-            asked for (off by default; falls back to eager execution, with a warning, where it fails).
+        backend: ``polyphase`` (fast, default) or ``direct`` (the textbook reference); both exact.
+        compile: run the Euler step through ``torch.compile`` (worth it on GPUs) when no trace, tolerance
+            or gradient is asked for; warns and runs eagerly where it fails.
     """
 
     def __init__(self, dictionary: ConvDictionary, threshold: str = "hard", lam: float = 1.0,
@@ -109,13 +94,10 @@ class LCA:
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         self.compile = compile
-        if tau != "auto":
-            # Fail early on a clearly unstable τ; the image size is only known at call time, where
-            # the exact check (and the τ < L warning) runs again.
+        if tau != "auto":  # fail early on a clearly unstable τ; the exact check runs at call time
             size = max(32, 4 * dictionary.kernel_size)
             self.check_tau(float(tau), size, size, warn=False)
 
-    # -- settings -------------------------------------------------------------------------------
     @property
     def lam(self) -> float:
         return self.threshold.lam
@@ -131,13 +113,9 @@ class LCA:
         body = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"LCA({body})"
 
-    def lipschitz(self, height: int, width: int) -> float:
-        """L = ‖Φ‖²_op for H×W images (cached in the dictionary)."""
-        return self.dictionary.operator_norm(height, width)
-
     def check_tau(self, tau: float, height: int, width: int, warn: bool = True) -> None:
         """Refuse τ ≤ L/2 (η ≥ 2/L diverges); warn when τ < L (no energy-descent guarantee)."""
-        lip = self.lipschitz(height, width)
+        lip = self.dictionary.operator_norm(height, width)  # L = ‖Φ‖²_op, cached
         if tau <= lip / 2:
             raise ValueError(
                 f"tau={tau:g} is unstable for this dictionary: LCA needs η = 1/τ < 2/L, i.e. τ > L/2 = "
@@ -150,10 +128,9 @@ class LCA:
     def resolve_tau(self, height: int, width: int) -> float:
         """The τ used for H×W images (computes L for ``auto``)."""
         if self.tau_setting == "auto":
-            return stable_tau(self.lipschitz(height, width))
+            return stable_tau(self.dictionary.operator_norm(height, width))
         return float(self.tau_setting)
 
-    # -- validation -----------------------------------------------------------------------------
     def _check_input(self, x: Tensor, u0: Tensor | None) -> None:
         d = self.dictionary
         if not isinstance(x, Tensor):
@@ -186,17 +163,11 @@ class LCA:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
-    # -- the solver -----------------------------------------------------------------------------
     def __call__(self, x: Tensor, iters: int | None = None, u0: Tensor | None = None, trace: bool = False,
                  grad: bool = False) -> LCAResult:
-        """Run LCA on images ``x`` (B, C, H, W) in the coded space.
-
-        Args:
-            iters: steps to run (default: the constructor's ``iters``).
-            u0: initial states (warm start); zeros when None.
-            trace: record energy, ℓ0 and MSE after every step.
-            grad: keep the autograd graph (for unrolled training); off by default.
-        """
+        """Run LCA on images ``x`` (B, C, H, W) in the coded space for ``iters`` steps (default: the
+        constructor's) from ``u0`` (zeros when None); ``trace`` records energy, ℓ0 and MSE after every
+        step, ``grad`` keeps the autograd graph (for unrolled training)."""
         self._check_input(x, u0)
         iters = self.iters if iters is None else iters
         if not isinstance(iters, int) or iters < 0:
@@ -206,67 +177,53 @@ class LCA:
         if self.tau_setting != "auto":
             self.check_tau(tau, height, width)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        # LCA stays in full precision under an enclosing autocast (bf16-mixed networks)
         with ctx, torch.autocast(device_type=x.device.type, enabled=False):
             return self._run(x, iters, u0, trace, tau, grad)
 
     def _run(self, x: Tensor, iters: int, u0: Tensor | None, trace: bool, tau: float,
              grad: bool) -> LCAResult:
-        d, thr = self.dictionary, self.threshold
-        weight = d.weight if grad else d.weight.detach()
-        op = _operator(d, weight, x.shape[-2], x.shape[-1], self.backend)
-        eta = 1.0 / tau
+        thr, batch, numel, eta = self.threshold, x.shape[0], x[0].numel(), 1.0 / tau
+        op = self.dictionary.operator(x.shape[-2], x.shape[-1], self.backend)  # no graph unless grad
         xt = op.pixels(x)
-        batch = x.shape[0]
-        numel = x[0].numel()
-        # States live on the operator's code grid (interleaved for thin convolutions, see
-        # operator.auto_interleave) in its memory layout (NHWC where convolutions are fastest).
-        if u0 is None:
-            u = torch.zeros((batch, *op.grid_shape), dtype=x.dtype, device=x.device)
-            u = u.contiguous(memory_format=op.layout)
-        else:
-            u = op.to_grid(u0)
-            u = u.clone(memory_format=op.layout) if u is u0 else u.contiguous(memory_format=op.layout)
+        # States live on the operator's code grid, in its memory layout.
+        u = x.new_zeros((batch, *op.grid_shape)) if u0 is None else op.to_grid(u0)
+        u = u.clone(memory_format=op.layout) if u is u0 else u.contiguous(memory_format=op.layout)
         record = torch.empty((iters + 1, 3, batch), dtype=x.dtype, device=x.device) if trace else None
         check = self.tol is not None
         steps = iters
-        compiled = _compiled_step() if (self.compile and record is None and not check and not grad) else None
-        if compiled is not None:
-            u = _run_compiled(compiled, u, xt, op, thr, eta, iters)
-            iters = 0  # the loop below is done
+        if self.compile and record is None and not check and not grad:
+            compiled = _run_compiled(u, xt, op, thr, eta, iters)
+            if compiled is not None:
+                u, iters = compiled, 0  # the loop below is done
         for step in range(iters):
             a = thr(u)
             resid = xt - op.decode(a)
             if record is not None:
                 _record(record[step], resid, a, thr, numel)
             drive = op.encode(resid) + a if grad else op.encode(resid).add_(a)  # Φᵀ(x − Φa) + a
-            if check and (step + 1) % self.check_every == 0:
-                delta = _norms(drive - u) * eta
-                scale = _norms(u).clamp_min(1e-12)
-                if float((delta / scale).max()) < self.tol:  # host sync only every check_every steps
-                    steps = step + 1
-                    u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)
-                    break
+            # max ‖Δu‖/‖u‖ < tol: a host sync, only every check_every steps
+            stop = check and (step + 1) % self.check_every == 0 and float(
+                (_norms(drive - u) * eta / _norms(u).clamp_min(1e-12)).max()) < self.tol
             u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)  # u + η(drive − u), fused
+            if stop:
+                steps = step + 1
+                break
         a = thr(u)
         recon_t = op.decode(a)
-        energy_final = 0.5 * _norms(xt - recon_t).square() + thr.penalty_sum(a)
+        energy = 0.5 * _norms(xt - recon_t).square() + thr.penalty_sum(a)
         traces = None
         if record is not None:
             _record(record[steps], xt - recon_t, a, thr, numel)
-            record = record[: steps + 1]
-            traces = {key: record[:, i] for i, key in enumerate(TRACE_KEYS)}
+            traces = {key: record[: steps + 1, i] for i, key in enumerate(TRACE_KEYS)}
         return LCAResult(u=op.from_grid(u), a=op.from_grid(a), recon=op.image(recon_t), trace=traces,
-                         iters=steps, tau=tau, energy=energy_final)
+                         iters=steps, tau=tau, energy=energy)
 
-    # -- energy ---------------------------------------------------------------------------------
     def energy(self, x: Tensor, a: Tensor) -> Tensor:
         """Per-image energy ½‖x − Φa‖² + Σ P_λ(a): the function the trace reports."""
         self._check_input(x, None)
         self._check_codes(x, a, "a")
         with torch.no_grad():
-            op = _operator(self.dictionary, self.dictionary.weight.detach(), x.shape[-2], x.shape[-1],
-                           self.backend)
+            op = self.dictionary.operator(x.shape[-2], x.shape[-1], self.backend)
             resid = op.pixels(x) - op.decode(op.to_grid(a))
             return 0.5 * _norms(resid).square() + self.threshold.penalty_sum(a)
 
@@ -285,21 +242,6 @@ def _euler_step(u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float)
 _COMPILED: dict[str, Any] = {}
 
 
-def _compiled_step() -> Callable[..., Tensor] | None:
-    """``torch.compile(_euler_step)``, created once per process; None once compilation has failed."""
-    if _COMPILED.get("failed"):
-        return None
-    fn = _COMPILED.get("fn")
-    if fn is None:
-        try:
-            fn = torch.compile(_euler_step)
-        except Exception as exc:  # no compiler support in this build / platform
-            _compile_failed(exc)
-            return None
-        _COMPILED["fn"] = fn
-    return fn
-
-
 def _compile_failed(exc: BaseException) -> None:
     _COMPILED["failed"] = True
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -307,24 +249,29 @@ def _compile_failed(exc: BaseException) -> None:
                   f"running the solver eagerly", RuntimeWarning, stacklevel=4)
 
 
-def _run_compiled(fn: Callable[..., Tensor], u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float,
-                  iters: int) -> Tensor:
-    """``iters`` compiled steps; if the first one fails to compile, warn once and finish eagerly."""
-    for step in range(iters):
-        if step == 0:
-            try:
-                u = fn(u, xt, op, thr, eta)
-            except Exception as exc:  # compilation happens on the first call
-                _compile_failed(exc)
-                fn = _euler_step
-                u = fn(u, xt, op, thr, eta)
-            continue
+def _run_compiled(u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float,
+                  iters: int) -> Tensor | None:
+    """``iters`` steps of ``torch.compile(_euler_step)`` (created once per process); None once compilation
+    has failed. If the first call fails to compile, warn once and finish eagerly."""
+    if _COMPILED.get("failed"):
+        return None
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(_euler_step)
+        except Exception as exc:  # no compiler support in this build / platform
+            _compile_failed(exc)
+            return None
+    fn: Callable[..., Tensor] = _COMPILED["fn"]
+    if iters:
+        try:
+            u = fn(u, xt, op, thr, eta)
+        except Exception as exc:  # compilation happens on the first call
+            _compile_failed(exc)
+            fn = _euler_step
+            u = fn(u, xt, op, thr, eta)
+    for _ in range(iters - 1):
         u = fn(u, xt, op, thr, eta)
     return u
-
-
-def _operator(d: ConvDictionary, weight: Tensor, height: int, width: int, backend: str) -> Operator:
-    return make_operator(weight, d.stride, height, width, d.padding_mode, backend)
 
 
 def _norms(t: Tensor) -> Tensor:
@@ -335,8 +282,7 @@ def _norms(t: Tensor) -> Tensor:
 def _record(slot: Tensor, resid: Tensor, a: Tensor, thr: Threshold, numel: int) -> None:
     """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device (no host sync)."""
     sq = _norms(resid).square()
-    l0 = count_active(a)
-    # the ℓ0 penalty reuses the count
+    l0 = count_active(a)  # the ℓ0 penalty reuses the count
     penalty = (0.5 * thr.lam * thr.lam) * l0 if thr.name == "hard" and not thr.nonneg else thr.penalty_sum(a)
     slot[0] = 0.5 * sq + penalty
     slot[1] = l0

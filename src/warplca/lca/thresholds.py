@@ -1,8 +1,7 @@
 """Thresholds T_λ and the penalties P_λ whose proximal maps they are.
 
-LCA maps internal states u to activations a = T_λ(u). Each threshold here is the exact
-proximal map of a penalty, ``T_λ(u) = argmin_a ½(a − u)² + P_λ(a)``, so the energy
-``½‖x − Φa‖² + Σ P_λ(a_i)`` reported by the solver is the objective the dynamics minimise.
+Each threshold is the exact proximal map of a penalty, ``T_λ(u) = argmin_a ½(a − u)² + P_λ(a)``,
+so the energy ``½‖x − Φa‖² + Σ P_λ(a_i)`` the solver reports is what the dynamics minimise.
 
 | name | T_λ(u)                                                  | P_λ(a)                                 |
 |------|---------------------------------------------------------|----------------------------------------|
@@ -11,13 +10,10 @@ proximal map of a penalty, ``T_λ(u) = argmin_a ½(a − u)² + P_λ(a)``, so th
 | cel0 | 0 if |u| ≤ θλ; sign(u)(|u| − θλ)/(1 − θ) if ≤ λ; u above | θλ|a| − θa²/2 if |a| ≤ λ; θλ²/2 above  |
 | half | Xu et al. (2012) half thresholding, jump at |u| = λ      | μ|a|^{1/2},  μ = ½·(4λ/54^{1/3})^{3/2} |
 
-``cel0`` is the firm threshold: the proximal map of the minimax-concave (CEL0-type) penalty with
-concavity θ ∈ (0, 1); θ → 0 gives hard-like behaviour, θ → 1 approaches soft. For ``half`` the
-parameter λ is the *threshold* (the smallest |u| that becomes active, like ``hard``), and the
-penalty weight μ follows from Xu et al.'s jump point (54^{1/3}/4)·(2μ)^{2/3} = λ.
-
-Every threshold has a non-negative variant (``nonneg=True``): the proximal map of the same penalty
-plus the indicator of a ≥ 0, which is T_λ(max(u, 0)) for these symmetric, non-decreasing penalties.
+``cel0`` is the firm threshold of the minimax-concave penalty with concavity θ ∈ (0, 1) (θ → 0:
+hard-like, θ → 1: soft). For ``half`` λ is the threshold (the smallest active |u|) and μ follows from
+Xu et al.'s jump point (54^{1/3}/4)·(2μ)^{2/3} = λ. ``nonneg=True`` adds the indicator of a ≥ 0 to
+the penalty: its proximal map is T_λ(max(u, 0)).
 """
 
 from __future__ import annotations
@@ -34,14 +30,8 @@ THRESHOLDS = ("hard", "soft", "cel0", "half")
 
 @dataclass(frozen=True)
 class Threshold:
-    """A named threshold with its penalty; callable on state tensors.
-
-    Args:
-        name: one of ``hard``, ``soft``, ``cel0``, ``half``.
-        lam: threshold level λ ≥ 0.
-        nonneg: restrict activations to a ≥ 0.
-        theta: concavity θ ∈ (0, 1) of ``cel0`` (ignored otherwise).
-    """
+    """Threshold ``name`` (one of :data:`THRESHOLDS`) at level ``lam`` = λ ≥ 0, with its penalty;
+    callable on states. ``nonneg`` restricts activations to a ≥ 0; ``theta`` ∈ (0, 1) is cel0's θ."""
 
     name: str = "hard"
     lam: float = 1.0
@@ -68,10 +58,9 @@ class Threshold:
         if self.nonneg:
             u = F.relu(u)
         lam = self.lam
-        if self.name == "hard":
-            return F.hardshrink(u, lam) if lam > 0 else u.clone()  # fused single kernel
-        if self.name == "soft":
-            return F.softshrink(u, lam) if lam > 0 else u.clone()
+        if self.name in ("hard", "soft"):  # fused single kernels
+            shrink = F.hardshrink if self.name == "hard" else F.softshrink
+            return shrink(u, lam) if lam > 0 else u.clone()
         if self.name == "cel0":
             return _firm(u, self.theta * lam, lam)
         return _half(u, lam, 2.0 * self.mu)
@@ -97,8 +86,7 @@ class Threshold:
     def penalty_sum(self, a: Tensor) -> Tensor:
         """Penalty summed over all but the first (batch) dimension."""
         dims = tuple(range(1, a.dim()))  # reduce in place of flatten(1): no copy for channels_last
-        if self.name == "hard" and not self.nonneg:
-            # Cheaper than materialising the elementwise map: count non-zeros.
+        if self.name == "hard" and not self.nonneg:  # cheaper than the elementwise map
             return (0.5 * self.lam * self.lam) * count_active(a)
         if self.name == "soft" and not self.nonneg:
             return self.lam * a.abs().sum(dims)
@@ -106,11 +94,8 @@ class Threshold:
 
 
 def count_active(a: Tensor) -> Tensor:
-    """Non-zeros per sample (ℓ0 over all but the batch dimension), in ``a``'s floating dtype.
-
-    ``|sign(a)|`` summed is ~8× faster on CPU than ``count_nonzero`` over several dimensions, and
-    exact while a sample has fewer than 2^24 code entries in float32 (2^53 in float64).
-    """
+    """Non-zeros per sample (ℓ0 over all but the batch dimension), in ``a``'s floating dtype: summed
+    ``|sign(a)|``, ~8× faster on CPU than ``count_nonzero``, exact below 2^24 entries (float32)."""
     if not torch.is_floating_point(a):
         return torch.count_nonzero(a, dim=tuple(range(1, a.dim())))
     return a.sign().abs_().sum(tuple(range(1, a.dim())))

@@ -1,14 +1,7 @@
 """Classifier backbones for the noisy-classification experiment (pixels vs LCA codes vs WARP-LCA codes).
 
-Each backbone takes the front end's feature map (B, C', H', W') — C' = image channels for pixels,
-C' = n_atoms for codes — and returns class logits. The stem is adapted to the input so that the same
-network works on 32×32 pixels and on 16×16×64 codes:
-
-- ``resnet18``: torchvision ``resnet18(weights=None)``; for small inputs (≤ 64 px) the stem is a
-  3×3 stride-1 convolution with no max-pool (the CIFAR variant, as in LCANets), otherwise the
-  ImageNet 7×7 stride-2 stem + max-pool; ``conv1.in_channels`` is the front end's channel count.
-- ``small_cnn``: :class:`SmallCNN`, a 4-conv BatchNorm network that trains in seconds on CPU (the
-  default for digits).
+Each backbone maps the front end's features (B, C', H', W') — image channels for pixels, atoms for
+codes — to class logits, with its stem adapted so it works on 32×32 pixels and 16×16×64 codes alike.
 """
 
 from __future__ import annotations
@@ -25,11 +18,8 @@ SMALL_INPUT = 64
 
 
 def resnet18_classifier(in_channels: int, num_classes: int, input_size: int = 32) -> nn.Module:
-    """torchvision ResNet-18 (random init) with its stem adapted to ``in_channels`` × ``input_size``².
-
-    For ``input_size ≤ 64``: ``conv1`` = 3×3 stride 1 and no max-pool (a 32×32 image or a 16×16 code map
-    keeps its resolution into ``layer1``); otherwise the standard 7×7 stride-2 stem with max-pool.
-    """
+    """torchvision ResNet-18 (random init) with its stem adapted to ``in_channels`` × ``input_size``²:
+    for ``input_size ≤ 64`` the CIFAR stem (3×3 stride 1, no max-pool, as in LCANets), else the standard."""
     from torchvision.models import resnet18
 
     _check_dims(in_channels, num_classes, input_size)
@@ -44,11 +34,9 @@ def resnet18_classifier(in_channels: int, num_classes: int, input_size: int = 32
 
 
 class SmallCNN(nn.Module):
-    """A small, fast CNN: two conv-BN-ReLU blocks of ``width`` and ``2·width`` channels, each followed by
-    a 2×2 max-pool, then global average pooling, dropout and a linear layer.
-
-    Global pooling makes it independent of the input resolution (32×32 pixels or 16×16 codes alike).
-    """
+    """A small, fast CNN (trains in seconds on CPU): two pairs of conv-BN-ReLU blocks of ``width`` and
+    ``2·width`` channels, each pair followed by a 2×2 max-pool, then global average pooling (any input
+    resolution), dropout and a linear layer."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.2,
                  input_size: int | None = None) -> None:
@@ -72,10 +60,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _small_cnn(in_channels: int, num_classes: int, input_size: int = 32, **kwargs: Any) -> nn.Module:
-    return SmallCNN(in_channels, num_classes, input_size=input_size, **kwargs)
-
-
 def _check_dims(in_channels: int, num_classes: int, input_size: int) -> None:
     for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
                              ("input_size", input_size, 4)):
@@ -86,7 +70,7 @@ def _check_dims(in_channels: int, num_classes: int, input_size: int) -> None:
 #: backbone name (``model.classify.backbone``) -> builder(in_channels, num_classes, input_size, **kw)
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18_classifier,
-    "small_cnn": _small_cnn,
+    "small_cnn": SmallCNN,
 }
 
 

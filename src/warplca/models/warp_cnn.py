@@ -1,20 +1,9 @@
 """WARP-CNN: the fully convolutional state predictor f_θ of WARP-LCA.
 
-f_θ maps images x (B, C, H, W) in the normalised space to LCA internal states û (B, K, H', W') on
-the dictionary's code grid, H' = ⌈H/s⌉, for any H, W. LCA then starts from u₀ = û (README, "The maths").
-
-Architecture (all layers at code resolution, so the output grid is exact by construction):
-
-1. zero-pad x on the bottom/right to ⌈H/s⌉·s × ⌈W/s⌉·s (zero = the channel mean in the normalised
-   space, the same boundary the dictionary's "same" zero padding sees);
-2. space-to-depth (``pixel_unshuffle`` by s): (B, C·s², H', W') — a lossless strided stem;
-3. optionally concatenate the encoder drive Φᵀx (``use_drive``, ``drive_mode="concat"``);
-4. a k×k stem convolution to ``width`` channels, then ``depth − 1`` residual k×k convolutions
-   (pre-activation), then activation + 1×1 head to K channels;
-5. optionally add the drive (``drive_mode="residual"``): the network then learns the correction
-   û − c·Φᵀx, c = ``drive_scale``.
-
-No batch normalisation: predictions never depend on the batch, and nothing needs syncing under DDP.
+f_θ maps normalised images x (B, C, H, W) to LCA states û (B, K, ⌈H/s⌉, ⌈W/s⌉) for any H, W. All layers
+run at code resolution: x is zero-padded to a multiple of s and space-to-depth'd (a lossless strided
+stem), optionally joined by the drive Φᵀx, then a stem convolution, ``depth − 1`` pre-activation
+residual convolutions and a 1×1 head. No batch normalisation: predictions never depend on the batch.
 """
 
 from __future__ import annotations
@@ -42,21 +31,15 @@ class WarpCNN(nn.Module):
     """Fully convolutional state predictor: images (B, C, H, W) → states (B, K, ⌈H/s⌉, ⌈W/s⌉).
 
     Args:
-        in_channels: image channels C (the dictionary's).
-        n_atoms: number of atoms K (output channels).
-        stride: the dictionary's code-grid stride s.
-        width: hidden channels.
-        depth: number of k×k convolutions (stem + ``depth − 1`` residual layers).
+        in_channels, n_atoms, stride: the dictionary's C, K and s.
+        width, depth: hidden channels; number of k×k convolutions (stem + ``depth − 1`` residual layers).
         kernel_size: odd kernel size k of the hidden convolutions (at code resolution).
-        use_drive: take the encoder drive Φᵀx (B, K, H', W') as a second input; the caller
-            (``WarpLCA`` / ``WarpRegression``) computes it with the fixed dictionary.
+        use_drive: take the encoder drive Φᵀx (B, K, H', W') as a second input (the caller computes it).
         drive_mode: ``concat`` (drive as extra input channels) or ``residual`` (û = c·Φᵀx + f(x)).
-        stem_kernel_size: kernel of the stem convolution (default ``kernel_size``); a larger stem widens
-            the receptive field cheaply.
+        stem_kernel_size: kernel of the stem convolution (default ``kernel_size``).
         activation: ``gelu`` (default), ``relu`` or ``silu``.
-        drive_scale: factor applied to the drive before use. Φᵀx ≈ ΦᵀΦ·u* is up to ‖Φ‖²_op times larger
-            than the states for a coherent dictionary; 1/‖Φ‖²_op (``drive_scale: auto`` in the configs)
-            brings it to the states' scale (measured: unscaled concatenation trains markedly worse).
+        drive_scale: factor c on the drive. Φᵀx ≈ ΦᵀΦ·u* is up to ‖Φ‖²_op times larger than the
+            states; c = 1/‖Φ‖²_op (``drive_scale: auto``) matches their scale (unscaled trains worse).
     """
 
     def __init__(self, in_channels: int, n_atoms: int, stride: int, width: int = 64, depth: int = 3,
@@ -107,10 +90,10 @@ class WarpCNN(nn.Module):
 
     def code_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Output shape (K, ⌈H/s⌉, ⌈W/s⌉) for H×W inputs."""
-        s = self.stride
-        return (self.n_atoms, -(-height // s), -(-width // s))
+        return (self.n_atoms, -(-height // self.stride), -(-width // self.stride))
 
     def num_parameters(self) -> int:
+        """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:

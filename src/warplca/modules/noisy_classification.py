@@ -1,25 +1,8 @@
 """Downstream noisy classification: a frozen front end (pixels, LCA or WARP-LCA codes) + a trained backbone.
 
-The experiment of the README's "Noisy classification" section: train a classifier on **clean** images
-through each front end, then test it on clean and corrupted test sets (Gaussian, shot and impulse
-noise, Gaussian blur at several levels each) and report the accuracy per (corruption, level), the
-mean corruption accuracy (mCA) and the front end's cost in ms per image.
-
-Accuracy everywhere (``train/acc``, ``val/acc``, ``test/acc/<condition>``, the ``accuracy`` column of
-``robustness.csv``) is the plain, micro-averaged accuracy: correctly classified images / images
-(torchmetrics ``average="micro"``), not the mean of the per-class recalls (balanced accuracy). The
-mCA is the unweighted mean of those accuracies over the corrupted conditions (every corruption ×
-level; each condition is the same test split, so the same number of images).
-
-- :class:`NoisyClassification` (LightningModule, plain Python arguments, no Hydra): the front end
-  is frozen (only the backbone is optimised). Training / validation batches are either image batches
-  ``(images, labels)`` — features are computed on the fly — or feature batches
-  ``{"features", "labels"}`` from a cache. Test batches are always images: test dataloader ``j`` is the
-  test set under ``conditions[j]``, so the front end sees the corrupted pixels, as in deployment.
-- :class:`FrontEndDataModule` wraps an image datamodule: it caches the front-end features of the
-  clean train and val splits once (codes of clean images never change, so a 500-step LCA front end
-  costs one pass instead of one per epoch) and serves one corrupted test loader per condition
-  (:class:`~warplca.evaluation.robustness.CorruptedDataset`: deterministic per item and seed).
+Train on clean images through each front end; report the accuracy on clean and corrupted test sets
+per (corruption, level), the mean corruption accuracy (mCA, unweighted over corrupted conditions) and the
+front end's ms per image. Accuracy is micro-averaged everywhere (correct / images, not balanced accuracy).
 """
 
 from __future__ import annotations
@@ -36,12 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from warplca.evaluation.robustness import (
-    CLEAN,
-    CorruptedDataset,
-    condition_name,
-    robustness_conditions,
-)
+from warplca.evaluation.robustness import CLEAN, CorruptedDataset, condition_name, robustness_conditions
 from warplca.frontends import FrontEnd
 from warplca.models.classifiers import build_backbone
 
@@ -54,10 +32,7 @@ def _normalize_conditions(conditions: Sequence[Sequence[Any]] | Mapping[str, Seq
                           ) -> list[tuple[str, float]]:
     if conditions is None or isinstance(conditions, Mapping):
         return robustness_conditions(conditions)
-    out = []
-    for c in conditions:
-        name, level = c
-        out.append((str(name), float(level)))
+    out = [(str(name), float(level)) for name, level in conditions]
     if not out:
         raise ValueError("conditions must not be empty")
     return out
@@ -66,28 +41,22 @@ def _normalize_conditions(conditions: Sequence[Sequence[Any]] | Mapping[str, Seq
 class NoisyClassification(pl.LightningModule):
     """Front end (frozen) + backbone classifier; tested per (corruption, level).
 
+    Train / val batches are images ``(images, labels)`` or cached ``{"features", "labels"}``; test
+    batches are images, test dataloader ``j`` the test set under ``conditions[j]``. After
+    ``trainer.test``, :attr:`robustness_rows` holds one ``robustness.csv`` row per condition.
+
     Args:
         frontend: a :class:`~warplca.frontends.FrontEnd` (pixels, lca or warp_lca).
-        backbone: a backbone name (``small_cnn``, ``resnet18``; built for the front end's feature shape)
-            or a ready ``nn.Module``.
-        num_classes: number of classes.
-        image_size: side of the (square) input images; sets the feature resolution the backbone sees.
+        backbone: a backbone name (built for the front end's feature shape) or a ready ``nn.Module``.
+        image_size: side of the (square) input images.
         backbone_kwargs: extra arguments of a named backbone (e.g. ``width``, ``dropout``).
-        lr, weight_decay: AdamW settings (only the backbone's parameters are optimised).
-        scheduler: ``cosine`` (over ``trainer.max_epochs``) or ``none``.
-        label_smoothing: cross-entropy label smoothing.
+        lr, weight_decay: AdamW settings (of the backbone); ``scheduler``: ``cosine`` or ``none``.
         conditions: test conditions ``[(corruption, level), …]`` (``("clean", 0.0)`` included), or a
             mapping corruption → levels (clean is prepended); default: all corruptions at
-            ``DEFAULT_LEVELS``. Test dataloader ``j`` must be the test set under ``conditions[j]``
-            (:class:`FrontEndDataModule` builds them).
-
-    After ``trainer.test``, :attr:`robustness_rows` holds one dict per condition with the keys of
-    ``robustness.csv`` (``frontend, corruption, level, accuracy, ms_per_image``); ``accuracy`` is
-    correct / images over that condition's test set (micro-averaged, :data:`ACCURACY_AVERAGE`).
+            ``DEFAULT_LEVELS``.
     """
 
-    #: how every accuracy of this module averages over classes: ``micro`` = correct / images (stored in
-    #: checkpoints, so rows computed under another definition are not reused)
+    #: how accuracies average over classes (torchmetrics' default is "macro"); stored in checkpoints
     ACCURACY_AVERAGE = "micro"
 
     def __init__(self, frontend: FrontEnd, backbone: str | nn.Module = "small_cnn", num_classes: int = 10,
@@ -104,28 +73,19 @@ class NoisyClassification(pl.LightningModule):
         self.conditions = _normalize_conditions(conditions)
         ignore = ["frontend"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
-        self.hparams["frontend_kind"] = frontend.kind
-        self.hparams["conditions"] = [list(c) for c in self.conditions]
+        self.hparams.update(frontend_kind=frontend.kind, conditions=[list(c) for c in self.conditions])
         self.frontend = frontend
         self.feature_shape = frontend.feature_shape(image_size, image_size)
         channels, height = self.feature_shape[:2]
-        if isinstance(backbone, nn.Module):
-            self.backbone = backbone
-        else:
-            self.backbone = build_backbone(backbone, channels, num_classes, input_size=height,
-                                           **dict(backbone_kwargs or {}))
-        avg = self.ACCURACY_AVERAGE  # torchmetrics' default is "macro" (balanced accuracy): say "micro"
+        self.backbone = backbone if isinstance(backbone, nn.Module) else build_backbone(
+            backbone, channels, num_classes, input_size=height, **dict(backbone_kwargs or {}))
+        avg = self.ACCURACY_AVERAGE
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average=avg)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average=avg)
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes=num_classes, average=avg)
                                       for _ in self.conditions)
         self._fe_ms = torch.zeros(2, dtype=torch.float64)  # [sum of ms, images] of the front end in test
         self.robustness_rows: list[dict[str, Any]] = []
-
-    # -- inference ------------------------------------------------------------------------------
-    @property
-    def frontend_kind(self) -> str:
-        return self.frontend.kind
 
     def forward(self, images: Tensor) -> Tensor:
         """Class logits of [0, 1] images (front end, then backbone)."""
@@ -135,10 +95,8 @@ class NoisyClassification(pl.LightningModule):
         """(features, labels) from a feature batch (dict) or an image batch (tuple)."""
         if isinstance(batch, Mapping):
             return batch["features"].to(self.dtype), batch["labels"]
-        images, labels = batch[0], batch[1]
-        return self.frontend(images), labels
+        return self.frontend(batch[0]), batch[1]
 
-    # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         features, labels = self._unpack(batch)
         logits = self.backbone(features)
@@ -165,7 +123,6 @@ class NoisyClassification(pl.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    # -- robustness test ------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         for metric in self.test_acc:
             metric.reset()
@@ -203,8 +160,7 @@ class NoisyClassification(pl.LightningModule):
         self.robustness_rows = rows
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the front end's description and the last test's rows (and how their accuracy averages)
-        with the weights."""
+        """Store the front end's description and the last test's rows with the weights."""
         checkpoint["frontend_spec"] = self.frontend.spec()
         checkpoint["robustness_rows"] = [dict(r) for r in self.robustness_rows]
         checkpoint["accuracy_average"] = self.ACCURACY_AVERAGE
@@ -213,15 +169,13 @@ class NoisyClassification(pl.LightningModule):
         self.robustness_rows = [dict(r) for r in checkpoint.get("robustness_rows", [])]
 
 
-# -- features cache -----------------------------------------------------------------------------
 class FeatureDataset(Dataset):
     """In-memory ``{"features", "labels"}`` items (a front end's features of a fixed image split)."""
 
     def __init__(self, features: Tensor, labels: Tensor) -> None:
         if features.shape[0] != labels.shape[0]:
             raise ValueError(f"{features.shape[0]} feature maps but {labels.shape[0]} labels")
-        self.features = features
-        self.labels = labels
+        self.features, self.labels = features, labels
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -236,10 +190,8 @@ def precompute_features(frontend: FrontEnd, dataset: Dataset, batch_size: int = 
     """Run ``frontend`` once over ``dataset`` ((image, label) items) and keep the features on the CPU."""
     device = torch.device(device)
     frontend = frontend.to(device)
-    feats, labels = [], []
+    feats, labels, done, start = [], [], 0, time.perf_counter()
     n = len(dataset)  # type: ignore[arg-type]
-    start = time.perf_counter()
-    done = 0
     for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         feats.append(frontend(images.to(device)).to("cpu", dtype))
         labels.append(torch.as_tensor(y, dtype=torch.int64))
@@ -254,26 +206,18 @@ class FrontEndDataModule(pl.LightningDataModule):
     """Feature-cached train/val loaders and one corrupted test loader per condition, over an image datamodule.
 
     Args:
-        datamodule: an image datamodule (``warplca.data``): ``split_dataset(split)`` gives the
-            deterministic split, batches are ``(images in [0, 1], labels)``.
-        frontend: the front end whose features are cached (the module's own front end).
-        conditions: the test conditions, in the module's order.
-        cache: ``True``, ``False`` or ``"auto"`` (cache unless the train loader augments, since the
-            features of augmented images change every epoch).
-        corruption_seed: seed of the corrupted test sets.
-        batch_size: training batch size (default: the datamodule's).
-        test_batch_size: batch size of the corrupted test loaders (default: ``batch_size``); larger
-            batches make the front end's cost per image (``ms_per_image``) lower on GPUs.
-        feature_batch_size: batch size while computing the cache.
-        cache_dtype: dtype the cached features are stored in (``torch.float16`` halves the memory).
+        datamodule: an image datamodule with ``split_dataset(split)``; batches ``(images in [0, 1], labels)``.
+        frontend: the front end whose features are cached (the module's).
+        cache: ``True``, ``False`` or ``"auto"`` (cache unless the train loader augments).
+        batch_size, test_batch_size: default: the datamodule's, ``batch_size``.
     """
 
     def __init__(self, datamodule: Any, frontend: FrontEnd,
                  conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None = None,
                  cache: bool | str = "auto", corruption_seed: int = 0, batch_size: int | None = None,
-                 test_batch_size: int | None = None,
-                 feature_batch_size: int = 256, num_workers: int | None = None,
-                 cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+                 test_batch_size: int | None = None, feature_batch_size: int = 256,
+                 num_workers: int | None = None, cache_dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> None:
         super().__init__()
         self.dm = datamodule
         self.frontend = frontend
@@ -307,36 +251,28 @@ class FrontEndDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.dm.setup(stage)
 
-    def _device(self) -> torch.device:
-        trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-
     def features(self, split: str) -> FeatureDataset:
         """The cached features of the clean ``split`` (computed on first use, on the trainer's device)."""
         if split not in self._cached:
-            start = time.perf_counter()
-            self._cached[split] = precompute_features(
-                self.frontend, self.dm.split_dataset(split), self.feature_batch_size, self._device(),
-                self.cache_dtype, desc=f"{split} cache")
+            start, trainer = time.perf_counter(), getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            self._cached[split] = precompute_features(self.frontend, self.dm.split_dataset(split),
+                                                      self.feature_batch_size, device, self.cache_dtype,
+                                                      desc=f"{split} cache")
             self.cache_seconds += time.perf_counter() - start
         return self._cached[split]
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        # cached features live in memory: worker processes would only add start-up cost
         workers = 0 if isinstance(dataset, FeatureDataset) else self.num_workers
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           generator=generator, num_workers=workers)
 
     def train_dataloader(self) -> DataLoader:
-        if self.cache:
-            return self._loader(self.features("train"), shuffle=True)
-        return self.dm.train_dataloader()
+        return self._loader(self.features("train"), True) if self.cache else self.dm.train_dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        if self.cache:
-            return self._loader(self.features("val"), shuffle=False)
-        return self.dm.val_dataloader()
+        return self._loader(self.features("val"), shuffle=False) if self.cache else self.dm.val_dataloader()
 
     def test_dataset(self, corruption: str, level: float) -> CorruptedDataset:
         """The test split under one condition (deterministic per item and ``corruption_seed``)."""

@@ -1,21 +1,6 @@
-"""``WarpRegression``: train WARP-CNN to regress cold-LCA target states (the "warp" stage's module).
-
-Training batches are ``(images in [0, 1], target states u*)`` from the state-target cache
-(:class:`~warplca.data.target_cache.TargetDataset`); the module normalises the images, predicts
-û = f_θ(x) (with the drive Φᵀx of the frozen dictionary when the predictor uses it) and minimises
-the configured loss (``laplacian`` by default, see :mod:`warplca.losses`). With ``energy_weight`` w > 0
-it adds w · the mean LCA energy E(T_λ(û)) of the predicted states (:func:`~warplca.losses.coding_energy`):
-the energy fine-tune, which trains the start for a low energy rather than for closeness to u*.
-
-Validation measures what the warm start is for. Besides the state MSE and R² of û against u*, for
-every k in ``eval_iters`` it runs k LCA steps from û (**warm**) and from 0 (**cold**, the same LCA
-settings) and logs energy, PSNR, SSIM (on [0, 1] pixels, ``data_range=1.0``) and sparsity, as
-``val/warm_k{k}/<metric>`` and ``val/cold_k{k}/<metric>`` plus ``val/energy_ratio_k{k}`` = warm / cold
-energy (< 1: the warm start is ahead). LCA runs are chained (k₁ steps, then k₂ − k₁ more from there),
-so validation costs max(eval_iters) steps per batch. The validation set is fixed, so the cold numbers
-are computed in the first full validation epoch only, kept (also in checkpoints) and re-logged.
-All metrics are torchmetrics objects (one per start / k), so they sync under DDP.
-"""
+"""``WarpRegression``: train WARP-CNN to regress cold-LCA target states (the ``warp`` stage's module). The
+loss (:mod:`warplca.losses`) compares û = f_θ(x) with the targets u* of a target cache, plus w · the mean LCA
+energy E(T_λ(û)) with ``energy_weight`` w > 0."""
 
 from __future__ import annotations
 
@@ -45,6 +30,10 @@ SCHEDULERS = (None, "none", "cosine")
 class WarpRegression(pl.LightningModule):
     """WARP-CNN state regression against cached cold-LCA targets.
 
+    Validation logs state MSE / R² and, per k in ``eval_iters``, energy, PSNR, SSIM and sparsity after
+    k LCA steps from û (``val/warm_k{k}/…``) and from 0 (``val/cold_k{k}/…``, computed once and kept in
+    checkpoints) plus ``val/energy_ratio_k{k}`` = warm / cold energy.
+
     Args:
         predictor: the state predictor (:class:`~warplca.models.WarpCNN`); the only trained part.
         dictionary: the fixed dictionary the targets were computed with (frozen here).
@@ -52,9 +41,8 @@ class WarpRegression(pl.LightningModule):
         normalization: [0, 1] pixels ↔ coded space (a :class:`Normalization` or its ``to_dict()``).
         loss: ``laplacian`` | ``mse`` | ``l1``; ``gamma`` is the Laplacian scale γ (weights exp(|u*|/(γλ))).
         lr, weight_decay: AdamW settings; ``scheduler``: ``cosine`` (over ``max_epochs``) or None.
-        eval_iters: LCA budgets k at which validation compares warm and cold starts.
-        lca_eval_every_n_epochs: run those LCA comparisons every n-th validation epoch and on the last
-            epoch (they cost max(eval_iters) LCA steps per batch); state MSE / R² are logged every time.
+        eval_iters: LCA budgets k of the validation (runs are chained: max(eval_iters) steps per batch).
+        lca_eval_every_n_epochs: run those comparisons every n-th and the last validation epoch.
         energy_weight: w of the energy term (0: regression only); ``energy_temperature``: t/λ of its
             straight-through gradient for the hard threshold.
     """
@@ -79,7 +67,6 @@ class WarpRegression(pl.LightningModule):
         self.dictionary = dictionary.requires_grad_(False)
         self.lca = LCA(self.dictionary, **dict(lca_settings))
         self.normalization = normalization
-        self.loss_name = loss
         self.gamma = 3.0 if gamma is None else float(gamma)
         self.loss_fn = build_loss(loss, lam=self.lca.lam, gamma=self.gamma)
         self.lr, self.weight_decay, self.scheduler = float(lr), float(weight_decay), scheduler
@@ -92,17 +79,13 @@ class WarpRegression(pl.LightningModule):
                              f"{energy_temperature}")
         self.energy_weight, self.energy_temperature = float(energy_weight), float(energy_temperature)
         config = predictor.config() if hasattr(predictor, "config") else {"class": type(predictor).__name__}
+        plain = ("gamma", "lr", "weight_decay", "eval_iters", "scheduler", "lca_eval_every_n_epochs",
+                 "energy_weight", "energy_temperature")
         self.save_hyperparameters({
             "predictor": config, "dictionary": dictionary.config(),
-            "dictionary_fingerprint": dictionary.fingerprint(),
-            "lca_settings": self.lca.settings(),
-            "normalization": None if normalization is None else normalization.to_dict(),
-            "loss": loss, "gamma": self.gamma, "lr": self.lr, "weight_decay": self.weight_decay,
-            "eval_iters": iters, "scheduler": scheduler,
-            "lca_eval_every_n_epochs": self.lca_eval_every_n_epochs,
-            "energy_weight": self.energy_weight, "energy_temperature": self.energy_temperature,
-        })
-
+            "dictionary_fingerprint": dictionary.fingerprint(), "lca_settings": self.lca.settings(),
+            "normalization": None if normalization is None else normalization.to_dict(), "loss": loss,
+            **{name: getattr(self, name) for name in plain}})
         self.val_state_mse = MeanSquaredError()
         self.val_state_r2 = R2Score()
         self.val_lca = nn.ModuleDict({
@@ -112,17 +95,13 @@ class WarpRegression(pl.LightningModule):
         })
         #: cold-start validation numbers, computed once (the validation set is fixed)
         self.cold_values: dict[str, float] | None = None
-        # the same parts as a WARP-LCA, built once and kept out of the module tree (``__dict__``), so
-        # checkpoints keep the ``predictor.*`` / ``dictionary.*`` keys; it shares the modules, so it
-        # follows them across devices
+        # shares the modules, kept out of the module tree so checkpoints keep their keys
         self.__dict__["_coder"] = WarpLCA(self.dictionary, self.predictor, self.lca, self.normalization,
                                           start_guard=False)
 
-    # -- model ----------------------------------------------------------------------------------
     @property
     def coder(self) -> WarpLCA:
-        """This module's predictor, dictionary, LCA and normalisation as a live WARP-LCA; unguarded,
-        since validation measures the raw prediction."""
+        """This module's parts as a live, unguarded WARP-LCA (validation measures the raw prediction)."""
         return self.__dict__["_coder"]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,11 +114,9 @@ class WarpRegression(pl.LightningModule):
         predictor = copy.deepcopy(self.predictor).cpu()
         return WarpLCA(dictionary, predictor, LCA(dictionary, **self.lca.settings()), self.normalization)
 
-    # -- training -------------------------------------------------------------------------------
     def _batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        images = batch[0]
         states = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) and batch[1].dim() == 4 else None
-        return images, states
+        return batch[0], states
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, states = self._batch(batch)
@@ -154,7 +131,6 @@ class WarpRegression(pl.LightningModule):
             self.log("train/energy", energy, on_step=False, on_epoch=True, sync_dist=True,
                      batch_size=images.shape[0])
             loss = loss + self.energy_weight * energy
-        # sync_dist: under DDP the logged loss is the mean over all ranks, not rank 0's alone
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=images.shape[0])
         return loss
@@ -167,17 +143,15 @@ class WarpRegression(pl.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         return opt
 
-    # -- validation -----------------------------------------------------------------------------
     def _lca_chain(self, x: Tensor, u0: Tensor | None, start: str, images: Tensor) -> None:
         """Run LCA through the budgets in ``eval_iters`` from ``u0`` and update that start's metrics."""
         u, done = u0, 0
-        numel = x[0].numel()
         for k in self.eval_iters:
             res: LCAResult = self.lca(x, iters=k - done, u0=u)
             u, done = res.u.contiguous(), k
             m = self.val_lca[f"{start}_k{k}"]
             assert res.energy is not None
-            m["energy"].update(res.energy, numel)
+            m["energy"].update(res.energy, x[0].numel())
             m["sparsity"].update(res.a)
             m["recon"].update(self.coder.postprocess(res.recon, images), images.clamp(0.0, 1.0))
 
@@ -212,10 +186,8 @@ class WarpRegression(pl.LightningModule):
     def _compute(self, start: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for k in self.eval_iters:
-            m = self.val_lca[f"{start}_k{k}"]
-            values = {**m["energy"].compute(), **m["sparsity"].compute(), **m["recon"].compute()}
-            out.update({f"val/{start}_k{k}/{name}": float(v) for name, v in values.items()})
-            for metric in m.values():
+            for metric in self.val_lca[f"{start}_k{k}"].values():  # energy, sparsity, recon
+                out.update({f"val/{start}_k{k}/{name}": float(v) for name, v in metric.compute().items()})
                 metric.reset()
         return out
 
@@ -226,23 +198,21 @@ class WarpRegression(pl.LightningModule):
             values["val/state_r2"] = float(self.val_state_r2.compute())
         self.val_state_mse.reset()
         self.val_state_r2.reset()
-        if not self.val_lca[f"warm_k{self.eval_iters[0]}"]["energy"].update_count:
-            return
-        values.update(self._compute("warm"))
-        cold = self.cold_values
-        if cold is None:
-            cold = self._compute("cold")
-            if not self.trainer.sanity_checking:
-                self.cold_values = cold
-        values.update(cold)
-        for k in self.eval_iters:
-            c = values.get(f"val/cold_k{k}/energy", math.nan)
-            w = values.get(f"val/warm_k{k}/energy", math.nan)
-            values[f"val/energy_ratio_k{k}"] = w / c if c else math.nan
+        if self.val_lca[f"warm_k{self.eval_iters[0]}"]["energy"].update_count:  # an LCA-comparison epoch
+            values.update(self._compute("warm"))
+            cold = self.cold_values
+            if cold is None:
+                cold = self._compute("cold")
+                if not self.trainer.sanity_checking:
+                    self.cold_values = cold
+            values.update(cold)
+            for k in self.eval_iters:
+                c = values.get(f"val/cold_k{k}/energy", math.nan)
+                w = values.get(f"val/warm_k{k}/energy", math.nan)
+                values[f"val/energy_ratio_k{k}"] = w / c if c else math.nan
         for name, value in values.items():
             self.log(name, value, prog_bar=name == f"val/energy_ratio_k{self.eval_iters[-1]}")
 
-    # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["warp_cold_values"] = self.cold_values
 

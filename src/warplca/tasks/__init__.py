@@ -1,7 +1,6 @@
 """The Hydra edge: pure task functions that ``train.py`` / ``evaluate.py`` call, and the pipeline stages.
 
-``warplca.tasks.train.train(cfg)`` runs the stages named in ``cfg.stages`` (see
-:mod:`warplca.tasks.stages`) with a :class:`~warplca.tasks.context.RunContext`.
+``warplca.tasks.train.train(cfg)`` runs ``cfg.stages`` (:mod:`warplca.tasks.stages`) with a ``RunContext``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """``RunContext``: what a pipeline stage gets — the config, the run directory and builders.
 
-One context is made per ``train.py`` invocation and handed to every stage's ``run(ctx)``. It owns
-the run directory (``cfg.paths.output_dir``, i.e. Hydra's output dir), builds the datamodule once,
-gives each stage fresh loggers (file loggers write to ``<logger>/<stage>/``; wandb gets one run per
-stage, grouped by the run directory) and a Trainer whose ``ModelCheckpoint`` writes
-``checkpoints/<stage>/last.ckpt``, loads artifacts of earlier stages (``dictionary.pt``) and merges
-stage metrics into ``metrics.json``.
-
-Trainer keyword precedence (lowest first): ``model.<stage>.trainer`` (the stage's defaults, e.g.
-``max_epochs``) < keys the ``trainer`` group sets to a non-null value (debug configs, CLI
-``trainer.max_epochs=2``) < keyword overrides passed by the stage code.
+One context per ``train.py`` invocation: it builds the datamodule once, gives each stage fresh loggers
+and a Trainer checkpointing to ``checkpoints/<stage>/``, loads earlier stages' artifacts and merges
+metrics into ``metrics.json``. Trainer keyword precedence (lowest first): ``model.<stage>.trainer`` <
+non-null keys of the ``trainer`` group < keyword overrides of the stage code.
 """
 
 from __future__ import annotations
@@ -45,7 +39,7 @@ LCA_KEYS = ("threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "check
 
 @dataclass
 class RunContext:
-    """The run's config and directory plus lazily built, cached shared objects (see module doc)."""
+    """The run's config and directory plus lazily built, cached shared objects."""
 
     cfg: DictConfig
     run_dir: Path
@@ -76,6 +70,7 @@ class RunContext:
 
     @property
     def force(self) -> bool:
+        """``cfg.force``: redo done stages, ignore checkpoints."""
         return bool(self.cfg.get("force", False))
 
     def barrier(self) -> None:
@@ -103,16 +98,16 @@ class RunContext:
         loggers = instantiate_loggers(self.cfg.get("logger"), version=stage,
                                       run_name=f"{self.run_dir.name}/{stage}",
                                       run_group=f"{self.cfg.get('task_name', 'train')}/{self.run_dir.name}")
-        hparams = self.config_dict()
+        hparams = OmegaConf.to_container(  # the resolved run config without the hydra node
+            OmegaConf.masked_copy(self.cfg, [k for k in self.cfg if k != "hydra"]), resolve=True)
         for lg in loggers:
             lg.log_hyperparams(hparams)
         return loggers
 
     def trainer_kwargs(self, stage: str, **overrides: Any) -> dict[str, Any]:
         """Trainer keyword arguments for ``stage`` (see the module doc for the precedence)."""
+        kwargs: dict[str, Any] = to_container(OmegaConf.select(self.cfg, f"model.{stage}.trainer")) or {}
         base = to_container(self.cfg.get("trainer")) or {}
-        stage_defaults = to_container(OmegaConf.select(self.cfg, f"model.{stage}.trainer")) or {}
-        kwargs: dict[str, Any] = dict(stage_defaults)
         kwargs.update({k: v for k, v in base.items() if v is not None})
         kwargs.update(overrides)
         kwargs.setdefault("_target_", "pytorch_lightning.Trainer")
@@ -120,49 +115,36 @@ class RunContext:
         return kwargs
 
     def checkpoint_dir(self, stage: str) -> Path:
+        """``<run_dir>/checkpoints/<stage>``."""
         return self.run_dir / "checkpoints" / stage
 
-    def last_checkpoint(self, stage: str) -> Path | None:
-        """``checkpoints/<stage>/last.ckpt`` if it exists (a resumable, interrupted stage).
-
-        A truncated or foreign file there is refused with a ValueError naming it (``check_checkpoint``).
-        """
+    def resume_checkpoint(self, stage: str) -> Path | None:
+        """``checkpoints/<stage>/last.ckpt`` if it exists, unless ``resume=false`` or ``force=true`` ask for a
+        fresh start; a truncated or foreign file raises ValueError."""
         from warplca.runtime import check_checkpoint
 
         path = self.checkpoint_dir(stage) / "last.ckpt"
-        return check_checkpoint(path) if path.is_file() else None
-
-    def resume_checkpoint(self, stage: str) -> Path | None:
-        """The checkpoint ``stage`` continues from: :meth:`last_checkpoint`, unless ``resume=false`` or
-        ``force=true`` ask for a fresh start."""
-        if self.force or not self.cfg.get("resume", True):
+        if self.force or not self.cfg.get("resume", True) or not path.is_file():
             return None
-        path = self.last_checkpoint(stage)
-        if path is not None:
-            log.info("resuming the %s stage from %s", stage, path)
+        path = check_checkpoint(path)
+        log.info("resuming the %s stage from %s", stage, path)
         return path
 
     def trainer(self, stage: str, **overrides: Any) -> pl.Trainer:
-        """A Trainer for ``stage``: ``cfg.trainer`` + stage defaults + callbacks + fresh loggers.
-
-        A ``ModelCheckpoint(dirpath=checkpoints/<stage>, save_last=True)`` is added when the callbacks
-        config has none (unless checkpointing is disabled). Pass ``logger=False`` or ``callbacks=[...]``
-        to replace those.
-        """
+        """A Trainer for ``stage`` with fresh loggers (``logger=`` replaces them), the configured callbacks
+        plus ``callbacks=[...]``, and a ``ModelCheckpoint`` (``save_last``) in :meth:`checkpoint_dir`."""
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         kwargs = self.trainer_kwargs(stage, **overrides)
-        extra_callbacks = list(kwargs.pop("callbacks", None) or [])
+        ckpt_dir = str(self.checkpoint_dir(stage))
+        callbacks = instantiate_callbacks(self.cfg.get("callbacks"), checkpoint_dir=ckpt_dir)
+        callbacks += list(kwargs.pop("callbacks", None) or [])
         logger = kwargs.pop("logger", None)
-        ckpt_dir = self.checkpoint_dir(stage)
-        callbacks = instantiate_callbacks(self.cfg.get("callbacks"), checkpoint_dir=str(ckpt_dir))
-        callbacks += extra_callbacks
         # the NaN/Inf guard and the DDP epoch-metrics sync even with callbacks=none
-        skip = bool(self.cfg.get("skip_nonfinite_batches", False))
-        ensure_default_callbacks(callbacks, skip_nonfinite=skip)
+        ensure_default_callbacks(callbacks, skip_nonfinite=bool(self.cfg.get("skip_nonfinite_batches")))
         has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
         if kwargs.get("enable_checkpointing", True) and not has_ckpt:
-            callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0))
         if logger is None:
             logger = self.loggers(stage) or False
         if not logger:  # LearningRateMonitor refuses to run without a logger
@@ -175,17 +157,12 @@ class RunContext:
 
     # -- metrics --------------------------------------------------------------------------------
     def log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
-        """Merge ``metrics`` into ``metrics.json`` under ``stage`` (atomic write; rank 0 only).
-
-        The file is ``{"<stage>": {"<key>": value, …}, …}``; tensors become floats.
-        """
+        """Merge ``metrics`` into ``metrics.json`` under ``stage`` (atomic; rank 0 only; tensors → floats)."""
         if not self.is_rank_zero or not metrics:
             return
-        path = self.run_dir / "metrics.json"
         data = self.read_metrics()
-        entry = data.setdefault(stage, {})
-        entry.update({k: _plain(v) for k, v in metrics.items()})
-        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+        data.setdefault(stage, {}).update({k: _plain(v) for k, v in metrics.items()})
+        write_text_atomic(self.run_dir / "metrics.json", json.dumps(data, indent=2, sort_keys=True))
 
     def read_metrics(self) -> dict[str, Any]:
         """Contents of ``metrics.json`` (empty when absent)."""
@@ -197,18 +174,18 @@ class RunContext:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start afresh") from exc
 
-    def config_dict(self) -> dict[str, Any]:
-        """The resolved run config as plain Python (without the ``hydra`` node), for loggers."""
-        keys = [k for k in self.cfg if k != "hydra"]
-        container = OmegaConf.to_container(OmegaConf.masked_copy(self.cfg, keys), resolve=True)
-        assert isinstance(container, dict)
-        return container
-
     # -- artifacts of earlier stages ------------------------------------------------------------
+    def _given_or_artifact(self, key: str, name: str) -> Path:
+        given = self.cfg.get(key)
+        return Path(given).expanduser() if given else self.artifact(name)
+
     def dictionary_file(self) -> Path:
         """``cfg.dictionary_path`` when given, else ``<run_dir>/dictionary.pt``."""
-        given = self.cfg.get("dictionary_path")
-        return Path(given).expanduser() if given else self.artifact("dictionary.pt")
+        return self._given_or_artifact("dictionary_path", "dictionary.pt")
+
+    def bundle_file(self) -> Path:
+        """The WARP-LCA bundle: ``cfg.warp_path`` when given, else ``<run_dir>/warp_lca.pt``."""
+        return self._given_or_artifact("warp_path", "warp_lca.pt")
 
     def set_dictionary(self, dictionary: ConvDictionary, meta: dict[str, Any] | None = None) -> None:
         """Hand a freshly trained dictionary (and its save meta) to later stages of this run."""
@@ -230,19 +207,13 @@ class RunContext:
             log.info("loaded dictionary %s from %s", self._dictionary.extra_repr(), path)
         return self._dictionary
 
-    def dictionary_meta(self) -> dict[str, Any]:
-        """The meta saved with the dictionary (``normalization``, ``data``, ``lca``, …)."""
-        self.dictionary()
-        return dict(self._dictionary_meta or {})
-
     def normalization(self) -> Any:
-        """The normalisation the dictionary codes in: from its meta if there is a dictionary, else the
-        datamodule's (fitted on the train split)."""
+        """The normalisation the dictionary codes in: its meta's, else the datamodule's (fitted on train)."""
         from warplca.data import Normalization
 
-        has_dictionary = self._dictionary is not None or self.dictionary_file().is_file()
-        if has_dictionary:
-            norm = self.dictionary_meta().get("normalization")
+        if self._dictionary is not None or self.dictionary_file().is_file():
+            self.dictionary()  # loads its meta too
+            norm = (self._dictionary_meta or {}).get("normalization")
             if norm is not None:
                 return Normalization.from_dict(norm)
             log.warning("dictionary %s has no normalization in its meta; using the datamodule's",
@@ -266,13 +237,17 @@ class RunContext:
         except ValueError as exc:
             raise ValueError(f"invalid lca config {settings}: {exc}") from exc
 
+    def coding(self) -> tuple[ConvDictionary, LCA, Any]:
+        """The run's dictionary, an :class:`warplca.LCA` on it and the normalisation it codes in."""
+        dictionary = self.dictionary()
+        return dictionary, self.lca(dictionary), self.normalization()
+
     def stage_config(self, stage: str) -> DictConfig | None:
         """``cfg.model.<stage>`` without its ``trainer`` key (the LightningModule's own config)."""
         node = OmegaConf.select(self.cfg, f"model.{stage}")
         if node is None:
             return None
-        node = OmegaConf.masked_copy(node, [k for k in node if k != "trainer"])  # type: ignore[union-attr]
-        return node
+        return OmegaConf.masked_copy(node, [k for k in node if k != "trainer"])  # type: ignore[union-attr]
 
     def module(self, stage: str, **kwargs: Any) -> pl.LightningModule:
         """Instantiate ``cfg.model.<stage>`` (minus ``trainer``) with the objects in ``kwargs``."""
@@ -280,8 +255,7 @@ class RunContext:
         if node is None or "_target_" not in node:
             raise ValueError(f"cfg.model.{stage} has no _target_ (choose a model@model.{stage} config)")
         # objects go to the partial, not through instantiate (Hydra would turn dataclasses into configs)
-        factory = instantiate(node, _convert_="all", _partial_=True)
-        return factory(**kwargs)
+        return instantiate(node, _convert_="all", _partial_=True)(**kwargs)
 
 
 def _plain(value: Any) -> Any:

@@ -1,16 +1,8 @@
 """The evaluation task: ``evaluate(cfg)`` runs the paper's experiments on a trained run.
 
-``python evaluate.py run_dir=<dir> eval=convergence|thresholds|denoise|ood|all`` loads the run's
-``warp_lca.pt``, takes images from the run's own data config (or ``data=<name>``), runs each
-experiment of ``eval.modes`` and writes into ``out_dir`` (default ``run_dir``): ``metrics.json``
-(merged under ``"eval"``), CSV tables, PNG plots and one ``report.md`` section per experiment; the same
-scalars, images and tables go to the configured loggers. ``sweep_dir=<multirun dir>`` builds a sweep
-summary instead; ``results_md=<file>`` writes a README-ready results page from the run's report.md.
-
-This module is the command only: what the pipeline's ``report`` stage and the study share with it
-(the settings, the images, the convergence run) lives in :mod:`warplca.evaluation.experiments`, so the
-main job's closing table and ``evaluate.py`` agree; every result is written by
-:func:`warplca.evaluation.report.write_result`.
+``python evaluate.py run_dir=<dir> eval=convergence|thresholds|denoise|ood|all`` writes each
+experiment's metrics, tables, plots and ``report.md`` section into ``out_dir`` (default ``run_dir``).
+``sweep_dir=<multirun dir>`` summarises a sweep instead; ``results_md=<file>`` writes a results page.
 """
 
 from __future__ import annotations
@@ -33,7 +25,7 @@ from warplca.evaluation.common import (
     resolve_device,
     run_data_config,
 )
-from warplca.evaluation.experiments import MODES, eval_images, eval_settings, run_convergence
+from warplca.evaluation.experiments import eval_images, eval_settings, run_convergence
 from warplca.evaluation.report import write_result, write_results_page
 from warplca.tasks.utils import instantiate_loggers, seed_everything, task_wrapper, to_container
 
@@ -42,24 +34,8 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate"]
 
 
-def _describe_data(dm: Any, split: str) -> str:
-    return f"{getattr(dm, 'name', type(dm).__name__)}/{split}"
-
-
-def _data_config(cfg: DictConfig, run_dir: Path | None) -> tuple[Any, str]:
-    """``cfg.data`` if given, else the run's saved data config, else the embedded natural images."""
-    if cfg.get("data") is not None:
-        return cfg.data, "data=… override"
-    paths: dict[str, Any] = {}
-    try:
-        paths = to_container(cfg.get("paths")) or {}
-    except Exception:  # ${hydra:…} outside a Hydra app
-        log.debug("eval paths not resolvable; the run's data config must not need them")
-    return run_data_config(run_dir, paths, int(cfg.get("seed", 0)))
-
-
 class _Session:
-    """Per-invocation state: config, directories, device, model, images and loggers (built lazily)."""
+    """Per-invocation state: config, directories, device, and the model and images (built lazily)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -67,10 +43,8 @@ class _Session:
         bundle = cfg.get("bundle")
         run_dir = cfg.get("run_dir")
         if not run_dir and not bundle:
-            raise ValueError(
-                "evaluate.py needs run_dir=<training run directory> (or bundle=<warp_lca.pt>), "
-                "or sweep_dir=<multirun directory> for a sweep summary"
-            )
+            raise ValueError("evaluate.py needs run_dir=<training run directory> (or bundle=<warp_lca.pt>), "
+                             "or sweep_dir=<multirun directory> for a sweep summary")
         self.run_dir = Path(run_dir).expanduser() if run_dir else Path(bundle).expanduser().parent
         self.out_dir = Path(cfg.get("out_dir") or self.run_dir).expanduser()
         self.device = resolve_device(cfg.get("device", "auto"))
@@ -78,7 +52,6 @@ class _Session:
         self._model: EvalModel | None = None
         self._images: Any = None
         self.data_name = ""
-        self.loggers: list[Any] = []
 
     @property
     def model(self) -> EvalModel:
@@ -89,33 +62,36 @@ class _Session:
     @property
     def images(self) -> Any:
         if self._images is None:
-            data_cfg, source = _data_config(self.cfg, self.run_dir)
+            # cfg.data if given, else the run's saved data config, else the embedded natural images
+            if self.cfg.get("data") is not None:
+                data_cfg, source = self.cfg.data, "data=… override"
+            else:
+                paths: dict[str, Any] = {}
+                try:
+                    paths = to_container(self.cfg.get("paths")) or {}
+                except Exception:  # ${hydra:…} outside a Hydra app
+                    log.debug("eval paths not resolvable; the run's data config must not need them")
+                data_cfg, source = run_data_config(self.run_dir, paths, int(self.cfg.get("seed", 0)))
             dm = build_datamodule_from_config(data_cfg)
             split = str(self.settings["split"])
             self._images = eval_images(dm, self.model, split, self.settings.get("n_images"))
-            self.data_name = _describe_data(dm, split)
-            log.info(
-                "evaluation images: %d × %s from %s (data config: %s)",
-                self._images.shape[0],
-                tuple(self._images.shape[1:]),
-                self.data_name,
-                source,
-            )
+            self.data_name = f"{getattr(dm, 'name', type(dm).__name__)}/{split}"
+            log.info("evaluation images: %d × %s from %s (data config: %s)", self._images.shape[0],
+                     tuple(self._images.shape[1:]), self.data_name, source)
         return self._images
 
     def total(self, override: Any = None) -> int:
         return int(override or self.settings.get("iters") or self.model.lca.iters)
 
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every ``measure_*`` experiment takes."""
+        return {"batch_size": int(self.settings["batch_size"]), "show_progress": self.show_progress,
+                "device": self.device}
+
     # -- experiments ----------------------------------------------------------------------------
     def convergence(self) -> ExperimentResult:
-        return run_convergence(
-            self.model,
-            self.images,
-            self.settings,
-            name=self.data_name,
-            show_progress=self.show_progress,
-            device=self.device,
-        )
+        return run_convergence(self.model, self.images, self.settings, name=self.data_name,
+                               show_progress=self.show_progress, device=self.device)
 
     def thresholds(self) -> ExperimentResult:
         from warplca.evaluation.common import describe_model
@@ -128,32 +104,16 @@ class _Session:
             models = {label: self.model, **models}
         if not models:
             raise FileNotFoundError("eval=thresholds: no bundle found. " + " ".join(notes))
-        return measure_thresholds(
-            models,
-            self.images,
-            iters=self.total(conf.get("iters")),
-            budgets=self.settings["budgets"],
-            batch_size=int(self.settings["batch_size"]),
-            notes=notes,
-            show_progress=self.show_progress,
-            device=self.device,
-        )
+        return measure_thresholds(models, self.images, iters=self.total(conf.get("iters")),
+                                  budgets=self.settings["budgets"], notes=notes, **self.run_kwargs())
 
     def denoise(self) -> ExperimentResult:
         from warplca.evaluation.denoise import measure_denoise
 
         conf = self.settings["denoise"]
-        return measure_denoise(
-            self.model,
-            self.images,
-            sigmas=conf["sigmas"],
-            budgets=conf["budgets"],
-            batch_size=int(self.settings["batch_size"]),
-            seed=int(self.cfg.get("seed", 0)),
-            examples=int(conf["examples"]),
-            show_progress=self.show_progress,
-            device=self.device,
-        )
+        return measure_denoise(self.model, self.images, sigmas=conf["sigmas"], budgets=conf["budgets"],
+                               seed=int(self.cfg.get("seed", 0)), examples=int(conf["examples"]),
+                               **self.run_kwargs())
 
     def robustness(self) -> ExperimentResult:
         from warplca.evaluation.robustness import robustness_result
@@ -168,22 +128,10 @@ class _Session:
         n = int(conf["n_images"] or self.settings.get("n_images")
                 or option_defaults("eval", "ood")["ood"]["n_images"])
         reference_images = self.images  # loads the run's data (and names it) first
-        reference = (
-            (f"{self.data_name or 'run data'} (in distribution)", reference_images)
-            if conf["reference"]
-            else None
-        )
-        return measure_ood(
-            self.model,
-            sources,
-            iters=self.total(conf.get("iters")),
-            budgets=self.settings["budgets"],
-            n_images=n,
-            batch_size=int(self.settings["batch_size"]),
-            reference=reference,
-            show_progress=self.show_progress,
-            device=self.device,
-        )
+        reference = ((f"{self.data_name or 'run data'} (in distribution)", reference_images)
+                     if conf["reference"] else None)
+        return measure_ood(self.model, sources, iters=self.total(conf.get("iters")), n_images=n,
+                           budgets=self.settings["budgets"], reference=reference, **self.run_kwargs())
 
 
 def _loggers(cfg: DictConfig, out_dir: Path, run_name: str) -> list[Any]:
@@ -192,9 +140,8 @@ def _loggers(cfg: DictConfig, out_dir: Path, run_name: str) -> list[Any]:
         return []
     local = copy.deepcopy(cfg)
     OmegaConf.update(local, "paths.output_dir", str(out_dir.resolve()), force_add=True)
-    loggers = instantiate_loggers(
-        local.get("logger"), version="eval", run_name=f"{run_name}/eval", run_group=f"evaluate/{run_name}"
-    )
+    loggers = instantiate_loggers(local.get("logger"), version="eval", run_name=f"{run_name}/eval",
+                                  run_group=f"evaluate/{run_name}")
     try:
         params = OmegaConf.to_container(local, resolve=True)
         assert isinstance(params, dict)
@@ -208,11 +155,10 @@ def _loggers(cfg: DictConfig, out_dir: Path, run_name: str) -> list[Any]:
 
 def command_line() -> str:
     """The command that is running (``python evaluate.py …``), for reports that say how to regenerate them."""
-    argv = [a for a in sys.argv[1:]]
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "evaluate.py"
     if script not in ("evaluate.py", "train.py"):
         script = "evaluate.py"
-    return "python " + " ".join([script, *map(shlex.quote, argv)])
+    return "python " + " ".join([script, *map(shlex.quote, sys.argv[1:])])
 
 
 @task_wrapper
@@ -230,12 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return {k: float(v) for k, v in result.metrics.items()}
 
     session = _Session(cfg)
-    modes = [str(m) for m in (session.settings.get("modes") or [])]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(
-            f"unknown eval mode(s) {unknown}; choose from {list(MODES)} (eval=all runs every one)"
-        )
+    modes = [str(m) for m in (session.settings.get("modes") or [])]  # checked by validate_eval_config
     session.out_dir.mkdir(parents=True, exist_ok=True)
     loggers = _loggers(cfg, session.out_dir, session.run_dir.name) if modes else []
     metrics: dict[str, float] = {}

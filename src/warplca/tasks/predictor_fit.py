@@ -1,12 +1,8 @@
 """Building and fitting WARP-CNN regressions on a run's state-target caches.
 
-The ``warp`` stage trains the run's predictor with the run's Trainer (checkpoints, loggers, resume).
-The study stages (``ablation``, ``learning_curve``) train many small variants of it the same way —
-the same :class:`~warplca.modules.warp_regression.WarpRegression`, the same caches, the same data
-order — but quietly: a plain single-device Trainer without checkpoints, loggers or progress bars, and
-without validation (variants are scored afterwards on held-out images, see
-:mod:`warplca.evaluation.warm_start_study`). Both go through :func:`target_sets` and
-:func:`build_module`, so a variant differs from the main predictor only in what it overrides.
+The ``warp`` stage and the study variants both go through :func:`target_sets` and :func:`build_module`,
+so a variant differs from the main predictor only in what it overrides; variants are fitted quietly
+(:func:`fit_quietly`).
 """
 
 from __future__ import annotations
@@ -49,17 +45,6 @@ INPUTS: dict[str, dict[str, Any]] = {
 }
 
 
-def predictor_config(ctx: RunContext) -> dict[str, Any]:
-    """The ``predictor`` group's settings."""
-    conf = ctx.cfg.get("predictor")
-    if conf is None:
-        raise ValueError("no predictor config: choose one with predictor=small|medium|large")
-    out = to_container(conf)
-    if "_target_" not in out:
-        out["_target_"] = primary_defaults("predictor")["_target_"]
-    return out
-
-
 def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
                     overrides: Mapping[str, Any] | None = None) -> Any:
     """The ``predictor`` group's network (with ``overrides``), sized for ``dictionary``.
@@ -67,7 +52,10 @@ def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
     ``drive_scale: auto`` becomes 1/‖Φ‖²_op (on 64×64 images), so the residual drive is the state after
     one cold LCA step with τ = auto (exactly so where L does not depend on the image size).
     """
-    conf = {**predictor_config(ctx), **dict(overrides or {})}
+    if ctx.cfg.get("predictor") is None:
+        raise ValueError("no predictor config: choose one with predictor=small|medium|large")
+    conf = {"_target_": primary_defaults("predictor")["_target_"], **to_container(ctx.cfg.predictor),
+            **dict(overrides or {})}
     if conf.get("drive_scale") == "auto":
         conf["drive_scale"] = 1.0 / max(dictionary.operator_norm(), 1.0)
     return instantiate(OmegaConf.create(conf), in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
@@ -75,18 +63,14 @@ def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
 
 
 def loss_config(ctx: RunContext) -> dict[str, Any]:
-    """``loss`` / ``gamma`` keyword arguments of WarpRegression from the ``loss`` group (keys it leaves
-    out from the option ``train.yaml`` chooses, ``conf/loss/laplacian.yaml``)."""
+    """``loss`` / ``gamma`` of WarpRegression from the ``loss`` group (missing keys: the default option's)."""
     conf = fill_missing(to_container(ctx.cfg.get("loss")) or {}, primary_defaults("loss"))
     return {"loss": conf["name"], "gamma": conf["gamma"]}
 
 
 def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`).
-
-    ``_target_``, ``batch_size``, ``num_workers`` and ``epochs`` the node leaves out come from the option
-    ``train.yaml`` chooses for it (``conf/model/warp_regression.yaml``).
-    """
+    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`); keys
+    it leaves out come from ``conf/model/warp_regression.yaml``."""
     defaults = primary_defaults("model.warp")
     node = to_container(ctx.stage_config("warp")) or {}
     misplaced = [f"model.warp.{k}: {PIPELINE_KEYS[k]}" for k in node if k in PIPELINE_KEYS]
@@ -105,17 +89,14 @@ def target_sets(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliza
                 splits: tuple[str, ...] = ("train", "val")) -> dict[str, TargetDataset]:
     """(image, state) datasets of the ``targets`` stage's caches, refused when they no longer match."""
     tconf = stage_targets.settings(ctx)
-    dm = ctx.datamodule
     sets: dict[str, TargetDataset] = {}
-    for split in splits:
-        if split not in tconf["splits"]:
-            continue
+    for split in [s for s in splits if s in tconf["splits"]]:
         manifest = stage_targets.expected(ctx, split, dictionary, lca, normalization, tconf)
         try:
             cache = TargetCache.open(stage_targets.cache_dir(ctx, split), manifest)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{exc}: run the targets stage first (stages=[targets,warp])") from exc
-        sets[split] = TargetDataset(cache, dm.split_dataset(split))
+        sets[split] = TargetDataset(cache, ctx.datamodule.split_dataset(split))
     return sets  # stage_targets.settings refuses splits without train
 
 
@@ -128,31 +109,24 @@ def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliz
     predictor = build_predictor(ctx, dictionary, predictor_overrides)
     n_params = sum(p.numel() for p in predictor.parameters())
     node.update({**loss_config(ctx), **dict(module_overrides or {})})
-    module = instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
-                         lca_settings=lca.settings(), normalization=normalization)
-    return module, n_params
+    return instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,
+                       lca_settings=lca.settings(), normalization=normalization), n_params
 
 
 def fit_quietly(ctx: RunContext, module: pl.LightningModule, train: TargetDataset, epochs: int,
                 limit: int | None = None) -> pl.LightningModule:
-    """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs on one device.
-
-    No checkpoints, loggers, progress bars or validation: a study variant leaves no files behind and
-    costs only its training steps. The data order is seeded like the warp stage's.
-    """
+    """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs on one device, with
+    no checkpoints, loggers, progress bars or validation; the data order is seeded like the warp stage's."""
     _, data = warp_data_settings(ctx)
     seed = int(ctx.cfg.get("seed") or 0)
     pl.seed_everything(seed, workers=True, verbose=False)
-    dataset: Any = train
-    if limit is not None and limit < len(train):
-        dataset = Subset(train, range(int(limit)))
+    dataset: Any = Subset(train, range(int(limit))) if limit is not None and limit < len(train) else train
     datamodule = TargetDataModule(dataset, None, batch_size=int(data["batch_size"]),
                                   num_workers=int(data["num_workers"]), seed=seed)
     trainer_cfg = to_container(ctx.cfg.get("trainer")) or {}
-    accelerator = str(trainer_cfg.get("accelerator") or "auto")
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=int(epochs), logger=False,
+    trainer = pl.Trainer(accelerator=str(trainer_cfg.get("accelerator") or "auto"), devices=1, logger=False,
+                         precision=trainer_cfg.get("precision") or "32-true", max_epochs=int(epochs),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(ctx.run_dir),
-                         precision=trainer_cfg.get("precision") or "32-true")
+                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(ctx.run_dir))
     trainer.fit(module, datamodule=datamodule)
     return module

@@ -1,11 +1,8 @@
 """Stage "ablation": which loss and which input give the best warm start.
 
-Trains one WARP-CNN per (loss, input) pair of ``study.ablation`` — losses ``laplacian`` / ``mse`` /
-``l1``, inputs ``image`` / ``image+drive`` (Φᵀx concatenated) / ``drive+residual`` (û = Φᵀx + f(x)) —
-on the run's cached targets with the warp stage's settings otherwise (predictor size, epochs, lr,
-data order, initial weights), and scores each by iterations-to-match and final energy
-(:mod:`warplca.tasks.study`). Writes ``ablation.md`` / ``ablation.png`` / ``ablation.csv`` (the
-artifact); the report stage adds the section to ``report.md``.
+Trains one WARP-CNN per (loss, input) pair of ``study.ablation`` — inputs ``image`` / ``image+drive``
+(Φᵀx concatenated) / ``drive+residual`` (û = Φᵀx + f(x)) — with the warp stage's settings otherwise,
+scores each (:mod:`warplca.tasks.study`) and writes ``ablation.md`` / ``.png`` / ``.csv`` (the artifact).
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ ARTIFACT = "ablation.csv"
 
 
 def run(ctx: RunContext) -> dict[str, float]:
+    """Train and score every (loss, input) variant; write the section, plot and table."""
     study = Study.for_stage(ctx, "ablation")
     if study is None:
         return {}
@@ -31,8 +29,6 @@ def run(ctx: RunContext) -> dict[str, float]:
             key = {"variant": f"{loss} / {inp}", "loss": str(loss), "input": str(inp)}
             rows.append(study.variant(key, epochs, predictor_overrides=INPUTS[inp],
                                       module_overrides={"loss": str(loss)}))
-    cold = {"variant": "cold LCA", "loss": "—", "input": "—", **study.cold_scores}
     what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
             "(everything else as in the warp stage, the same initial weights and data order).")
-    return study.publish("Ablation: loss × input", what, rows, cold, ["variant"],
-                         lambda p: plot_ablation(rows, cold, study.total, study.early, p))
+    return study.publish("Ablation: loss × input", what, rows, ["variant"], plot_ablation)

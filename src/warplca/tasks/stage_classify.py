@@ -1,25 +1,10 @@
 """Stage "classify": noisy classification with pixel, cold-LCA and WARP-LCA front ends (README, "Noisy
 classification").
 
-For each front end in ``model.classify.frontends`` (default ``[pixels, lca, warp_lca]``) a classifier
-(:class:`~warplca.modules.noisy_classification.NoisyClassification`, backbone ``model.classify.backbone``)
-is trained on the **clean** training split — the front-end features of the clean train/val images
-are computed once and cached — and tested on the clean test split and under every corruption and
-level of ``model.classify.corruptions``.
-
-- ``lca`` runs cold LCA for ``lca_iters_cold`` steps (≥ 500), ``warp_lca`` runs WARP-LCA for
-  ``lca_iters_warm`` steps (≤ 20); both use the WARP-LCA bundle's dictionary, LCA settings and
-  normalisation (``warp_lca.pt`` / ``warp_path``), so they differ only in the start. Without a
-  bundle (``frontends=[pixels,lca]``) the run's dictionary and ``lca`` settings are used.
-- Writes ``classifier_<frontend>.ckpt`` per front end (its test rows inside, so a re-run skips
-  finished front ends; rows computed under another accuracy definition are recomputed),
-  ``classifier.ckpt`` (a copy of ``main_frontend``'s), ``robustness.csv`` (its artifact:
-  ``frontend, corruption, level, accuracy, ms_per_image``), ``robustness.png`` and ``robustness.md``.
-- Returns (and logs to ``metrics.json`` under ``classify``) per front end ``<fe>/clean``,
-  ``<fe>/mca``, ``<fe>/ms_per_image``, ``<fe>/val_acc``, ``<fe>/acc/<corruption>@<level>``, plus the
-  comparisons ``warp_minus_lca/mca``, ``warp_minus_pixels/mca`` and ``cost_ratio/lca_over_warp``.
-- Every accuracy is micro-averaged: correctly classified test images / test images (not balanced
-  accuracy); ``mca`` is the mean of the per-condition accuracies over every corruption × level.
+One classifier per front end of ``model.classify.frontends``, trained on clean images and tested clean
+and under every corruption × level. Writes ``classifier_<fe>.ckpt`` (its test rows inside, so a re-run
+skips it), ``classifier.ckpt`` (``main_frontend``'s) and ``robustness.csv`` (the artifact) / ``.png`` /
+``.md``. Accuracies are micro-averaged; ``mca`` is the mean over corruption × level.
 """
 
 from __future__ import annotations
@@ -43,7 +28,7 @@ from warplca.evaluation.robustness import (
     save_robustness_plot,
     write_robustness_csv,
 )
-from warplca.frontends import FRONTENDS, FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
+from warplca.frontends import FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
 from warplca.modules.noisy_classification import FrontEndDataModule, NoisyClassification
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
@@ -61,53 +46,34 @@ STAGE_KEYS = ("frontends", "lca_iters_cold", "lca_iters_warm", "corruptions", "c
 
 
 def settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(stage settings, module keyword arguments) from ``model.classify``, validated; stage keys and
-    ``_target_`` it leaves out come from the option ``train.yaml`` chooses for it
-    (``conf/model/noisy_classification.yaml``)."""
+    """(stage settings, module keyword arguments) from ``model.classify``; missing stage keys and
+    ``_target_`` come from ``conf/model/noisy_classification.yaml``. The values are checked by
+    :func:`warplca.config_validation.validate_train_config` (``model.classify`` group)."""
     defaults = primary_defaults("model.classify")
     node = to_container(ctx.stage_config("classify")) or {}
-    stage = {k: node.pop(k, defaults.get(k)) for k in STAGE_KEYS if k != "trainer"}
-    node.pop("trainer", None)
+    stage = {k: node.pop(k, defaults.get(k)) for k in STAGE_KEYS if k != "trainer"}  # no trainer in node
     node.setdefault("_target_", defaults["_target_"])
-    kinds = list(stage["frontends"] or [])
-    unknown = [k for k in kinds if k not in FRONTENDS]
-    if not kinds or unknown:
-        raise ValueError(f"model.classify.frontends must be a non-empty subset of {sorted(FRONTENDS)}, "
-                         f"got {kinds}")
     cold, warm = int(stage["lca_iters_cold"]), int(stage["lca_iters_warm"])
-    if cold < 1 or warm < 0:
-        raise ValueError(f"need lca_iters_cold ≥ 1 and lca_iters_warm ≥ 0, got {cold}, {warm}")
     if cold < 500 or warm > 20:
         log.warning("classify: lca_iters_cold=%d, lca_iters_warm=%d: the experiment's protocol is cold ≥ 500 "
                     "and warm ≤ 20 iterations", cold, warm)
-    if stage["cache_dtype"] not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"model.classify.cache_dtype must be float32, float16 or bfloat16, "
-                         f"got {stage['cache_dtype']!r}")
-    stage["frontends"] = kinds
+    stage["frontends"] = list(stage["frontends"])
     stage["conditions"] = robustness_conditions(stage["corruptions"])
     return stage, node
 
 
-def _bundle(ctx: RunContext, needed: bool) -> Any:
-    """The run's WARP-LCA bundle (``warp_path`` or ``warp_lca.pt``), or None when not needed and absent."""
-    from warplca.bundle import WarpLCA
-
-    given = ctx.cfg.get("warp_path")
-    path = Path(given).expanduser() if given else ctx.artifact("warp_lca.pt")
-    if not path.is_file():
-        if needed:
-            raise FileNotFoundError(f"classify: no WARP-LCA bundle at {path}; run the warp stage first "
-                                    "(stages=[dictionary,targets,warp,classify]), pass warp_path=<file>, "
-                                    "or drop warp_lca from model.classify.frontends")
-        return None
-    return WarpLCA.load(path)
-
-
 def build_frontends(ctx: RunContext, stage: dict[str, Any]) -> dict[str, FrontEnd]:
     """The front ends to compare. ``lca`` and ``warp_lca`` share the bundle's dictionary, settings and
-    normalisation when there is a bundle, so cold and warm codes differ only in the start."""
+    normalisation when there is a bundle (``warp_path`` or ``warp_lca.pt``), else ``lca`` uses the run's."""
+    from warplca.bundle import WarpLCA
+
     kinds = stage["frontends"]
-    bundle = _bundle(ctx, needed="warp_lca" in kinds)
+    path = ctx.bundle_file()
+    if "warp_lca" in kinds and not path.is_file():
+        raise FileNotFoundError(f"classify: no WARP-LCA bundle at {path}; run the warp stage first "
+                                "(stages=[dictionary,targets,warp,classify]), pass warp_path=<file>, "
+                                "or drop warp_lca from model.classify.frontends")
+    bundle = WarpLCA.load(path) if path.is_file() else None
     if bundle is not None:
         dictionary, lca_settings, norm = bundle.dictionary, bundle.lca.settings(), bundle.normalization
     elif "lca" in kinds:
@@ -145,13 +111,6 @@ def _load_rows(path: Path) -> list[dict[str, Any]] | None:
     return list(rows)
 
 
-def _set_checkpoint_dir(trainer: Any, directory: Path) -> None:
-    """Point the trainer's ModelCheckpoint(s) at a per-front-end directory (checkpoints/classify/<fe>)."""
-    for cb in trainer.checkpoint_callbacks:
-        if getattr(cb, "dirpath", None) is not None:
-            cb.dirpath = str(directory)
-
-
 def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, Any],
                module_conf: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Train, test and save the classifier of one front end; returns its rows and extra metrics."""
@@ -172,16 +131,16 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
                              feature_batch_size=int(stage["feature_batch_size"]),
                              cache_dtype=getattr(torch, stage["cache_dtype"]),
                              seed=int(ctx.cfg.get("seed") or 0))
-    loggers = ctx.loggers(f"classify/{kind}")
-    trainer = ctx.trainer("classify", logger=loggers) if loggers else ctx.trainer("classify")
-    ckpt_dir = ctx.checkpoint_dir("classify") / kind
-    _set_checkpoint_dir(trainer, ckpt_dir)
+    trainer = ctx.trainer("classify", logger=ctx.loggers(f"classify/{kind}") or False)
+    for cb in trainer.checkpoint_callbacks:  # per front end: checkpoints/classify/<fe>
+        if getattr(cb, "dirpath", None) is not None:
+            cb.dirpath = str(ctx.checkpoint_dir("classify") / kind)
     resume = ctx.resume_checkpoint(f"classify/{kind}")
     log.info("classify/%s: training %s on %s features %s", kind, type(module.backbone).__name__, kind,
              module.feature_shape)
     with warnings.catch_warnings():  # the frozen front end is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=fdm, ckpt_path=str(resume) if resume is not None else None)
+        trainer.fit(module, datamodule=fdm, ckpt_path=resume)
     val_acc = trainer.callback_metrics.get("val/acc")
     trainer.test(module, datamodule=fdm, verbose=False)
     rows = list(module.robustness_rows)
@@ -196,25 +155,10 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
 
 
 def _metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in rows:
-        out[f"{r['frontend']}/acc/{condition_name(r['corruption'], r['level'])}"] = float(r["accuracy"])
+    out = {f"{r['frontend']}/acc/{condition_name(r['corruption'], r['level'])}": float(r["accuracy"])
+           for r in rows}
     for fe, s in robustness_summary(rows).items():
-        out[f"{fe}/clean"] = s["clean"]
-        out[f"{fe}/mca"] = s["mca"]
-        out[f"{fe}/ms_per_image"] = s["ms_per_image"]
-    return out
-
-
-def _comparisons(metrics: dict[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if "warp_lca/mca" in metrics and "lca/mca" in metrics:
-        out["warp_minus_lca/mca"] = metrics["warp_lca/mca"] - metrics["lca/mca"]
-        out["warp_minus_lca/clean"] = metrics["warp_lca/clean"] - metrics["lca/clean"]
-        if metrics["warp_lca/ms_per_image"] > 0:
-            out["cost_ratio/lca_over_warp"] = metrics["lca/ms_per_image"] / metrics["warp_lca/ms_per_image"]
-    if "warp_lca/mca" in metrics and "pixels/mca" in metrics:
-        out["warp_minus_pixels/mca"] = metrics["warp_lca/mca"] - metrics["pixels/mca"]
+        out.update({f"{fe}/{k}": s[k] for k in ("clean", "mca", "ms_per_image")})
     return out
 
 
@@ -237,7 +181,14 @@ def run(ctx: RunContext) -> dict[str, float]:
         mine = {**_metrics(rows), **{f"{kind}/{k}": v for k, v in extra.items()}}
         metrics.update(mine)
         ctx.log_metrics("classify", mine)
-    metrics.update(_comparisons(metrics))
+    if "warp_lca/mca" in metrics and "lca/mca" in metrics:  # the comparisons
+        metrics["warp_minus_lca/mca"] = metrics["warp_lca/mca"] - metrics["lca/mca"]
+        metrics["warp_minus_lca/clean"] = metrics["warp_lca/clean"] - metrics["lca/clean"]
+        if metrics["warp_lca/ms_per_image"] > 0:
+            metrics["cost_ratio/lca_over_warp"] = (metrics["lca/ms_per_image"]
+                                                   / metrics["warp_lca/ms_per_image"])
+    if "warp_lca/mca" in metrics and "pixels/mca" in metrics:
+        metrics["warp_minus_pixels/mca"] = metrics["warp_lca/mca"] - metrics["pixels/mca"]
     if ctx.is_rank_zero:
         main = stage["main_frontend"] if stage["main_frontend"] in frontends else None
         if main is None:  # the best by mean corruption accuracy

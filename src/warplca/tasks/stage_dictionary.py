@@ -1,15 +1,14 @@
 """Stage ``dictionary``: learn the atoms on the configured data and save ``dictionary.pt``.
 
-Trains :class:`~warplca.modules.dictionary_learning.DictionaryLearning` (resuming from
-``checkpoints/dictionary/last.ckpt`` when an earlier invocation was interrupted), tests it, and
-compares it with a random unit-norm dictionary of the same geometry at the same λ and LCA budget
-on the test split (``random/test/*`` and ``test/psnr_gain_db``). Writes ``dictionary.pt`` (atoms,
-geometry, and meta: normalisation, data and LCA config, test metrics), ``atoms.png`` and
+Trains :class:`~warplca.modules.dictionary_learning.DictionaryLearning` (resumable), tests it against a
+random unit-norm dictionary of the same geometry at the same λ and LCA budget (``random/test/*``,
+``test/psnr_gain_db``) and writes ``dictionary.pt`` (with its meta), ``atoms.png`` and
 ``reconstructions.png``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -48,18 +47,13 @@ def build_dictionary(ctx: RunContext) -> ConvDictionary:
 @torch.no_grad()
 def evaluate_dictionary(dictionary: ConvDictionary, lca_settings: dict[str, Any], normalization: Any,
                         loader: Any, iters: int, max_batches: int | None = None) -> dict[str, float]:
-    """PSNR/SSIM (pixel scale), sparsity, energy and atom usage of LCA codes of ``loader``'s images.
-
-    The same metrics the module logs, without Lightning: for the learned dictionary and baselines.
-    ``atoms_used`` counts the atoms with at least a twentieth of a uniform share of the activations.
-    """
+    """PSNR/SSIM (pixel scale), sparsity, energy and atom usage of LCA codes of ``loader``'s images
+    (``atoms_used``: atoms with at least a twentieth of a uniform share of the activations)."""
     coder = SparseCoder(dictionary, LCA(dictionary, **{**lca_settings, "iters": iters}), normalization)
     recon_m, sparsity, energy = reconstruction_metrics(), SparsityMetric(), EnergyMetric()
     device = dictionary.weight.device
     usage = torch.zeros(dictionary.n_atoms, dtype=torch.float64)
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in itertools.islice(loader, max_batches):
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
         coded = coder.code(images, warm=False)
         recon_m.update(coded.pixels, images)
@@ -84,15 +78,11 @@ def _test_batches(trainer: Any, available: int) -> int | None:
 
 def run(ctx: RunContext) -> dict[str, float]:
     """Train, test, compare with a random dictionary, save ``dictionary.pt``; returns test metrics."""
-    cfg = ctx.cfg
     dm = ctx.datamodule
     normalization = dm.normalization
     dictionary = build_dictionary(ctx)
     lca_settings = ctx.lca_settings()
-    try:
-        LCA(dictionary, **lca_settings)  # validate λ, τ, … before any training
-    except ValueError as exc:
-        raise ValueError(f"invalid lca config {lca_settings}: {exc}") from exc
+    ctx.lca(dictionary)  # validate λ, τ, … before any training
     module = ctx.module("dictionary", dictionary=dictionary, lca_settings=lca_settings,
                         normalization=normalization)
     initial = dictionary.weight.detach().clone()
@@ -102,7 +92,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     started = time.perf_counter()
     epoch_before = trainer.current_epoch
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     except (RuntimeError, KeyError, ValueError) as exc:
         if ckpt is None:
             raise
@@ -120,7 +110,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     loader = dm.test_dataloader()
     max_batches = _test_batches(trainer, len(loader))
     scores = evaluate_dictionary(learned, lca_settings, normalization, loader, iters, max_batches)
-    random = random_dictionary_like(learned, seed=int(cfg.get("seed") or 0) + 1)
+    random = random_dictionary_like(learned, seed=int(ctx.cfg.get("seed") or 0) + 1)
     baseline = evaluate_dictionary(random, lca_settings, normalization, loader, iters, max_batches)
     metrics: dict[str, float] = {f"test/{k}": v for k, v in scores.items()}
     metrics.update({f"random/test/{k}": v for k, v in baseline.items()})
@@ -129,32 +119,28 @@ def run(ctx: RunContext) -> dict[str, float]:
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
             lg.save()
-    metrics["test_iters"] = float(iters)
-    metrics["epochs"] = float(trainer.current_epoch)
-    metrics["global_step"] = float(trainer.global_step)
     learned = learned.cpu()
-    metrics["atom_change"] = float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean())
     preview = next(iter(loader))[0][:16]  # one test batch: the image size for L, and the figure below
     height, width = (int(v) for v in preview.shape[-2:])
-    metrics["lipschitz"] = float(learned.operator_norm(height, width))
-    metrics["fit_time_s"] = fit_seconds
-    metrics["epoch_time_s"] = fit_seconds / max(1, trainer.current_epoch - epoch_before)
-    metrics["atoms_resampled"] = float(module.resampled_total)
+    metrics.update({
+        "test_iters": float(iters), "epochs": float(trainer.current_epoch),
+        "global_step": float(trainer.global_step),
+        "atom_change": float((learned.weight - initial.cpu()).flatten(1).norm(dim=1).mean()),
+        "lipschitz": float(learned.operator_norm(height, width)), "fit_time_s": fit_seconds,
+        "epoch_time_s": fit_seconds / max(1, trainer.current_epoch - epoch_before),
+        "atoms_resampled": float(module.resampled_total)})
 
-    meta = {
-        "normalization": normalization.to_dict(),
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "lca": {k: v for k, v in lca_settings.items()},
-        "train": {"iters": int(module.iters), "test_iters": iters, "lr": float(module.lr),
-                  "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step)},
-        "metrics": dict(metrics),
-    }
+    meta = {"normalization": normalization.to_dict(),
+            "data": OmegaConf.to_container(ctx.cfg.data, resolve=True), "lca": dict(lca_settings),
+            "train": {"iters": int(module.iters), "test_iters": iters, "lr": float(module.lr),
+                      "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step)},
+            "metrics": dict(metrics)}
     if ctx.is_rank_zero:
         path = learned.save(ctx.artifact(ARTIFACT), **meta)
         save_png(atom_grid(learned.weight), ctx.artifact("atoms.png"), upscale=4)
         coder = SparseCoder(learned, LCA(learned, **{**lca_settings, "iters": iters}), normalization)
-        images, recon = preview, coder.code(preview, warm=False).pixels
-        save_png(image_grid(torch.stack([images, recon], 1).flatten(0, 1), ncol=8),
+        recon = coder.code(preview, warm=False).pixels
+        save_png(image_grid(torch.stack([preview, recon], 1).flatten(0, 1), ncol=8),
                  ctx.artifact("reconstructions.png"), upscale=2)
         log.info("saved %s: test PSNR %.2f dB (random dictionary %.2f dB), %.1f active/image (random %.1f) "
                  "after %d LCA steps; %d of %d atoms used, L = %.1f, %.1f s per epoch", path, scores["psnr"],

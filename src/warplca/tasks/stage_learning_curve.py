@@ -1,10 +1,8 @@
 """Stage "learning_curve": how the warm start improves with training-set size and epochs.
 
-Trains the run's predictor (its size, loss and input) on the first n cached targets for e epochs, for
-every n in ``study.learning_curve.sizes`` (clipped to the cache) and e in ``study.learning_curve.epochs``
-(each a fresh run with its own cosine schedule), and scores each by iterations-to-match and energy
-(:mod:`warplca.tasks.study`). Writes ``learning_curve.md`` / ``.png`` / ``.csv`` (the artifact); the
-report stage adds the section to ``report.md``.
+Trains the run's predictor afresh on the first n cached targets for e epochs, for every n in
+``study.learning_curve.sizes`` (clipped to the cache) and e in ``study.learning_curve.epochs``, scores
+each (:mod:`warplca.tasks.study`) and writes ``learning_curve.md`` / ``.png`` / ``.csv`` (the artifact).
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ ARTIFACT = "learning_curve.csv"
 
 
 def run(ctx: RunContext) -> dict[str, float]:
+    """Train and score one variant per (size, epochs); write the section, plot and table."""
     study = Study.for_stage(ctx, "learning_curve")
     if study is None:
         return {}
@@ -40,9 +39,7 @@ def run(ctx: RunContext) -> dict[str, float]:
         for epochs in epochs_list:
             key = {"variant": f"n={size}, {epochs} ep", "train_size": size, "epochs": epochs}
             rows.append(study.variant(key, epochs, limit=size))
-    cold = {"variant": "cold LCA", "train_size": "—", "epochs": "—", **study.cold_scores}
     what = ("Each point trains the run's predictor afresh on the first n cached targets for e epochs "
             "(everything else as in the warp stage).")
-    return study.publish("Learning curve: training-set size × epochs", what, rows, cold,
-                         ["train_size", "epochs"],
-                         lambda p: plot_learning_curve(rows, study.cold_scores, study.total, study.early, p))
+    return study.publish("Learning curve: training-set size × epochs", what, rows, ["train_size", "epochs"],
+                         plot_learning_curve)

@@ -1,21 +1,8 @@
 """Stage "levers": which change to the warm start's training pays, each scored on held-out images.
 
-Every variant trains the run's predictor afresh (its loss, input, epochs, initial weights and data
-order as in the warp stage) and is scored like the other study stages (:mod:`warplca.tasks.study`):
-
-* ``baseline``: the run's predictor on the run's cached targets;
-* one row per entry of ``study.levers.predictors`` (name → WarpCNN overrides): predictor size and
-  receptive field;
-* ``augment`` (``study.levers.augment``): the cached crops plus one flipped/rotated copy of each (a fixed
-  one of the seven non-identity symmetries of the square per crop), the copies' targets solved by the
-  run's target solver;
-* ``self-distill`` (``study.levers.self_distill``): the baseline's own warm-started states after the
-  target solver's step count replace the cached targets (the predictor learns where WARP-LCA converges);
-* ``energy fine-tune w=…`` (``study.levers.energy_finetune``): the baseline trained further on its loss
-  plus w · the LCA energy of its predicted states (``model.warp.energy_weight``), one row per weight.
-
-Writes ``levers.md`` / ``levers.png`` / ``levers.csv`` (the artifact); the report stage adds the section
-to ``report.md``. A lever earns a place in the defaults only if it beats ``baseline`` here.
+Variants: ``baseline``; one per ``study.levers.predictors`` entry; ``augment`` (plus a flipped/rotated
+copy of each crop); ``self-distill`` (the baseline's warm-started states as targets); ``energy fine-tune
+w=…`` (the baseline trained on loss + w · LCA energy). Writes ``levers.md`` / ``.png`` / ``.csv``.
 """
 
 from __future__ import annotations
@@ -83,6 +70,7 @@ def _self_distilled(study: Study, baseline: WarpLCA, images: Tensor) -> TensorDa
 
 
 def run(ctx: RunContext) -> dict[str, float]:
+    """Train and score every lever; write the section, plot and table."""
     study = Study.for_stage(ctx, "levers")
     if study is None:
         return {}
@@ -103,12 +91,10 @@ def run(ctx: RunContext) -> dict[str, float]:
         overrides = {"energy_weight": float(weight), "lr": float(finetune["lr"])}
         rows.append(study.variant({"variant": f"energy fine-tune w={weight:g}"}, int(finetune["epochs"]),
                                   module_overrides=overrides, init=lambda: study.baseline(epochs)))
-    cold = {"variant": "cold LCA", **study.cold_scores}
     what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
             "(everything else as in the warp stage, the same initial weights and data order).")
     if finetune.get("weights"):
         what += (f" The energy fine-tunes start from the baseline and train {int(finetune['epochs'])} more "
                  f"epochs at lr {float(finetune['lr']):g} (their train_s: the fine-tune alone).")
     title = "Levers: predictor size, augmentation, self-distillation, energy fine-tune"
-    return study.publish(title, what, rows, cold, ["variant"],
-                         lambda p: plot_ablation(rows, cold, study.total, study.early, p))
+    return study.publish(title, what, rows, ["variant"], plot_ablation)

@@ -1,23 +1,15 @@
 """Stage "report": the convergence evaluation of the run's WARP-LCA bundle, ending the main job.
 
-Loads ``warp_lca.pt`` (or ``warp_path``), runs cold LCA and WARP-LCA on the test split of the run's
-data (:func:`warplca.evaluation.experiments.eval_settings`: the config's ``eval`` node, if any, over
-``conf/eval/convergence.yaml``: 64 images, T = ``lca.iters``), writes ``convergence*.csv``,
-``convergence*.png``, ``atoms.png`` and ``report.md`` (its artifact: the convergence section, then
-the classify stage's robustness table and the ablation / learning-curve sections if those stages ran,
-and the training stages' metrics) into the run
-directory, logs them to the run's loggers and **prints the cold LCA vs WARP-LCA table** at 1, 10, 100
-and 1000 iterations (energy, PSNR, SSIM, ℓ0, ms per image with the predictor included for WARP-LCA)
-plus iterations-to-match. Metrics are returned as ``convergence/…`` (``report/convergence/…`` in
-``metrics.json``).
+Runs cold LCA and WARP-LCA from ``warp_lca.pt`` (or ``warp_path``) on the test split
+(:func:`~warplca.evaluation.experiments.eval_settings`), writes the convergence files and ``report.md``
+(its artifact; plus the robustness, study and pipeline sections of stages that ran), logs them and
+prints the cold LCA vs WARP-LCA table. Metrics: ``convergence/…``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
-from typing import Any
 
 from warplca.evaluation.common import describe_model, load_model, resolve_device
 from warplca.evaluation.convergence import table_markdown
@@ -37,38 +29,16 @@ _STAGE_KEYS = ("dictionary", "targets", "warp", "classify")
 STUDY_SECTIONS = ("ablation", "learning_curve", "levers")
 
 
-def _device(ctx: RunContext) -> Any:
-    """The report runs where the trainer would: cpu for ``trainer.accelerator=cpu``, else auto."""
-    return resolve_device(evaluation_device_name(ctx.cfg))
-
-
-def _bundle_path(ctx: RunContext) -> Path:
-    given = ctx.cfg.get("warp_path")
-    path = Path(given).expanduser() if given else ctx.artifact("warp_lca.pt")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"report: no WARP-LCA bundle at {path}; run the warp stage first "
-            "(stages=[dictionary,targets,warp,report]) or pass warp_path=<file>"
-        )
-    return path
-
-
 def pipeline_section(ctx: RunContext) -> str:
     """report.md section: the other stages' metrics from metrics.json (what the run trained)."""
     data = ctx.read_metrics()
-    rows = []
-    for stage in _STAGE_KEYS:
-        for key, value in sorted((data.get(stage) or {}).items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append({"stage": stage, "metric": key, "value": float(value)})
+    rows = [{"stage": stage, "metric": key, "value": float(value)} for stage in _STAGE_KEYS
+            for key, value in sorted((data.get(stage) or {}).items())
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
     if not rows:
         return ""
-    table = markdown_table(rows, ["stage", "metric", "value"])
-    return (
-        "## Pipeline\n\n<details><summary>Metrics of the training stages (metrics.json)</summary>\n\n"
-        + table
-        + "\n</details>\n"
-    )
+    return ("## Pipeline\n\n<details><summary>Metrics of the training stages (metrics.json)</summary>\n\n"
+            + markdown_table(rows, ["stage", "metric", "value"]) + "\n</details>\n")
 
 
 def run(ctx: RunContext) -> dict[str, float]:
@@ -76,26 +46,20 @@ def run(ctx: RunContext) -> dict[str, float]:
     if not ctx.is_rank_zero:
         return {}
     settings = eval_settings(ctx.cfg)
-    device = _device(ctx)
-    model = load_model(_bundle_path(ctx), device)
+    device = resolve_device(evaluation_device_name(ctx.cfg))  # where the trainer would run
+    path = ctx.bundle_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"report: no WARP-LCA bundle at {path}; run the warp stage first "
+                                "(stages=[dictionary,targets,warp,report]) or pass warp_path=<file>")
+    model = load_model(path, device)
     dm = ctx.datamodule
     split = str(settings["split"])
     images = eval_images(dm, model, split, settings.get("n_images"))
     name = f"{getattr(dm, 'name', 'data')}/{split}"
-    log.info(
-        "report: cold LCA vs WARP-LCA on %d %s images, T=%s",
-        images.shape[0],
-        name,
-        settings.get("iters") or model.lca.iters,
-    )
-    result = run_convergence(
-        model,
-        images,
-        settings,
-        name=name,
-        show_progress=bool(ctx.cfg.get("progress", True)),
-        device=device,
-    )
+    log.info("report: cold LCA vs WARP-LCA on %d %s images, T=%s", images.shape[0], name,
+             settings.get("iters") or model.lca.iters)
+    result = run_convergence(model, images, settings, name=name,
+                             show_progress=bool(ctx.cfg.get("progress", True)), device=device)
     results = [result]
     if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: report its table too
         results.append(robustness_result(ctx.run_dir))
@@ -116,15 +80,10 @@ def run(ctx: RunContext) -> dict[str, float]:
 
     info = describe_model(model)
     total = int(metrics["convergence/T"])
-    print(
-        f"\nCold LCA vs WARP-LCA — {images.shape[0]} {name} images, {info['threshold']} threshold, "
-        f"λ = {fmt(info['lam'])}, T = {total}",
-        flush=True,
-    )
+    print(f"\nCold LCA vs WARP-LCA — {images.shape[0]} {name} images, {info['threshold']} threshold, "
+          f"λ = {fmt(info['lam'])}, T = {total}", flush=True)
     print(table_markdown(result.table, result.match), flush=True)
     ratio = metrics.get("convergence/energy_ratio@T", math.nan)
-    print(
-        f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(ratio, 6)}.  Report: {ctx.artifact(ARTIFACT)}",
-        flush=True,
-    )
+    print(f"Final energy ratio WARP-LCA / LCA at T={total}: {fmt(ratio, 6)}.  "
+          f"Report: {ctx.artifact(ARTIFACT)}", flush=True)
     return metrics

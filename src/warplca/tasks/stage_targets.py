@@ -1,14 +1,9 @@
 """Stage "targets": cache the cold-LCA target states WARP-CNN is trained on.
 
-For each split in ``targets.splits`` the run's dictionary, ``lca`` settings and normalisation code
-the split's images with cold LCA for ``targets.iters`` steps; the states go to
-``<run_dir>/targets/<split>/`` (see :mod:`warplca.data.target_cache`). The build runs through the
-run's Trainer (``trainer.predict``: devices / DDP and the progress bar with ETA come from the
-``trainer`` group) and is resumable: an interrupted stage picks up at the first unfinished chunk.
-
-``ARTIFACT`` is ``targets/COMPLETE``, written after every split is complete; :func:`is_done` also
-checks each split's manifest against the current config, so a changed λ or dictionary re-enters the
-stage, which then refuses the stale cache with the differing keys (``force=true`` rebuilds it).
+Each split of ``targets.splits`` is coded with cold LCA for ``targets.iters`` steps into
+``<run_dir>/targets/<split>/`` (:mod:`warplca.data.target_cache`) through the run's Trainer
+(``trainer.predict``), resumably. ``targets/COMPLETE`` is written last; :func:`is_done` also checks each
+manifest against the config, so a changed λ or dictionary re-enters the stage (``force=true`` rebuilds).
 """
 
 from __future__ import annotations
@@ -48,11 +43,8 @@ def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
 
 
 def settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``targets`` config, keys it leaves out or null taken from ``conf/targets/default.yaml``
-    (the YAML is the only place a default lives); unknown keys refused.
-
-    Under ``trainer.fast_dev_run`` only the first chunk of each split is cached (a smoke test).
-    """
+    """The ``targets`` config, keys it leaves out or null taken from ``conf/targets/default.yaml``;
+    unknown keys refused. Under ``trainer.fast_dev_run`` only the first chunk of each split is cached."""
     defaults = primary_defaults("targets")
     conf = to_container(ctx.cfg.get("targets")) or {}
     unknown = sorted(set(conf) - set(defaults))
@@ -70,6 +62,7 @@ def settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def cache_dir(ctx: RunContext, split: str) -> Any:
+    """Where the ``split`` cache lives: ``<run_dir>/targets/<split>``."""
     return ctx.artifact(f"targets/{split}")
 
 
@@ -95,8 +88,7 @@ def is_done(ctx: RunContext) -> bool:
     if not ctx.artifact(ARTIFACT).is_file():
         return False
     conf = settings(ctx)
-    dictionary = ctx.dictionary()
-    lca, norm = ctx.lca(dictionary), ctx.normalization()
+    dictionary, lca, norm = ctx.coding()
     for split in conf["splits"]:
         try:
             TargetCache.open(cache_dir(ctx, split), expected(ctx, split, dictionary, lca, norm, conf))
@@ -107,10 +99,9 @@ def is_done(ctx: RunContext) -> bool:
 
 
 def run(ctx: RunContext) -> dict[str, float]:
+    """Build (or finish) every split's cache; metrics: counts, mean cold energy and ℓ0 per split."""
     conf = settings(ctx)
-    dictionary = ctx.dictionary()
-    lca = ctx.lca(dictionary)
-    norm = ctx.normalization()
+    dictionary, lca, norm = ctx.coding()
     dm = ctx.datamodule
     if ctx.is_rank_zero:
         ctx.artifact(ARTIFACT).unlink(missing_ok=True)

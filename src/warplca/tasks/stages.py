@@ -1,18 +1,9 @@
 """The stage registry: ``dictionary → targets → warp → ablation → learning_curve → levers → classify →
 report``.
 
-A stage is a module ``warplca.tasks.stage_<name>`` defining
-
-- ``ARTIFACT``: path (relative to the run directory) whose existence means the stage is done, or
-  ``None`` if it always runs; optionally ``is_done(ctx) -> bool`` to replace that check (e.g. a
-  cache that is only complete once its manifest says so);
-- ``run(ctx: RunContext) -> dict[str, float]``: do the work, return metrics (merged into
-  ``metrics.json`` under the stage's name).
-
-Stages run in :data:`STAGE_ORDER` whatever order they are asked in. A done stage is skipped unless
-``force=true``; a stage whose artifact is supplied from outside (``<stage>_path=<file>``, e.g.
-``dictionary_path``, ``warp_path``) is skipped too. Stage modules are imported lazily, and all of
-them before the first one runs, so a missing stage fails in seconds, not after training.
+A stage is a module ``warplca.tasks.stage_<name>`` with ``run(ctx) -> metrics`` and ``ARTIFACT`` (whose
+existence means done, or None; ``is_done(ctx)`` may replace that check). A done stage, or one whose
+artifact is given (``<stage>_path=<file>``), is skipped unless ``force=true``.
 """
 
 from __future__ import annotations
@@ -89,10 +80,8 @@ def stage_done(ctx: RunContext, module: ModuleType) -> str | None:
 
 
 def run_stages(ctx: RunContext, stages: Iterable[str] | str | None) -> dict[str, float]:
-    """Run the given stages in order; returns all metrics of the run as flat ``stage/key`` names.
-
-    Metrics of skipped stages come from ``metrics.json``, so a resumed run reports everything.
-    """
+    """Run the given stages in order; returns all metrics of the run (skipped stages' from
+    ``metrics.json``) as flat ``stage/key`` names."""
     names = resolve_stages(stages)
     modules = {name: load_stage(name) for name in names}
     computed: dict[str, dict[str, Any]] = {}

@@ -1,18 +1,12 @@
 """Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``, ``levers``).
 
-A study trains WARP-CNN variants on the run's train-split target cache (:mod:`.predictor_fit`) and
-scores each against one cold-LCA run on held-out images (:mod:`warplca.evaluation.warm_start_study`).
-It runs on rank 0 only. Finished variants are kept in ``<name>.partial.json`` (written atomically
-after each one, tagged with the study's settings), so an interrupted study resumes where it stopped;
-the CSV — the stage's artifact — is written last, with the markdown section and the plot.
-
-Variants are scored on the ``study.split`` split (``val`` by default), never the test split the
-report stage measures: choosing a configuration from these tables does not tune it to the test images.
+A study (rank 0 only) trains WARP-CNN variants on the train-split target cache and scores each against
+one cold-LCA run on ``study.split`` images (never the test split). Finished variants are kept in
+``<name>.partial.json`` so an interrupted study resumes; the CSV (the artifact) is written last.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -57,44 +51,28 @@ __all__ = ["INPUTS", "Study", "study_settings"]
 
 
 def study_settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (the YAML is the
-    only place a default lives); unknown keys refused, naming them."""
-    defaults = primary_defaults("study")
-    out = copy.deepcopy(defaults)
-    unknown = _merge(out, to_container(ctx.cfg.get("study")) or {}, free=("levers.predictors",))
-    if unknown:
-        raise ValueError(f"unknown study key(s) {unknown}; valid: {sorted(defaults)} "
-                         f"(ablation: {sorted(defaults['ablation'])}, "
-                         f"learning_curve: {sorted(defaults['learning_curve'])}, "
-                         f"levers: {sorted(defaults['levers'])})")
-    bad_inputs = [i for i in out["ablation"]["inputs"] if i not in INPUTS]
-    if bad_inputs:
-        raise ValueError(f"study.ablation.inputs: unknown input(s) {bad_inputs}; choose from {list(INPUTS)}")
+    """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (its keys and values
+    are checked by :func:`warplca.config_validation.validate_train_config`)."""
+    out = primary_defaults("study")  # a fresh copy
+    _merge(out, to_container(ctx.cfg.get("study")) or {}, free=("levers.predictors",))
     return out
 
 
 def _merge(into: dict[str, Any], given: Mapping[str, Any], free: tuple[str, ...] = (),
-           prefix: str = "") -> list[str]:
-    """Merge ``given`` into the defaults ``into`` key by key (nested dicts too, except the ``free``
-    paths, which are replaced whole); returns the dotted keys the defaults do not have."""
-    unknown: list[str] = []
+           prefix: str = "") -> None:
+    """Merge ``given`` into ``into`` key by key (nested dicts too, except the ``free`` paths, which are
+    replaced whole)."""
     for key, value in given.items():
         path = f"{prefix}{key}"
-        if key not in into:
-            unknown.append(path)
-        elif isinstance(into[key], dict) and isinstance(value, Mapping) and path not in free:
-            unknown += _merge(into[key], value, free, f"{path}.")
+        if isinstance(into.get(key), dict) and isinstance(value, Mapping) and path not in free:
+            _merge(into[key], value, free, f"{path}.")
         else:
             into[key] = value
-    return unknown
 
 
 class Study:
-    """One study stage's state: the train targets, the scoring images and the cold reference.
-
-    Building it loads the run's dictionary, LCA settings and train-split targets, takes the first
-    ``study.n_images`` images of ``study.split`` and runs cold LCA on them once, up to T.
-    """
+    """One study stage's state: the train targets, the scoring images (the first ``study.n_images`` of
+    ``study.split``) and their cold-LCA reference run up to T."""
 
     @classmethod
     def for_stage(cls, ctx: RunContext, name: str) -> Study | None:
@@ -104,9 +82,7 @@ class Study:
     def __init__(self, ctx: RunContext, name: str, settings: dict[str, Any]) -> None:
         self.ctx, self.name, self.settings = ctx, name, settings
         self.conf: dict[str, Any] = settings[name]
-        self.dictionary = ctx.dictionary()
-        self.lca = ctx.lca(self.dictionary)
-        self.norm = ctx.normalization()
+        self.dictionary, self.lca, self.norm = ctx.coding()
         sets = target_sets(ctx, self.dictionary, self.lca, self.norm, splits=("train",))
         self.train: TargetDataset = sets["train"]
         self.device = resolve_device(evaluation_device_name(ctx.cfg))
@@ -145,16 +121,12 @@ class Study:
         log.info("%s: resuming, %d variant(s) already scored", self.name, len(rows))
         return rows
 
-    def _save_partial(self) -> None:
-        write_text_atomic(self._partial, json.dumps({"tag": self._tag, "rows": self.rows}, default=float))
-
     # -- variants -------------------------------------------------------------------------------------
     def fit(self, epochs: int, limit: int | None = None, predictor_overrides: Mapping[str, Any] | None = None,
             module_overrides: Mapping[str, Any] | None = None, train: Dataset | None = None,
             init: WarpLCA | None = None) -> tuple[WarpLCA, int, float]:
-        """Train one predictor (the run's initial weights, or ``init``'s, and data order) on ``train``
-        (default: the cached targets); returns its bundle, its parameter count and the training time
-        in seconds. ``module_overrides`` replace WarpRegression arguments (loss, lr, energy_weight, …)."""
+        """Train one predictor (the run's initial weights, or ``init``'s) on ``train`` (default: the cached
+        targets); returns its bundle, parameter count and training seconds."""
         start = time.perf_counter()
         torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
         module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
@@ -170,10 +142,7 @@ class Study:
                 train: Callable[[], Dataset] | None = None,
                 init: Callable[[], WarpLCA] | None = None) -> dict[str, Any]:
         """Train (unless already scored) and score one variant; returns its row (``key`` + scores).
-
-        ``train`` (default: the cached targets) and ``init`` (default: the run's initial weights) are
-        called only when the variant is trained, so a resumed study does not rebuild what it won't use.
-        """
+        ``train`` and ``init`` are called only when the variant is trained."""
         for row in self.rows:
             if all(row.get(k) == v for k, v in key.items()):
                 return row
@@ -188,60 +157,46 @@ class Study:
         row = {**key, **scores, "train_s": round(train_s, 1), "params": n_params}
         log.info("%s [%s]: %s", self.name, label, format_scores(row, self.total, self.early))
         self.rows.append(row)
-        self._save_partial()
+        write_text_atomic(self._partial, json.dumps({"tag": self._tag, "rows": self.rows}, default=float))
         return row
 
     def baseline(self, epochs: int) -> WarpLCA:
-        """The ``baseline`` variant's model: the one trained by this process, else trained now (a resumed
-        study has its row but not its weights) and kept."""
+        """The ``baseline`` variant's model, trained now if this process has not (a resumed study)."""
         if "baseline" not in self.models:
             self.models["baseline"] = self.fit(epochs)[0]
         return self.models["baseline"]
 
     def epochs(self) -> int:
-        """Epochs per variant: the stage's ``epochs``, else the warp stage's."""
-        return int(self.conf.get("epochs") or self.warp_epochs())
-
-    def warp_epochs(self) -> int:
-        """The warp stage's epoch count (``model.warp.epochs``, else its trainer's max_epochs, else the
-        epochs of ``conf/model/warp_regression.yaml``)."""
+        """Epochs per variant: the stage's ``epochs``, else the warp stage's (``model.warp.epochs``, its
+        trainer's max_epochs, or the YAML default)."""
         _, data = warp_data_settings(self.ctx)
         epochs = data.get("epochs") or (data.get("trainer") or {}).get("max_epochs")
-        return int(epochs or primary_defaults("model.warp")["epochs"])
+        return int(self.conf.get("epochs") or epochs or primary_defaults("model.warp")["epochs"])
 
     # -- outputs --------------------------------------------------------------------------------------
-    def finish(self, rows: list[dict[str, Any]], markdown: str,
-               plot: Callable[[Path], Path] | None) -> dict[str, float]:
-        """Write ``<name>.md``, ``<name>.png`` and (last) ``<name>.csv``; drop the partial file; metrics."""
-        if plot is not None:
-            plot(self.ctx.artifact(f"{self.name}.png"))
-        write_text_atomic(self.ctx.artifact(f"{self.name}.md"), markdown)
+    def publish(self, title: str, what: str, rows: list[dict[str, Any]], columns: list[str],
+                plot: Callable[..., Path]) -> dict[str, float]:
+        """Write ``<name>.png`` (``plot(rows, cold_row, T, early, path)``), ``<name>.md`` and (last)
+        ``<name>.csv``, drop the partial file and print the section (header, table with cold LCA last,
+        best variant, figure); returns the metrics."""
+        cold = {**dict.fromkeys(columns, "—"), "variant": "cold LCA", **self.cold_scores}
+        cold_t = self.cold_scores[f"energy@{self.total}"]
+        best = best_variant(rows, self.total)
+        md = (f"## {title}\n\n{what} Scored on {self.images.shape[0]} held-out {self.data_name} images "
+              f"(selection never sees the test split) against cold LCA with the same settings: "
+              f"T = {self.total}, cold energy {cold_t:.4g} at T and "
+              f"{self.cold_scores[f'energy@{self.early}']:.4g} after {self.early} iterations; "
+              f"{len(self.train)} cached training targets.\n\n"
+              + study_table([*rows, cold], columns, self.total, self.budgets)
+              + f"\nBest here: **{best['variant']}**.\n\n![{self.name}]({self.name}.png)\n")
+        plot(rows, cold, self.total, self.early, self.ctx.artifact(f"{self.name}.png"))
+        write_text_atomic(self.ctx.artifact(f"{self.name}.md"), md)
         write_csv(self.ctx.artifact(f"{self.name}.csv"), rows)
         self._partial.unlink(missing_ok=True)
-        metrics: dict[str, float] = {"cold/energy@T": self.cold_scores[f"energy@{self.total}"],
-                                     "T": float(self.total)}
+        metrics: dict[str, float] = {"cold/energy@T": cold_t, "T": float(self.total)}
         for row in rows:
             label = re.sub(r"[^A-Za-z0-9+.=-]+", "_", str(row["variant"])).strip("_")
             for key in ("iterations_to_match", f"energy@{self.early}", "energy_ratio@T"):
                 metrics[f"{label}/{key}"] = float(row[key])
-        return metrics
-
-    def publish(self, title: str, what: str, rows: list[dict[str, Any]], cold: dict[str, Any],
-                columns: list[str], plot: Callable[[Path], Path] | None) -> dict[str, float]:
-        """The stage's section — header, table (cold LCA last), best variant, figure — its files
-        (:meth:`finish`) and metrics; the section is also printed."""
-        best = best_variant(rows, self.total)
-        md = (self.header(title, what) + "\n"
-              + study_table([*rows, cold], columns, self.total, self.budgets)
-              + f"\nBest here: **{best['variant']}**.\n\n![{self.name}]({self.name}.png)\n")
-        metrics = self.finish(rows, md, plot)
         print("\n" + md, flush=True)
         return metrics
-
-    def header(self, title: str, what: str) -> str:
-        """The section's title and the sentence that says what was measured and on which images."""
-        return (f"## {title}\n\n{what} Scored on {self.images.shape[0]} held-out {self.data_name} images "
-                f"(selection never sees the test split) against cold LCA with the same settings: "
-                f"T = {self.total}, cold energy {self.cold_scores[f'energy@{self.total}']:.4g} at T and "
-                f"{self.cold_scores[f'energy@{self.early}']:.4g} after {self.early} iterations; "
-                f"{len(self.train)} cached training targets.\n")

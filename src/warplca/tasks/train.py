@@ -1,13 +1,13 @@
 """The training task: validate the config, seed, and run the requested pipeline stages.
 
-``train(cfg)`` is what ``python train.py`` calls (through ``@hydra.main``); it is a plain function
-of a composed config, so tests and notebooks call it directly (see
-:func:`warplca.tasks.utils.compose_config`).
+``train(cfg)`` is what ``python train.py`` calls; tests and notebooks call it on a composed config
+(:func:`warplca.tasks.utils.compose_config`).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,11 +44,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"invalid lca.iters={iters!r}: expected an integer ≥ 0")
     for key in ("dictionary_path", "warp_path"):
         given = cfg.get(key)
-        if given:
-            from pathlib import Path
-
-            if not Path(given).expanduser().is_file():
-                raise FileNotFoundError(f"{key}={given}: no such file")
+        if given and not Path(given).expanduser().is_file():
+            raise FileNotFoundError(f"{key}={given}: no such file")
 
 
 def print_metrics(metrics: dict[str, float], run_dir: Any) -> None:

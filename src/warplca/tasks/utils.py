@@ -1,9 +1,7 @@
 """Hydra-edge helpers: instantiate loggers, callbacks and trainers from config, seeding, the task wrapper.
 
-These are the only places that turn ``_target_`` configs into Lightning objects, so the rules live
-here once: loggers and callbacks are dicts keyed by name (``logger.csv=null`` drops one), a
-trainer's per-stage defaults come from ``model.<stage>.trainer`` and are overridden by any key the
-``trainer`` group sets to a non-null value, and the task wrapper always closes wandb.
+Loggers and callbacks are dicts keyed by name (``logger.csv=null`` drops one); the task wrapper
+always closes wandb.
 """
 
 from __future__ import annotations
@@ -26,21 +24,9 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = [
-    "close_wandb",
-    "compose_config",
-    "default_config_dir",
-    "evaluation_device_name",
-    "flatten_metrics",
-    "get_metric_value",
-    "instantiate_callbacks",
-    "instantiate_loggers",
-    "is_user_error",
-    "rank_suffix",
-    "seed_everything",
-    "task_wrapper",
-    "to_container",
-]
+__all__ = ["close_wandb", "compose_config", "default_config_dir", "evaluation_device_name", "flatten_metrics",
+           "get_metric_value", "instantiate_callbacks", "instantiate_loggers", "is_user_error", "rank_suffix",
+           "seed_everything", "task_wrapper", "to_container"]
 
 
 def to_container(node: Any) -> Any:
@@ -51,12 +37,8 @@ def to_container(node: Any) -> Any:
 
 
 def rank_suffix() -> str:
-    """``""`` in the global-rank-0 process, ``".rank<N>"`` (``".node<M>.rank<N>"``) in the others.
-
-    Read from ``RANK`` (torchrun, srun) or ``LOCAL_RANK`` / ``NODE_RANK`` (set by Lightning for the
-    processes it launches) before any process group exists, so it can name per-rank files in the
-    Hydra config: ``${warplca.rank_suffix:}``.
-    """
+    """``""`` on global rank 0, else ``".rank<N>"`` (``".node<M>.rank<N>"``), from the environment, so the
+    Hydra config can name per-rank files before any process group exists: ``${warplca.rank_suffix:}``."""
     rank = os.environ.get("RANK")
     if rank is not None:
         return "" if rank in ("", "0") else f".rank{rank}"
@@ -82,8 +64,10 @@ def seed_everything(seed: int | None) -> None:
         pl.seed_everything(int(seed), workers=True, verbose=False)
 
 
-def _entries(group: Any, what: str) -> list[tuple[str, Any]]:
-    """(name, config) pairs of a dict-of-configs group; None entries (dropped with ``x=null``) skipped."""
+def _instantiate_group(group: Any, what: str, kind: str,
+                       extra: Callable[[type, Any], dict[str, Any]]) -> list[Any]:
+    """Instantiate each entry of a dict-of-configs group (``x=null`` entries skipped) with the keyword
+    arguments ``extra(cls, conf)``; a failure names the entry."""
     if group is None:
         return []
     if not isinstance(group, (Mapping, DictConfig)):
@@ -95,41 +79,33 @@ def _entries(group: Any, what: str) -> list[tuple[str, Any]]:
             continue
         if not isinstance(conf, (Mapping, DictConfig)) or "_target_" not in conf:
             raise ValueError(f"{what}.{name} must be a config with a _target_, got {conf!r}")
-        out.append((str(name), conf))
+        kwargs = extra(get_class(conf["_target_"]), conf)
+        try:
+            out.append(instantiate(conf, **kwargs))
+        except Exception as exc:
+            raise RuntimeError(f"could not instantiate {kind} '{name}' ({conf['_target_']}): {exc}") from exc
     return out
 
 
 def instantiate_loggers(group: Any, version: str | None = None, run_name: str | None = None,
                         run_group: str | None = None) -> list[Logger]:
-    """Lightning loggers from a ``logger`` group (dict name -> config).
-
-    ``version`` becomes the sub-directory of file loggers (CSV / TensorBoard) whose config leaves it
-    null, so each pipeline stage writes its own ``metrics.csv`` (``<version>_1``, … on a rerun);
-    wandb runs get ``run_name``, ``run_group`` and ``job_type=version`` unless the config sets them.
-    """
-    loggers: list[Logger] = []
-    for name, conf in _entries(group, "logger"):
-        cls = get_class(conf["_target_"])
-        kwargs: dict[str, Any] = {}
+    """Lightning loggers from a ``logger`` group (dict name -> config). File loggers whose ``version`` is
+    null write to ``<version>/`` (``<version>_1``, … on a rerun); wandb runs get ``run_name``,
+    ``run_group`` and ``job_type=version`` unless the config sets them."""
+    def extra(cls: type, conf: Any) -> dict[str, Any]:
         if cls.__name__ == "WandbLogger":
-            if conf.get("name") is None and run_name is not None:
-                kwargs["name"] = run_name
-            if conf.get("group") is None and run_group is not None:
-                kwargs["group"] = run_group
-            if conf.get("job_type") is None and version is not None:
-                kwargs["job_type"] = version
-        elif "version" in conf and conf.get("version") is None and version is not None:
-            kwargs["version"] = _fresh_version(conf.get("save_dir"), conf.get("name"), version)
-        try:
-            loggers.append(instantiate(conf, **kwargs))
-        except Exception as exc:
-            raise RuntimeError(f"could not instantiate logger '{name}' ({conf['_target_']}): {exc}") from exc
-    return loggers
+            wanted = {"name": run_name, "group": run_group, "job_type": version}
+            return {k: v for k, v in wanted.items() if conf.get(k) is None and v is not None}
+        if "version" in conf and conf.get("version") is None and version is not None:
+            return {"version": _fresh_version(conf.get("save_dir"), conf.get("name"), version)}
+        return {}
+
+    return _instantiate_group(group, "logger", "logger", extra)
 
 
 def _fresh_version(save_dir: Any, name: Any, version: str) -> str:
-    """``version``, or ``version_1``, ``version_2``, … when a previous invocation (a resumed or forced
-    stage) already wrote ``<save_dir>/<name>/<version>``: file loggers never overwrite old logs."""
+    """``version``, or ``version_1``, ``version_2``, … when ``<save_dir>/<name>/<version>`` exists:
+    file loggers never overwrite old logs."""
     if not save_dir:
         return version
     base = Path(str(save_dir)) / str(name or "")
@@ -141,32 +117,20 @@ def _fresh_version(save_dir: Any, name: Any, version: str) -> str:
 
 
 def instantiate_callbacks(group: Any, checkpoint_dir: str | None = None) -> list[Callback]:
-    """Lightning callbacks from a ``callbacks`` group (dict name -> config).
-
-    ``checkpoint_dir`` is given to every ``ModelCheckpoint`` whose ``dirpath`` is null.
-    """
+    """Lightning callbacks from a ``callbacks`` group (dict name -> config); ``checkpoint_dir`` is given
+    to every ``ModelCheckpoint`` whose ``dirpath`` is null."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    callbacks: list[Callback] = []
-    for name, conf in _entries(group, "callbacks"):
-        cls = get_class(conf["_target_"])
-        kwargs: dict[str, Any] = {}
+    def extra(cls: type, conf: Any) -> dict[str, Any]:
         if issubclass(cls, ModelCheckpoint) and conf.get("dirpath") is None and checkpoint_dir is not None:
-            kwargs["dirpath"] = checkpoint_dir
-        try:
-            callbacks.append(instantiate(conf, **kwargs))
-        except Exception as exc:
-            target = conf["_target_"]
-            raise RuntimeError(f"could not instantiate callback '{name}' ({target}): {exc}") from exc
-    return callbacks
+            return {"dirpath": checkpoint_dir}
+        return {}
+
+    return _instantiate_group(group, "callbacks", "callback", extra)
 
 
 def close_wandb() -> None:
-    """Finish the current wandb run, if wandb was imported and a run is open (a no-op otherwise).
-
-    Without this a later ``WandbLogger`` in the same process (the next stage, the next sweep job)
-    silently reuses the unfinished run.
-    """
+    """Finish the open wandb run, if any, so a later ``WandbLogger`` in this process does not reuse it."""
     wandb = sys.modules.get("wandb")
     if wandb is None:
         return
@@ -178,18 +142,15 @@ def close_wandb() -> None:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """Whether ``exc`` says the config or the files are wrong rather than the code: a ``ValueError``
-    (a bad config value, :class:`~warplca.config_validation.ConfigError`), a ``FileNotFoundError`` (a
-    missing artifact, :class:`~warplca.data.datamodule.DatasetNotFoundError`) or a
-    :class:`~warplca.tasks.stages.StageNotAvailableError`. Their messages name the key or file and the fix."""
+    """Whether ``exc`` blames the config or the files, not the code (a ``ValueError``, a
+    ``FileNotFoundError`` or a :class:`~warplca.tasks.stages.StageNotAvailableError`)."""
     from warplca.tasks.stages import StageNotAvailableError
 
     return isinstance(exc, (ValueError, FileNotFoundError, StageNotAvailableError))
 
 
 def _started_by_hydra_app() -> bool:
-    """Whether this call runs inside Hydra's ``run_job`` (``python train.py``, ``warplca-train``, …) rather
-    than as a plain function call (tests, notebooks, :func:`compose_config`)."""
+    """Whether this call runs inside Hydra's ``run_job`` (``python train.py``), not a plain call."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "run_job" and frame.f_globals.get("__name__") == "hydra.core.utils":
@@ -199,21 +160,13 @@ def _started_by_hydra_app() -> bool:
 
 
 def task_wrapper(fn: F) -> F:
-    """Decorate a task ``fn(cfg)``: record a failure, report it once, always close wandb.
+    """Decorate a task ``fn(cfg)``: record a failure (``FAILED`` in the job directory), report it once,
+    always close wandb.
 
-    A failure is recorded as ``FAILED`` in the job directory (:mod:`warplca.runtime`: the error, then the
-    traceback). Then:
-
-    - inside a Hydra multirun the wrapper logs the error with its traceback and returns
-      :data:`warplca.runtime.FAILED_METRICS` instead of raising, so the sweep goes on with the other jobs
-      (``+fail_fast=true`` re-raises);
-    - a single run started by the Hydra app (``python train.py …``) that fails with a user error
-      (:func:`is_user_error`: a bad config value, a missing dataset or artifact) logs the message once —
-      console and job log, no traceback — and exits with status 1 (``SystemExit(1)``); with
-      ``HYDRA_FULL_ERROR=1`` it re-raises, and Python prints the full traceback;
-    - otherwise (a bug, or a plain function call from tests or notebooks) it logs one line and
-      re-raises the exception unchanged; whoever catches it (Hydra, Python, the caller) shows the
-      traceback, once.
+    In a multirun a failure is logged and :data:`warplca.runtime.FAILED_METRICS` returned, so the sweep
+    goes on (``+fail_fast=true`` re-raises). A user error (:func:`is_user_error`) in a run started by the
+    Hydra app logs its message without a traceback and exits with status 1 (``HYDRA_FULL_ERROR=1``
+    re-raises). Anything else is logged in one line and re-raised unchanged.
     """
 
     @functools.wraps(fn)
@@ -250,8 +203,7 @@ def flatten_metrics(nested: Mapping[str, Any], sep: str = "/") -> dict[str, floa
     out: dict[str, float] = {}
     for key, value in nested.items():
         if isinstance(value, Mapping):
-            for sub, v in flatten_metrics(value, sep).items():
-                out[f"{key}{sep}{sub}"] = v
+            out.update({f"{key}{sep}{sub}": v for sub, v in flatten_metrics(value, sep).items()})
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[str(key)] = float(value)
     return out
@@ -282,12 +234,8 @@ def default_config_dir() -> Path:
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,
                    config_name: str = "train", config_dir: str | os.PathLike | None = None) -> DictConfig:
-    """Compose a config outside ``@hydra.main`` (tests, notebooks) with ``${hydra:...}`` resolvable.
-
-    The Hydra node is kept (``return_hydra_config=True``) and registered with ``HydraConfig``;
-    ``output_dir`` becomes ``hydra.runtime.output_dir`` (so ``paths.output_dir``) and
-    ``hydra.run.dir``. Without it the run directory is the composed ``run_dir``.
-    """
+    """Compose a config outside ``@hydra.main`` (tests, notebooks) with ``${hydra:...}`` resolvable;
+    ``output_dir`` (default: the composed ``run_dir``) becomes the run directory."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
