@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from warplca.coder import SparseCoder
 from warplca.lca.dictionary import ConvDictionary
-from warplca.lca.solver import LCA, _norms
+from warplca.lca.solver import LCA, image_norms
 from warplca.models.warp_cnn import WarpCNN
 from warplca.serialization import load_checked, save_atomic
 
@@ -86,8 +86,8 @@ class WarpLCA(SparseCoder):
             xt = op.pixels(x.detach())
             a = self.lca.states_to_codes(u.detach())
             resid = xt - op.decode(op.to_grid(a))
-            energy = 0.5 * _norms(resid).square() + self.lca.threshold.penalty_sum(a)
-            cold = 0.5 * _norms(xt).square()
+            energy = 0.5 * image_norms(resid).square() + self.lca.threshold.penalty_sum(a)
+            cold = 0.5 * image_norms(xt).square()
             active = torch.count_nonzero(a.reshape(a.shape[0], -1), dim=1) > 0
             guarded = active & (energy > cold)
         states = torch.where(guarded.view(-1, *([1] * (u.dim() - 1))), torch.zeros_like(u), u)

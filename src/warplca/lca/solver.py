@@ -203,14 +203,14 @@ class LCA:
             drive = op.encode(resid) + a if grad else op.encode(resid).add_(a)  # Φᵀ(x − Φa) + a
             # max ‖Δu‖/‖u‖ < tol: a host sync, only every check_every steps
             stop = check and (step + 1) % self.check_every == 0 and float(
-                (_norms(drive - u) * eta / _norms(u).clamp_min(1e-12)).max()) < self.tol
+                (image_norms(drive - u) * eta / image_norms(u).clamp_min(1e-12)).max()) < self.tol
             u = torch.lerp(u, drive, eta) if grad else u.lerp_(drive, eta)  # u + η(drive − u), fused
             if stop:
                 steps = step + 1
                 break
         a = thr(u)
         recon_t = op.decode(a)
-        energy = 0.5 * _norms(xt - recon_t).square() + thr.penalty_sum(a)
+        energy = 0.5 * image_norms(xt - recon_t).square() + thr.penalty_sum(a)
         traces = None
         if record is not None:
             _record(record[steps], xt - recon_t, a, thr, numel)
@@ -225,7 +225,7 @@ class LCA:
         with torch.no_grad():
             op = self.dictionary.operator(x.shape[-2], x.shape[-1], self.backend)
             resid = op.pixels(x) - op.decode(op.to_grid(a))
-            return 0.5 * _norms(resid).square() + self.threshold.penalty_sum(a)
+            return 0.5 * image_norms(resid).square() + self.threshold.penalty_sum(a)
 
     def states_to_codes(self, u: Tensor) -> Tensor:
         """Activations T_λ(u) of given states."""
@@ -274,14 +274,14 @@ def _run_compiled(u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: floa
     return u
 
 
-def _norms(t: Tensor) -> Tensor:
+def image_norms(t: Tensor) -> Tensor:
     """Per-sample ℓ2 norms over all but the batch dimension, for any memory layout (no copy)."""
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
 
 
 def _record(slot: Tensor, resid: Tensor, a: Tensor, thr: Threshold, numel: int) -> None:
     """Write energy, ℓ0 and MSE of one step into ``slot`` (3, B) on the device (no host sync)."""
-    sq = _norms(resid).square()
+    sq = image_norms(resid).square()
     l0 = count_active(a)  # the ℓ0 penalty reuses the count
     penalty = (0.5 * thr.lam * thr.lam) * l0 if thr.name == "hard" and not thr.nonneg else thr.penalty_sum(a)
     slot[0] = 0.5 * sq + penalty
