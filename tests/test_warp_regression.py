@@ -134,6 +134,13 @@ def test_lca_evaluation_interval_and_resume(data: Any, tmp_path: Path) -> None:
     assert resumed.cold_values == module.cold_values
     assert resumed.chains == ["warm", "warm"]  # only epoch 4 validated, no cold recomputation
     assert trainer2.global_step == 4 * 2
+    # the checkpoint alone rebuilds the module: predictor, dictionary, LCA, normalisation, cold numbers
+    again = WarpRegression.load_from_checkpoint(tmp_path / "last.ckpt")
+    x = NORM.apply(ds.tensors[0][:4])
+    assert torch.equal(again(x), resumed(x))
+    assert torch.equal(again.dictionary.weight, d.weight) and again.lca.settings() == resumed.lca.settings()
+    assert again.normalization == NORM and again.cold_values == resumed.cold_values
+    assert again.lca_eval_every_n_epochs == 2 and again.hparams["dictionary_fingerprint"] == d.fingerprint()
 
 
 def test_bad_settings_are_refused(data: Any) -> None:

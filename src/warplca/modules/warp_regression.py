@@ -21,6 +21,7 @@ from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, LCAResult
 from warplca.losses import build_loss, coding_energy
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
+from warplca.models.warp_cnn import WarpCNN
 
 __all__ = ["WarpRegression"]
 
@@ -45,15 +46,29 @@ class WarpRegression(pl.LightningModule):
         lca_eval_every_n_epochs: run those comparisons every n-th and the last validation epoch.
         energy_weight: w of the energy term (0: regression only); ``energy_temperature``: t/λ of its
             straight-through gradient for the hard threshold.
+
+    ``predictor`` and ``dictionary`` may be plain dicts (``WarpCNN.config()``, ``ConvDictionary.config()``),
+    as ``load_from_checkpoint`` passes them; the weights then come from the checkpoint.
+    ``dictionary_fingerprint`` (computed when ``dictionary`` is a module) names the targets' dictionary.
     """
 
-    def __init__(self, predictor: nn.Module, dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
+    def __init__(self, predictor: nn.Module | Mapping[str, Any],
+                 dictionary: ConvDictionary | Mapping[str, Any], lca_settings: Mapping[str, Any],
                  normalization: Normalization | Mapping[str, Any] | None = None, loss: str = "laplacian",
                  gamma: float | None = 3.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  eval_iters: Sequence[int] = (0, 10, 100), scheduler: str | None = "cosine",
                  lca_eval_every_n_epochs: int = 1, energy_weight: float = 0.0,
-                 energy_temperature: float = 0.1) -> None:
+                 energy_temperature: float = 0.1, dictionary_fingerprint: str | None = None) -> None:
         super().__init__()
+        if isinstance(predictor, Mapping):
+            if "class" in predictor:
+                raise ValueError(f"a {predictor['class']} predictor cannot be rebuilt from its "
+                                 f"hyperparameters; pass it: load_from_checkpoint(path, predictor=...)")
+            predictor = WarpCNN(**predictor)
+        if isinstance(dictionary, Mapping):  # its weights load afterwards: keep the fingerprint given
+            dictionary = ConvDictionary(**dictionary)
+        else:
+            dictionary_fingerprint = dictionary.fingerprint()
         if isinstance(normalization, Mapping):
             normalization = Normalization.from_dict(normalization)
         if scheduler not in SCHEDULERS:
@@ -83,7 +98,7 @@ class WarpRegression(pl.LightningModule):
                  "energy_weight", "energy_temperature")
         self.save_hyperparameters({
             "predictor": config, "dictionary": dictionary.config(),
-            "dictionary_fingerprint": dictionary.fingerprint(), "lca_settings": self.lca.settings(),
+            "dictionary_fingerprint": dictionary_fingerprint, "lca_settings": self.lca.settings(),
             "normalization": None if normalization is None else normalization.to_dict(), "loss": loss,
             **{name: getattr(self, name) for name in plain}})
         self.val_state_mse = MeanSquaredError()

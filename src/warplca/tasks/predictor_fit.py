@@ -36,6 +36,7 @@ PIPELINE_KEYS: dict[str, str] = {
     "dictionary": "the dictionary comes from the run (the dictionary stage, or dictionary_path=<file>)",
     "lca_settings": "the LCA settings are the top-level lca group (lca.lam=…, lca.threshold=…)",
     "normalization": "the normalisation is the top-level norm group (norm=<kind>)",
+    "dictionary_fingerprint": "it is recorded from the run's dictionary",
 }
 #: ablation input name (``study.ablation.inputs``) -> WarpCNN overrides
 INPUTS: dict[str, dict[str, Any]] = {
