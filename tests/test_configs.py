@@ -157,14 +157,24 @@ def test_trainer_options_instantiate(make_cfg, option) -> None:
 
 
 def test_trainer_precedence(make_cfg, tmp_path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     ctx = RunContext.from_config(make_cfg("model.dictionary.trainer.max_epochs=7"))
     assert ctx.trainer_kwargs("dictionary")["max_epochs"] == 7
     ctx = RunContext.from_config(make_cfg("model.dictionary.trainer.max_epochs=7", "trainer.max_epochs=2"))
     assert ctx.trainer_kwargs("dictionary")["max_epochs"] == 2
     assert ctx.trainer_kwargs("dictionary", max_epochs=3)["max_epochs"] == 3
+    # a stage's own defaults (the fine-tune's epochs) beat model.<stage>.trainer, not the trainer group
+    assert ctx.trainer_kwargs("dictionary", defaults={"max_epochs": 5})["max_epochs"] == 2
+    ctx7 = RunContext.from_config(make_cfg("model.dictionary.trainer.max_epochs=7",
+                                           "+model.dictionary.trainer.gradient_clip_val=0.5"))
+    assert ctx7.trainer_kwargs("dictionary", defaults={"max_epochs": 5}) | {"_target_": None} == {
+        **ctx7.trainer_kwargs("dictionary"), "max_epochs": 5, "_target_": None}
+    assert ctx7.trainer_kwargs("dictionary")["gradient_clip_val"] == 0.5
+    named = ctx.trainer("dictionary", name="dictionary_again")
+    assert [Path(c.dirpath) for c in named.callbacks if isinstance(c, ModelCheckpoint)] == [
+        ctx.run_dir / "checkpoints" / "dictionary_again"]
     trainer = ctx.trainer("dictionary")
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     ckpts = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert len(ckpts) == 1 and Path(ckpts[0].dirpath) == ctx.run_dir / "checkpoints" / "dictionary"
     assert ckpts[0].save_last

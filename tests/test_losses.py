@@ -112,6 +112,10 @@ def test_coding_energy_is_the_lca_energy(threshold: str, nonneg: bool) -> None:
     assert torch.allclose(energy, lca.energy(x, lca.threshold(u.detach())), rtol=1e-5, atol=1e-5)
     energy.sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
+    # under bf16 autocast (trainer.precision=bf16-mixed) it stays the float32 energy, like the solver
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = coding_energy(x, u.detach(), d, lca.threshold)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, energy.detach())
 
 
 def test_coding_energy_gradient_descends_the_hard_energy() -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from warplca.coder import SparseCoder
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, image_norms
+from warplca.lca.thresholds import count_active
 from warplca.models.warp_cnn import WarpCNN
 from warplca.serialization import load_checked, save_atomic
 
@@ -33,9 +34,9 @@ FORMAT = "warplca.bundle"
 
 @dataclass
 class WarmStart:
-    """The start WARP-LCA takes for a batch: ``states`` u₀ (B, K, H', W'), the ``predicted`` û with 0
-    for images the guard sent back; (B,) ``guarded`` (E(T_λ(û)) > ½‖x‖²), ``energy`` E(T_λ(û)) and
-    ``cold_energy`` ½‖x‖², None when the guard is off."""
+    """The start WARP-LCA takes for a batch: ``states`` u₀ (B, K, H', W'), i.e. û with 0 for images the
+    guard sent back; ``predicted`` û itself; (B,) ``guarded`` (E(T_λ(û)) > ½‖x‖²), ``energy`` E(T_λ(û))
+    and ``cold_energy`` ½‖x‖², None when the guard is off."""
 
     states: Tensor
     predicted: Tensor
@@ -82,14 +83,10 @@ class WarpLCA(SparseCoder):
         """
         self.lca._check_codes(x, u.detach(), "u0")  # shape, dtype, NaN/Inf: as the solver would say
         with torch.no_grad():
-            op = self.dictionary.operator(x.shape[-2], x.shape[-1], self.lca.backend)
-            xt = op.pixels(x.detach())
             a = self.lca.states_to_codes(u.detach())
-            resid = xt - op.decode(op.to_grid(a))
-            energy = 0.5 * image_norms(resid).square() + self.lca.threshold.penalty_sum(a)
-            cold = 0.5 * image_norms(xt).square()
-            active = torch.count_nonzero(a.reshape(a.shape[0], -1), dim=1) > 0
-            guarded = active & (energy > cold)
+            energy = self.lca.energy(x.detach(), a)
+            cold = 0.5 * image_norms(x.detach()).square()
+            guarded = (count_active(a) > 0) & (energy > cold)
         states = torch.where(guarded.view(-1, *([1] * (u.dim() - 1))), torch.zeros_like(u), u)
         return WarmStart(states=states, predicted=u, guarded=guarded, energy=energy, cold_energy=cold)
 

@@ -83,12 +83,14 @@ def primary_defaults(package: str, primary: str = "train") -> dict[str, Any]:
     return option_defaults(*primary_option(package, primary))
 
 
-def fill_missing(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with the keys it lacks taken from ``defaults`` (nested mappings filled the same way)."""
+def fill_missing(values: dict[str, Any], defaults: dict[str, Any], whole: tuple[str, ...] = (),
+                 prefix: str = "") -> dict[str, Any]:
+    """``values`` with the keys it lacks taken from ``defaults`` (nested mappings filled the same way,
+    except at the dotted paths in ``whole``: a mapping given there replaces the default one)."""
     out = dict(values)
     for key, default in defaults.items():
         if key not in out:
             out[key] = copy.deepcopy(default)
-        elif isinstance(out[key], dict) and isinstance(default, dict):
-            out[key] = fill_missing(out[key], default)
+        elif isinstance(out[key], dict) and isinstance(default, dict) and f"{prefix}{key}" not in whole:
+            out[key] = fill_missing(out[key], default, whole, f"{prefix}{key}.")
     return out

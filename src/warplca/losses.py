@@ -91,12 +91,19 @@ def coding_energy(x: Tensor, u: Tensor, dictionary: ConvDictionary, threshold: T
 
     The value is exactly the solver's energy, scoring a prediction by what the warm start is for. The
     hard threshold gets a straight-through gradient: a and the active count pass as u·σ((|u| − λ)/t) and
-    Σ σ((|u| − λ)/t), t = ``temperature``·λ. Other thresholds are differentiated as they are.
+    Σ σ((|u| − λ)/t), t = ``temperature``·λ. Other thresholds are differentiated as they are. Computed in
+    float32 with any enclosing autocast switched off, like the solver (bf16 would change the energy).
     """
     if u.shape[0] != x.shape[0]:
         raise ValueError(f"{u.shape[0]} state maps for {x.shape[0]} images")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _coding_energy(x.float(), u.float(), dictionary, threshold, temperature)
+
+
+def _coding_energy(x: Tensor, u: Tensor, dictionary: ConvDictionary, threshold: Threshold,
+                   temperature: float) -> Tensor:
     dims = tuple(range(1, u.dim()))
     exact = threshold(u)
     if threshold.name == "hard" and threshold.lam > 0:

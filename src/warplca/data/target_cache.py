@@ -3,9 +3,9 @@
 WARP-CNN regresses the states of cold-started LCA after ``target_iters`` steps; these are expensive, so
 they are computed once into a directory (format and reader: :mod:`warplca.data.target_store`). A chunk
 counts only once its marker is renamed into place after its rows are on disk, so a crashed build resumes
-bit-identically and an incomplete cache is refused; a cache built with other settings raises
-:class:`TargetCacheMismatchError`. Building runs through Lightning's predict loop (one chunk per step,
-each DDP rank writes its own chunks; rank 0 writes the manifest and ``COMPLETE``).
+(bit-identically on the same device) and an incomplete cache is refused; a cache built with other
+settings raises :class:`TargetCacheMismatchError`. Building runs through Lightning's predict loop (one
+chunk per step, each DDP rank writes its own chunks; rank 0 writes the manifest and ``COMPLETE``).
 """
 
 from __future__ import annotations

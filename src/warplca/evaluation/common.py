@@ -22,7 +22,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices", "budget_list",
+    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices",
     "build_datamodule_from_config", "clip_ks", "describe_model", "find_bundle", "load_images", "load_model",
     "log_spaced_ks", "model_sentence", "normalize_ks", "pixel_quality", "progress",
     "resolve_device", "run_data_config", "synchronize", "to_pixels",
@@ -123,11 +123,6 @@ def normalize_ks(ks: Iterable[int] | None, total: int) -> list[int]:
 def clip_ks(ks: Iterable[int], total: int) -> list[int]:
     """The checkpoints of ``ks`` inside [0, total] plus 0 and ``total``, sorted and unique."""
     return sorted({0, int(total), *(int(k) for k in ks if 0 <= int(k) <= total)})
-
-
-def budget_list(budgets: Iterable[int], total: int) -> list[int]:
-    """The budgets inside [1, total] plus ``total``, sorted and unique (the rows of a budgets table)."""
-    return sorted({int(b) for b in budgets if 1 <= int(b) <= total} | {int(total)})
 
 
 # -- devices, progress ---------------------------------------------------------------------------------

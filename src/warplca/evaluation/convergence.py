@@ -25,7 +25,7 @@ from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
     Figure,
-    budget_list,
+    clip_ks,
     describe_model,
     model_sentence,
     progress,
@@ -217,7 +217,7 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     T), ``<prefix>/start_guard_frac``, ``<prefix>/start_guard_ms_per_image``.
     """
     total = int(iters)
-    budgets = budget_list(budgets, total)
+    budgets = clip_ks(budgets, total)[1:]  # the budgets ≥ 1, T included
     keep = min(int(examples), images.shape[0])
     keep_ks = sorted({min(int(examples_iters), total), total})
     curves, match = measure(model, images, total, budgets, ks=ks, name=name, batch_size=batch_size, keep=keep,

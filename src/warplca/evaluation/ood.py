@@ -26,8 +26,8 @@ from warplca.evaluation.common import (
     ExperimentResult,
     Figure,
     _plain,
-    budget_list,
     build_datamodule_from_config,
+    clip_ks,
     describe_model,
     load_images,
 )
@@ -192,7 +192,7 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
     ``<prefix>/<dataset>/<cold|warm>/<metric>@<k>``, ``…/warm_le_cold@<k>``, ``…/iterations_to_match``, …
     """
     total = int(iters)
-    budgets = budget_list(budgets, total)
+    budgets = clip_ks(budgets, total)[1:]  # the budgets ≥ 1, T included
     notes: list[str] = []
     datasets: list[tuple[str, Tensor, str | None]] = [] if reference is None else [
         (reference[0], reference[1][:n_images], "in distribution (the training data's test split)")]

@@ -21,8 +21,9 @@ from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
     Figure,
-    budget_list,
+    clip_ks,
     describe_model,
+    find_bundle,
     load_model,
 )
 from warplca.evaluation.convergence import match_sentence
@@ -53,10 +54,11 @@ def load_threshold_models(runs: Sequence[str | os.PathLike] | Mapping[str, str |
                          f"experiment=thresholds_{label}` and pass `eval.thresholds.runs.{label}=<run dir>`)")
             continue
         try:
-            model = load_model(path, device)
+            bundle = find_bundle(path)
         except FileNotFoundError as exc:  # no bundle there
             notes.append(f"`{label or path}`: skipped: {exc}")
             continue
+        model = load_model(bundle, device)
         name = str(label) if label is not None else describe_model(model)["threshold"]
         if name in models:
             name = f"{name}:{Path(path).name}"
@@ -75,7 +77,7 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
     ``<prefix>/<threshold>/iterations_to_match``, ``<prefix>/<threshold>/energy_ratio@T``.
     """
     total = int(iters)
-    budgets = budget_list(budgets, total)
+    budgets = clip_ks(budgets, total)[1:]  # the budgets ≥ 1, T included
     curves: dict[str, dict[str, Curves]] = {}
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []

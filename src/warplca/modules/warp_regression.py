@@ -68,7 +68,9 @@ class WarpRegression(pl.LightningModule):
         if isinstance(dictionary, Mapping):  # its weights load afterwards: keep the fingerprint given
             dictionary = ConvDictionary(**dictionary)
         else:
-            dictionary_fingerprint = dictionary.fingerprint()
+            given, dictionary_fingerprint = dictionary_fingerprint, dictionary.fingerprint()
+            if given not in (None, dictionary_fingerprint):
+                raise ValueError(f"dictionary fingerprint {dictionary_fingerprint} is not the given {given}")
         if isinstance(normalization, Mapping):
             normalization = Normalization.from_dict(normalization)
         if scheduler not in SCHEDULERS:
@@ -141,8 +143,8 @@ class WarpRegression(pl.LightningModule):
         pred = self(x)
         loss = self.loss_fn(pred.float(), states.float())
         if self.energy_weight > 0:
-            energy = coding_energy(x.float(), pred.float(), self.dictionary, self.lca.threshold,
-                                   self.energy_temperature).mean()
+            energy = coding_energy(x, pred, self.dictionary, self.lca.threshold, self.energy_temperature)
+            energy = energy.mean()
             self.log("train/energy", energy, on_step=False, on_epoch=True, sync_dist=True,
                      batch_size=images.shape[0])
             loss = loss + self.energy_weight * energy

@@ -3,7 +3,7 @@
 One context per ``train.py`` invocation: it builds the datamodule once, gives each stage fresh loggers
 and a Trainer checkpointing to ``checkpoints/<stage>/``, loads earlier stages' artifacts and merges
 metrics into ``metrics.json``. Trainer keyword precedence (lowest first): ``model.<stage>.trainer`` <
-non-null keys of the ``trainer`` group < keyword overrides of the stage code.
+the stage code's ``defaults`` < non-null keys of the ``trainer`` group < keyword overrides of the stage code.
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ class RunContext:
             lg.log_hyperparams(hparams)
         return loggers
 
-    def trainer_kwargs(self, stage: str, **overrides: Any) -> dict[str, Any]:
+    def trainer_kwargs(self, stage: str, defaults: dict[str, Any] | None = None,
+                       **overrides: Any) -> dict[str, Any]:
         """Trainer keyword arguments for ``stage`` (see the module doc for the precedence)."""
         kwargs: dict[str, Any] = to_container(OmegaConf.select(self.cfg, f"model.{stage}.trainer")) or {}
+        kwargs.update(defaults or {})
         base = to_container(self.cfg.get("trainer")) or {}
         kwargs.update({k: v for k, v in base.items() if v is not None})
         kwargs.update(overrides)
@@ -130,13 +132,17 @@ class RunContext:
         log.info("resuming the %s stage from %s", stage, path)
         return path
 
-    def trainer(self, stage: str, **overrides: Any) -> pl.Trainer:
-        """A Trainer for ``stage`` with fresh loggers (``logger=`` replaces them), the configured callbacks
-        plus ``callbacks=[...]``, and a ``ModelCheckpoint`` (``save_last``) in :meth:`checkpoint_dir`."""
+    def trainer(self, stage: str, name: str | None = None, defaults: dict[str, Any] | None = None,
+                **overrides: Any) -> pl.Trainer:
+        """A Trainer for ``stage`` (whose ``model.<stage>.trainer`` applies) with fresh loggers (``logger=``
+        replaces them), the configured callbacks plus ``callbacks=[...]``, and a ``ModelCheckpoint``
+        (``save_last``) in :meth:`checkpoint_dir`; ``name`` (default ``stage``) names the checkpoint folder
+        and the loggers' version, for a stage that trains more than once (fine-tune, one per front end)."""
         from pytorch_lightning.callbacks import ModelCheckpoint
 
-        kwargs = self.trainer_kwargs(stage, **overrides)
-        ckpt_dir = str(self.checkpoint_dir(stage))
+        name = name or stage
+        kwargs = self.trainer_kwargs(stage, defaults, **overrides)
+        ckpt_dir = str(self.checkpoint_dir(name))
         callbacks = instantiate_callbacks(self.cfg.get("callbacks"), checkpoint_dir=ckpt_dir)
         callbacks += list(kwargs.pop("callbacks", None) or [])
         logger = kwargs.pop("logger", None)
@@ -146,7 +152,7 @@ class RunContext:
         if kwargs.get("enable_checkpointing", True) and not has_ckpt:
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0))
         if logger is None:
-            logger = self.loggers(stage) or False
+            logger = self.loggers(name) or False
         if not logger:  # LearningRateMonitor refuses to run without a logger
             callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
         return instantiate(OmegaConf.create(kwargs), callbacks=callbacks, logger=logger, _convert_="all")

@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 from torch.utils.data import Subset
 
 from warplca.config_defaults import fill_missing, primary_defaults
@@ -98,16 +99,20 @@ def target_sets(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliza
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{exc}: run the targets stage first (stages=[targets,warp])") from exc
         sets[split] = TargetDataset(cache, ctx.datamodule.split_dataset(split))
-    return sets  # stage_targets.settings refuses splits without train
+    return sets  # the config validation refuses targets.splits without train
 
 
 def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normalization: Any,
                  predictor_overrides: Mapping[str, Any] | None = None,
-                 module_overrides: Mapping[str, Any] | None = None) -> tuple[pl.LightningModule, int]:
+                 module_overrides: Mapping[str, Any] | None = None,
+                 init: nn.Module | None = None) -> tuple[pl.LightningModule, int]:
     """The run's WarpRegression (``model.warp``, ``predictor``, ``loss``) with the given overrides
-    (``module_overrides``: WarpRegression arguments), and the predictor's parameter count."""
+    (``module_overrides``: WarpRegression arguments), its predictor starting from ``init``'s weights when
+    given (a fine-tune), and the predictor's parameter count."""
     node, _ = warp_data_settings(ctx)
     predictor = build_predictor(ctx, dictionary, predictor_overrides)
+    if init is not None:
+        predictor.load_state_dict(init.state_dict())
     n_params = sum(p.numel() for p in predictor.parameters())
     node.update({**loss_config(ctx), **dict(module_overrides or {})})
     return instantiate(OmegaConf.create(node), _convert_="all", predictor=predictor, dictionary=dictionary,

@@ -1,8 +1,9 @@
 """Stage "ablation": which loss and which input give the best warm start.
 
 Trains one WARP-CNN per (loss, input) pair of ``study.ablation`` — inputs ``image`` / ``image+drive``
-(Φᵀx concatenated) / ``drive+residual`` (û = Φᵀx + f(x)) — with the warp stage's settings otherwise,
-scores each (:mod:`warplca.tasks.study`) and writes ``ablation.md`` / ``.png`` / ``.csv`` (the artifact).
+(Φᵀx concatenated) / ``drive+residual`` (û = Φᵀx + f(x)) — with the warp stage's regression settings
+otherwise (no energy fine-tune), scores each (:mod:`warplca.tasks.study`) and writes ``ablation.md`` /
+``.png`` / ``.csv`` (the artifact).
 """
 
 from __future__ import annotations
@@ -30,5 +31,6 @@ def run(ctx: RunContext) -> dict[str, float]:
             rows.append(study.variant(key, epochs, predictor_overrides=INPUTS[inp],
                                       module_overrides={"loss": str(loss)}))
     what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
-            "(everything else as in the warp stage, the same initial weights and data order).")
+            "(everything else as in the warp stage's regression, without its energy fine-tune; the same "
+            "initial weights and data order).")
     return study.publish("Ablation: loss × input", what, rows, ["variant"], plot_ablation)

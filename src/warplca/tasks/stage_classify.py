@@ -131,10 +131,7 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
                              feature_batch_size=int(stage["feature_batch_size"]),
                              cache_dtype=getattr(torch, stage["cache_dtype"]),
                              seed=int(ctx.cfg.get("seed") or 0))
-    trainer = ctx.trainer("classify", logger=ctx.loggers(f"classify/{kind}") or False)
-    for cb in trainer.checkpoint_callbacks:  # per front end: checkpoints/classify/<fe>
-        if getattr(cb, "dirpath", None) is not None:
-            cb.dirpath = str(ctx.checkpoint_dir("classify") / kind)
+    trainer = ctx.trainer("classify", name=f"classify/{kind}")  # checkpoints/classify/<front end>
     resume = ctx.resume_checkpoint(f"classify/{kind}")
     log.info("classify/%s: training %s on %s features %s", kind, type(module.backbone).__name__, kind,
              module.feature_shape)

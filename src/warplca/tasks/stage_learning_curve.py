@@ -40,6 +40,6 @@ def run(ctx: RunContext) -> dict[str, float]:
             key = {"variant": f"n={size}, {epochs} ep", "train_size": size, "epochs": epochs}
             rows.append(study.variant(key, epochs, limit=size))
     what = ("Each point trains the run's predictor afresh on the first n cached targets for e epochs "
-            "(everything else as in the warp stage).")
+            "(everything else as in the warp stage's regression, without its energy fine-tune).")
     return study.publish("Learning curve: training-set size × epochs", what, rows, ["train_size", "epochs"],
                          plot_learning_curve)

@@ -92,7 +92,8 @@ def run(ctx: RunContext) -> dict[str, float]:
         rows.append(study.variant({"variant": f"energy fine-tune w={weight:g}"}, int(finetune["epochs"]),
                                   module_overrides=overrides, init=lambda: study.baseline(epochs)))
     what = (f"Each variant trains the run's predictor afresh for {epochs} epochs with one change "
-            "(everything else as in the warp stage, the same initial weights and data order).")
+            "(everything else as in the warp stage's regression, without its energy fine-tune; the same "
+            "initial weights and data order).")
     if finetune.get("weights"):
         what += (f" The energy fine-tunes start from the baseline and train {int(finetune['epochs'])} more "
                  f"epochs at lr {float(finetune['lr']):g} (their train_s: the fine-tune alone).")

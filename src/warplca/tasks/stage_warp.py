@@ -42,11 +42,12 @@ def run(ctx: RunContext) -> dict[str, float]:
     epochs = int(trainer.current_epoch)
     finetune = data["finetune"]
     if int(finetune["epochs"]) > 0:
-        tuned, _ = build_module(ctx, dictionary, lca, norm, module_overrides={
-            "energy_weight": float(finetune["energy_weight"]), "lr": float(finetune["lr"])})
-        tuned.predictor.load_state_dict(module.predictor.state_dict())
+        energy = {"energy_weight": float(finetune["energy_weight"]), "lr": float(finetune["lr"])}
+        tuned, _ = build_module(ctx, dictionary, lca, norm, module_overrides=energy, init=module.predictor)
+        tuned.cold_values = module.cold_values  # same dictionary, LCA and val images: cold LCA once
         module = tuned
-        trainer = ctx.trainer("warp_finetune", max_epochs=int(finetune["epochs"]), **overrides)
+        trainer = ctx.trainer("warp", name="warp_finetune", defaults={"max_epochs": int(finetune["epochs"])},
+                              **overrides)
         log.info("warp: energy fine-tune, %d epochs at weight %g", int(finetune["epochs"]),
                  float(finetune["energy_weight"]))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.resume_checkpoint("warp_finetune"))

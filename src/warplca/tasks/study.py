@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from warplca.bundle import WarpLCA
-from warplca.config_defaults import primary_defaults
+from warplca.config_defaults import fill_missing, primary_defaults
 from warplca.data.target_cache import TargetDataset
 from warplca.evaluation.common import resolve_device
 from warplca.evaluation.curves import Curves
@@ -53,21 +53,8 @@ __all__ = ["INPUTS", "Study", "study_settings"]
 def study_settings(ctx: RunContext) -> dict[str, Any]:
     """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (its keys and values
     are checked by :func:`warplca.config_validation.validate_train_config`)."""
-    out = primary_defaults("study")  # a fresh copy
-    _merge(out, to_container(ctx.cfg.get("study")) or {}, free=("levers.predictors",))
-    return out
-
-
-def _merge(into: dict[str, Any], given: Mapping[str, Any], free: tuple[str, ...] = (),
-           prefix: str = "") -> None:
-    """Merge ``given`` into ``into`` key by key (nested dicts too, except the ``free`` paths, which are
-    replaced whole)."""
-    for key, value in given.items():
-        path = f"{prefix}{key}"
-        if isinstance(into.get(key), dict) and isinstance(value, Mapping) and path not in free:
-            _merge(into[key], value, free, f"{path}.")
-        else:
-            into[key] = value
+    return fill_missing(to_container(ctx.cfg.get("study")) or {}, primary_defaults("study"),
+                        whole=("levers.predictors",))
 
 
 class Study:
@@ -130,9 +117,7 @@ class Study:
         start = time.perf_counter()
         torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
         module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
-                                        module_overrides)
-        if init is not None:
-            module.predictor.load_state_dict(init.predictor.state_dict())
+                                        module_overrides, init=None if init is None else init.predictor)
         fit_quietly(self.ctx, module, self.train if train is None else train, epochs, limit)
         return module.bundle().to(self.device), n_params, time.perf_counter() - start
 
@@ -167,11 +152,8 @@ class Study:
         return self.models["baseline"]
 
     def epochs(self) -> int:
-        """Epochs per variant: the stage's ``epochs``, else the warp stage's (``model.warp.epochs``, its
-        trainer's max_epochs, or the YAML default)."""
-        _, data = warp_data_settings(self.ctx)
-        epochs = data.get("epochs") or (data.get("trainer") or {}).get("max_epochs")
-        return int(self.conf.get("epochs") or epochs or primary_defaults("model.warp")["epochs"])
+        """Epochs per variant: the stage's ``epochs``, else the warp stage's ``model.warp.epochs``."""
+        return int(self.conf.get("epochs") or warp_data_settings(self.ctx)[1]["epochs"])
 
     # -- outputs --------------------------------------------------------------------------------------
     def publish(self, title: str, what: str, rows: list[dict[str, Any]], columns: list[str],
