@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from warplca.data import DatasetNotFoundError, luminance
-from warplca.data.natural import load_photo
+from warplca.data.natural import GRAY_SOURCES, load_photo
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -54,7 +54,7 @@ MATCH_KEYS = ("iterations_to_match", "matched_frac")
 COMPARE_KS = (0, 1, 10)
 #: scikit-image's bundled grayscale photos of natural scenes: in no split of the RGB natural data (the
 #: ``grayscale=true`` natural data adds them to its train split: not out of distribution for such a run)
-PHOTOS = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock_motion")
+PHOTOS = tuple(GRAY_SOURCES)
 
 
 @dataclass

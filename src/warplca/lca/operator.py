@@ -161,12 +161,12 @@ class PolyphaseOperator:
         return self.kq
 
     def _mask(self, weight: Tensor, channels: int) -> Tensor | None:
-        """0/1 mask of the space-to-depth entries inside the image; None when all are."""
+        """0/1 mask of the space-to-depth entries inside the image; None when all are (index arithmetic on
+        the CPU: no device sync per operator)."""
         s, p = self.block, self.pad
 
         def valid(lo: int, hi: int, n: int) -> Tensor:
-            pos = s * torch.arange(lo, hi + 1, device=weight.device)[None, :] + torch.arange(
-                s, device=weight.device)[:, None]
+            pos = s * torch.arange(lo, hi + 1)[None, :] + torch.arange(s)[:, None]
             return (pos >= p) & (pos < p + n)  # (s, count)
 
         rv = valid(*self.rows, self.height)
@@ -175,7 +175,7 @@ class PolyphaseOperator:
             return None
         m = rv[:, None, :, None] & cv[None, :, None, :]  # (ry, rx, r, c)
         m = m.reshape(1, 1, s * s, *m.shape[-2:]).expand(1, channels, s * s, *m.shape[-2:])
-        m = m.reshape(1, channels * s * s, *m.shape[-2:]).to(weight.dtype)
+        m = m.reshape(1, channels * s * s, *m.shape[-2:]).to(weight.device, weight.dtype)
         return m.contiguous(memory_format=self.layout)
 
     def to_grid(self, a: Tensor) -> Tensor:
