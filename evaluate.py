@@ -3,7 +3,7 @@
 A thin wrapper over :func:`warplca.cli.eval_main` (also installed as the ``warplca-eval`` command);
 the work happens in :func:`warplca.tasks.evaluate.evaluate`. Also ``python evaluate.py
 sweep_dir=<multirun dir>`` (sweep summary) and ``results_md=docs/results.md`` (README results
-page). See ``src/warplca/conf/eval.yaml`` for every option.
+page). See ``conf/eval.yaml`` for every option.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Packaging: the Hydra configs ship inside the package and the console commands are declared.
+"""Packaging: the top-level Hydra configs ship inside the wheel and the console commands are declared.
 
-The wheel is built from a copy of the project (``src/``, ``pyproject.toml``, ``README.md``) in
+The wheel is built from a copy of the project (``src/``, ``conf/``, ``pyproject.toml``, ``setup.py``, ``README.md``) in
 ``tmp_path`` so that no ``build/`` directory appears in the working tree; ``--no-build-isolation``
 uses the installed setuptools, so nothing is downloaded.
 """
@@ -22,12 +22,12 @@ from warplca.tasks.utils import default_config_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_default_config_dir_is_inside_the_package() -> None:
+def test_source_checkout_reads_the_top_level_conf() -> None:
     conf = default_config_dir()
-    package = Path(warplca.__file__).resolve().parent
-    assert conf == package / "conf"
+    assert conf == REPO / "conf"
     assert (conf / "train.yaml").is_file() and (conf / "eval.yaml").is_file()
-    assert not (REPO / "conf").exists(), "the configs moved to src/warplca/conf; a top-level conf/ is stale"
+    package = Path(warplca.__file__).resolve().parent
+    assert not (package / "conf").exists(), "conf/ is the single copy; src/warplca/conf is stale"
 
 
 def test_cli_entry_points_use_the_package_configs() -> None:
@@ -43,7 +43,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = root / "project"
     shutil.copytree(REPO / "src", src / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
+    shutil.copytree(REPO / "conf", src / "conf")
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(REPO / name, src / name)
     out = root / "dist"
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",

@@ -17,8 +17,14 @@ __all__ = ["config_dir", "fill_missing", "option_defaults", "primary_defaults", 
 
 
 def config_dir() -> Path:
-    """The Hydra config tree shipped inside the package (``warplca/conf``)."""
-    return Path(__file__).resolve().parent / "conf"
+    """The Hydra config tree: ``warplca/conf`` inside an installed wheel (``setup.py`` copies it there),
+    else the top-level ``conf/`` of the source checkout (editable installs, tests)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no Hydra configs: neither {package / 'conf'} nor {package.parents[1] / 'conf'} "
+                            "holds train.yaml (reinstall warplca)")
 
 
 def _load(path: Path) -> DictConfig:

@@ -226,7 +226,7 @@ def get_metric_value(metrics: Mapping[str, float], name: str | None) -> float | 
 
 
 def default_config_dir() -> Path:
-    """The Hydra config tree shipped inside the package (``warplca/conf``)."""
+    """The Hydra config tree (:func:`warplca.config_defaults.config_dir`)."""
     from warplca.config_defaults import config_dir
 
     return config_dir()
