@@ -2,8 +2,7 @@
 
 A thin wrapper over :func:`warplca.cli.train_main` (also installed as the ``warplca-train``
 command); the work happens in :func:`warplca.tasks.train.train`. Returns the metric named by
-``optimized_metric`` (for Hydra sweepers) when one is set. The configs live in the package
-(``conf``).
+``optimized_metric`` (for Hydra sweepers) when one is set. The configs live in ``conf/``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Packaging: the top-level Hydra configs ship inside the wheel and the console commands are declared.
 
-The wheel is built from a copy of the project (``src/``, ``conf/``, ``pyproject.toml``, ``setup.py``, ``README.md``) in
-``tmp_path`` so that no ``build/`` directory appears in the working tree; ``--no-build-isolation``
+The wheel is built from a copy of the project (``src/``, ``conf/``, ``pyproject.toml``, ``setup.py``,
+``README.md``) in ``tmp_path`` so that no ``build/`` directory appears in the working tree;
+``--no-build-isolation``
 uses the installed setuptools, so nothing is downloaded.
 """
 
