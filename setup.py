@@ -1,7 +1,7 @@
 """Build hook: the top-level ``conf/`` (the Hydra configs) ships inside the wheel as ``warplca/conf``.
 
 Everything else is declared in ``pyproject.toml``; a source checkout or an editable install reads ``conf/``
-in place (:func:`warplca.config_defaults.config_dir`).
+in place (:func:`warplca.config.default_config_dir`).
 """
 
 from __future__ import annotations

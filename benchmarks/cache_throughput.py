@@ -79,7 +79,7 @@ def time_build(ds: Any, dictionary: Any, lca: Any, iters: int, norm: Any, batch:
     """Seconds of a full cache build (predict loop, chunk files, fsync) on ``devices`` processes."""
     import pytorch_lightning as pl
 
-    from warplca.data.target_cache import build_target_cache
+    from warplca.modules.target_builder import build_target_cache
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     kwargs: dict[str, Any] = {"strategy": "ddp_spawn"} if devices > 1 else {}

@@ -58,8 +58,8 @@ MAX_L0 = 250.0
 
 def train_stage(name: str, overrides: list[str], out: Path) -> Path:
     """Run the dictionary stage with ``overrides`` into ``out/name`` (skipped when already there)."""
+    from warplca.config import compose_config
     from warplca.tasks.train import train
-    from warplca.tasks.utils import compose_config
 
     run = out / name
     if not (run / "dictionary.pt").is_file():

@@ -45,7 +45,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., object]:
     ``tmp_path / "run"`` unless ``output_dir`` is given. ``tiny=True`` prepends TINY_OVERRIDES (their
     natural-only ``data.n_*`` keys are dropped when another dataset is chosen).
     """
-    from warplca.tasks.utils import compose_config
+    from warplca.config import compose_config
 
     def make(*overrides: str, output_dir: str | os.PathLike | None = None, tiny: bool = True,
              config_name: str = "train") -> object:

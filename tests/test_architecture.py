@@ -10,6 +10,9 @@ imports inside functions are counted only where a test says so.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -132,8 +135,8 @@ def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_the_graph_sees_the_package() -> None:
-    assert "warplca.config_validation" in MODULES and "warplca.tasks.evaluate" in MODULES
-    assert "warplca.config_defaults" in imports("warplca.tasks.stage_targets")
+    assert "warplca.config" in MODULES and "warplca.tasks.evaluate" in MODULES
+    assert "warplca.settings" in imports("warplca.tasks.stage_targets")
     assert "warplca.tasks.stage_targets" in imports("warplca.tasks.predictor_fit")  # from p import m
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -143,12 +146,35 @@ def test_no_import_cycle_among_warplca_modules_at_module_level() -> None:
     assert found == [], f"module-level import cycles: {found}"
 
 
-def test_config_validation_imports_nothing_that_imports_it_back() -> None:
-    """Counting imports inside functions too: the validator must be importable from anywhere."""
-    edges = graph(module_level_only=False)
-    back = sorted(m for m in reachable(edges, "warplca.config_validation")
-                  if "warplca.config_validation" in reachable(edges, m))
-    assert back == [], f"config_validation reaches modules that import it back: {back}"
+def test_settings_import_nothing_of_the_package() -> None:
+    """The declarations' machinery sits below every layer, so any module may declare settings."""
+    assert graph(module_level_only=False)["warplca.settings"] == set()
+
+
+def _lint_imports(config: Path | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+            "sys.exit(lint_imports_command())"]
+    if config is not None:
+        args += ["--config", str(config)]
+    return subprocess.run(args, cwd=SRC.parent, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+
+
+def test_layers_contract_is_kept() -> None:
+    """maths → networks → data → coder/bundle → evaluation → LightningModules → stages → CLI, checked by
+    import-linter with the contract in pyproject.toml (imports inside functions included)."""
+    res = _lint_imports()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "KEPT" in res.stdout
+
+
+def test_layers_contract_can_fail(tmp_path: Path) -> None:
+    """The same tool refuses the layering turned upside down."""
+    inverted = tmp_path / "inverted.toml"
+    inverted.write_text('[tool.importlinter]\nroot_package = "warplca"\n\n[[tool.importlinter.contracts]]\n'
+                        'name = "inverted"\ntype = "layers"\nlayers = ["warplca.lca", "warplca.tasks"]\n')
+    res = _lint_imports(inverted)
+    assert res.returncode != 0 and "warplca.tasks" in res.stdout and "BROKEN" in res.stdout
 
 
 def test_no_library_module_imports_a_command_module() -> None:

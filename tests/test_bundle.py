@@ -16,7 +16,7 @@ def _model(use_drive: bool = False, normalization: Normalization | None = None) 
     torch.manual_seed(0)
     d = ConvDictionary(n_atoms=8, in_channels=3, kernel_size=5, stride=2, seed=1)
     lca = LCA(d, threshold="hard", lam=0.2, tau="auto")
-    net = WarpCNN(3, 8, 2, width=8, depth=2, use_drive=use_drive, drive_mode="residual")
+    net = WarpCNN(3, 8, 2, width=8, depth=2, use_drive=use_drive, drive_mode="residual", drive_scale=1.0)
     return WarpLCA(d, net, lca, normalization)
 
 

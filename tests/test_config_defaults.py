@@ -1,123 +1,157 @@
-"""The shipped YAML is the only source of defaults: code that fills a missing setting reads the YAML."""
+"""Every setting is declared once, in the signature that uses it: the Python API and the command line
+build the same objects, a run's saved config records every setting, and no code keeps a private default."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from warplca.config_defaults import (
-    config_dir,
-    fill_missing,
-    option_defaults,
-    primary_defaults,
-    primary_option,
-)
+from warplca import LCA, ConvDictionary, WarpCNN
+from warplca.config import TRAIN, bases, default_config_dir, settings_reference
+from warplca.data import NaturalDataModule, Normalization
+from warplca.frontends import LCAFrontEnd, WarpLCAFrontEnd
+from warplca.modules import DictionaryLearning, NoisyClassification, WarpRegression
+from warplca.settings import declared, defaults
+from warplca.tasks.predictor_fit import build_module, build_predictor
+from warplca.tasks.stage_classify import ClassifyStageSettings
+from warplca.tasks.stage_classify import settings as classify_settings
+
+REPO = Path(__file__).resolve().parents[1]
+NORM = Normalization(mean=(0.5, 0.5, 0.5), kind="image_mean")
 
 
-def _yaml(relative: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(config_dir() / relative), resolve=False)
+def _node(cfg, key: str) -> dict:
+    node = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
+    node.pop("trainer", None)
+    return node
 
 
-def _ctx(cfg):
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory):
+    from warplca.config import compose_config
+
+    return compose_config([], output_dir=tmp_path_factory.mktemp("run"))
+
+
+def test_lca_and_dictionary_from_bare_constructors_equal_the_command_line(cfg) -> None:
+    d = instantiate(cfg.dictionary, in_channels=3)
+    bare = ConvDictionary()
+    assert d.config() == bare.config() and torch.equal(d.weight, bare.weight)
+    assert LCA(bare).settings() == LCA(bare, **OmegaConf.to_container(cfg.lca)).settings()
+    assert set(LCA(bare).settings()) == set(cfg.lca)  # the run's config records every solver setting
+
+
+def test_modules_from_bare_constructors_equal_the_command_line(cfg) -> None:
     from warplca.tasks.context import RunContext
 
-    return RunContext.from_config(cfg)
+    d, lca = ConvDictionary(), LCA(ConvDictionary())
+    node = _node(cfg, "model.dictionary")
+    from_cli = instantiate(node, _partial_=True)(dictionary=d, lca_settings=lca.settings(),
+                                                 normalization=NORM)
+    bare = DictionaryLearning(d, lca.settings(), NORM)
+    assert dict(from_cli.hparams) == dict(bare.hparams)
+
+    ctx = RunContext.from_config(cfg)
+    module, _ = build_module(ctx, d, lca, NORM)
+    bare = WarpRegression(WarpCNN(3, 64, 2), d, lca.settings(), NORM)
+    assert dict(module.hparams) == dict(bare.hparams)
+    assert build_predictor(ctx, d).config() == WarpCNN(3, 64, 2).config()
 
 
-def _without(cfg, *keys: str):
-    with open_dict(cfg):
-        for key in keys:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            node.pop(leaf)
-    return cfg
+def test_classifier_and_front_ends_equal_the_command_line(cfg) -> None:
+    from warplca.tasks.context import RunContext
+
+    d = ConvDictionary()
+    stage, module_node = classify_settings(RunContext.from_config(cfg))
+    declared_stage = json.loads(json.dumps(dataclasses.asdict(ClassifyStageSettings())))
+    assert {k: v for k, v in stage.items() if k != "conditions"} == declared_stage
+    fe = LCAFrontEnd(d, normalization=NORM)
+    from_cli = instantiate(module_node, _partial_=True)(frontend=fe, num_classes=10, image_size=32)
+    assert dict(from_cli.hparams) == dict(NoisyClassification(fe).hparams)
+    assert fe.iters == stage["lca_iters_cold"] and fe.lca_settings == {
+        k: v for k, v in LCA(d).settings().items() if k != "iters"}
+    assert defaults(WarpLCAFrontEnd)["iters"] == stage["lca_iters_warm"]
 
 
-def test_helper_reads_the_files_and_the_primary_choices() -> None:
-    assert primary_option("targets") == ("targets", "default")
-    assert primary_option("model.warp") == ("model", "warp_regression")
-    assert primary_option("eval", "eval") == ("eval", "convergence")
-    assert primary_defaults("targets") == _yaml("targets/default.yaml")
-    conv = option_defaults("eval", "convergence")  # its defaults list: common, then _self_
-    assert conv == {**_yaml("eval/common.yaml"), **{k: v for k, v in _yaml("eval/convergence.yaml").items()
-                                                    if k != "defaults"}}
-    conv["budgets"].append(-1)  # a fresh copy every time
-    assert -1 not in option_defaults("eval", "convergence")["budgets"]
-    assert fill_missing({"a": {"b": 1}}, {"a": {"b": 2, "c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
-    with pytest.raises(KeyError, match="no option"):
-        primary_option("nowhere")
+def test_datamodule_from_bare_constructor_equals_the_command_line(cfg) -> None:
+    node = _node(cfg, "data")
+    assert node == {"_target_": "warplca.data.natural.NaturalDataModule", **defaults(NaturalDataModule)}
 
 
-def test_no_python_copies_of_the_defaults_remain() -> None:
-    from warplca.tasks import evaluate, stage_classify, stage_targets, study
-
-    for module in (stage_targets, study, evaluate):
-        assert not hasattr(module, "DEFAULTS"), module.__name__
-    assert not hasattr(stage_classify, "_DEFAULTS")
-
-
-def test_targets_settings_without_a_targets_node_are_the_yaml(make_cfg) -> None:
-    from warplca.tasks import stage_targets
-
-    yaml = _yaml("targets/default.yaml")
-    got = stage_targets.settings(_ctx(_without(make_cfg(), "targets")))
-    assert got == yaml and got["iters"] == 600 and got["solver"] == "continuation"
-    # a node that leaves keys out (or null) gets them from the YAML, not from code
-    partial = stage_targets.settings(_ctx(_without(make_cfg("targets.solver=null"), "targets.iters")))
-    assert partial["iters"] == yaml["iters"] and partial["solver"] == yaml["solver"]
-    assert stage_targets.settings(_ctx(make_cfg("targets.iters=7")))["iters"] == 7
+def test_every_declared_setting_is_in_the_composed_config(cfg) -> None:
+    """No setting needs ``+`` to be overridden, and a run's .hydra/config.yaml records each one."""
+    for key, spec in TRAIN.items():
+        node = OmegaConf.select(cfg, key) if key else cfg
+        decls = ([spec.target] if spec.target is not None else []) + list(spec.stage)
+        for decl in decls:
+            for name, s in declared(decl).items():
+                if name not in spec.provided and not s.required:
+                    assert name in node, f"{key or 'top level'}.{name} is declared but not in the config"
+    for key in ("eval.n_images", "print_metrics", "progress", "lca.backend", "lca.check_every"):
+        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>" or key.startswith("eval."), key
 
 
-def test_study_and_classify_settings_without_nodes_are_the_yaml(make_cfg) -> None:
-    from warplca.tasks.stage_classify import STAGE_KEYS, settings
-    from warplca.tasks.study import study_settings
-
-    assert study_settings(_ctx(_without(make_cfg(), "study"))) == _yaml("study/default.yaml")
-    shipped = _yaml("model/noisy_classification.yaml")
-    stage, module = settings(_ctx(_without(make_cfg(), "model.classify")))
-    for key in STAGE_KEYS:
-        if key != "trainer":
-            assert stage[key] == shipped[key], key
-    assert module == {"_target_": shipped["_target_"]}
-
-
-def test_warp_settings_fill_from_the_yaml_and_refuse_pipeline_keys(make_cfg) -> None:
-    from warplca.tasks.predictor_fit import loss_config, warp_data_settings
-
-    shipped = _yaml("model/warp_regression.yaml")
-    cfg = _without(make_cfg(), "model.warp.batch_size", "model.warp._target_")
-    node, data = warp_data_settings(_ctx(cfg))
-    assert data["batch_size"] == shipped["batch_size"] and node["_target_"] == shipped["_target_"]
-    assert loss_config(_ctx(_without(make_cfg(), "loss"))) == {"loss": "laplacian", "gamma": 3.0}
-    assert loss_config(_ctx(make_cfg("loss=mse"))) == {"loss": "mse", "gamma": None}
-    with pytest.raises(ValueError, match=r"model\.warp\.loss: the loss is chosen with the top-level loss"):
-        warp_data_settings(_ctx(make_cfg("+model.warp.loss=mse")))
+def test_presets_hold_only_what_differs_from_their_base() -> None:
+    found = {(g, n): node for g, n, node in bases()}
+    for path in sorted(default_config_dir().glob("*/*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        base_names = [e for e in data.get("defaults", []) if isinstance(e, str) and e != "_self_"]
+        if not base_names or (path.parent.name, base_names[0]) not in found:
+            continue
+        base = found[(path.parent.name, base_names[0])]
+        same = [k for k, v in data.items() if k != "defaults" and base.get(k) == v and "${" not in str(v)]
+        assert not same, f"{path.relative_to(REPO)} repeats its base's values for {same}"
 
 
-def test_timing_settings_default_to_the_eval_yaml() -> None:
-    from warplca.evaluation.convergence import TimingSettings
-
-    timing = _yaml("eval/convergence.yaml")["convergence"]["timing"]
-    assert TimingSettings() == TimingSettings(**timing)
-    assert TimingSettings(images=2).repeats == timing["repeats"]
+def test_settings_reference_is_current() -> None:
+    assert (REPO / "docs" / "settings.md").read_text() == settings_reference() + "\n", (
+        "docs/settings.md is stale: python -m warplca.config > docs/settings.md")
 
 
-def test_eval_settings_are_the_yaml_under_the_config(make_cfg, tmp_path: Path) -> None:
-    from warplca.evaluation.experiments import eval_settings
+class _Fallbacks(ast.NodeVisitor):
+    """Calls ``<cfg>.get("<name>", <literal>)`` on a config (``cfg``, ``ctx.cfg``, …) whose name is a declared
+    setting: a second default."""
 
-    base = option_defaults("eval", "convergence")
-    base.pop("modes")
-    assert eval_settings(None) == base  # the report stage of a train config without an eval node
-    assert eval_settings(make_cfg("+eval.n_images=8"))["n_images"] == 8
-    cfg = make_cfg("eval=denoise", tiny=False, config_name="eval", output_dir=tmp_path / "ev")
-    composed = eval_settings(cfg)
-    assert composed["denoise"] == _yaml("eval/denoise.yaml")["denoise"]
-    assert composed["convergence"] == base["convergence"]
-    # a mode the eval option does not configure gets its own option's section, interpolations resolved
-    cfg = make_cfg("eval=convergence", "eval.modes=[ood]", "seed=5", tiny=False, config_name="eval",
-                   output_dir=tmp_path / "ev2")
-    ood = eval_settings(cfg)["ood"]
-    assert ood["n_images"] == _yaml("eval/ood.yaml")["ood"]["n_images"]
-    assert ood["sources"][0]["data"]["seed"] == 5
+    def __init__(self, names: set[str]) -> None:
+        self.names, self.found = names, []
+
+    def visit_Call(self, node: ast.Call) -> None:
+        f = node.func
+        on_cfg = isinstance(f, ast.Attribute) and (
+            (isinstance(f.value, ast.Name) and f.value.id == "cfg")
+            or (isinstance(f.value, ast.Attribute) and f.value.attr == "cfg"))
+        if (on_cfg and f.attr == "get" and len(node.args) == 2
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value in self.names
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value is not None):
+            self.found.append(f"{node.args[0].value}={node.args[1].value!r} (line {node.lineno})")
+        self.generic_visit(node)
+
+
+def test_no_literal_fallbacks_for_declared_settings() -> None:
+    """``cfg.get("progress", True)`` would be a second default of a declared setting (a third when it
+    differs); the composed config always holds the declared one."""
+    from warplca.evaluation.experiments import EvalRunSettings, EvalSettings
+    from warplca.tasks.context import RunSettings
+
+    names = {n for decl in (RunSettings, EvalRunSettings, EvalSettings) for n in declared(decl)}
+    bad = {}
+    for path in sorted((REPO / "src" / "warplca").rglob("*.py")):
+        visitor = _Fallbacks(names)
+        visitor.visit(ast.parse(path.read_text()))
+        if visitor.found:
+            bad[str(path.relative_to(REPO))] = visitor.found
+    assert not bad, bad
+
+
+def test_a_scan_for_fallbacks_can_fail() -> None:
+    visitor = _Fallbacks({"progress"})
+    visitor.visit(ast.parse("cfg.get('progress', True)\ncfg.get('progress')\ncfg.get('other', 1)"))
+    assert visitor.found == ["progress=True (line 1)"]

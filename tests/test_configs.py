@@ -8,15 +8,30 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from fakes import (
+    as_item,
+    cifar_image,
+    cifar_label,
+    forbid_downloads,
+    make_cifar10,
+    make_folder,
+    make_pets,
+    make_stl10,
+    pets_item,
+    pets_list,
+    stl_image,
+    stl_label,
+)
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from warplca.config import default_config_dir, validate_train_config
 from warplca.lca import LCA, ConvDictionary
-from warplca.tasks import stages as stages_mod
+from warplca.lca.solver import SETTINGS
 from warplca.tasks.context import RunContext
-from warplca.tasks.stages import STAGE_ORDER, StageNotAvailableError, load_stage, resolve_stages, stage_done
-from warplca.tasks.train import train, validate_config
-from warplca.tasks.utils import default_config_dir, flatten_metrics, get_metric_value
+from warplca.tasks.stages import STAGE_ORDER, STAGES, parse_stages, resolve_stages, stage_done
+from warplca.tasks.train import train
+from warplca.tasks.utils import flatten_metrics, get_metric_value
 
 CONF = default_config_dir()
 
@@ -46,7 +61,7 @@ def test_run_dir_override_sets_the_hydra_run_dir() -> None:
     """``run_dir=<dir>`` becomes Hydra's run directory, hence the job's output directory and
     ``paths.output_dir`` (compose_config without ``output_dir`` keeps the composed ``hydra.run.dir``; the
     CLI side is checked by tests/test_cli_errors.py, whose ``run_dir=`` run leaves ``FAILED`` there)."""
-    from warplca.tasks.utils import compose_config
+    from warplca.config import compose_config
 
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "default.yaml"), resolve=False)
     assert raw["run"]["dir"] == "${run_dir}"
@@ -97,27 +112,89 @@ def test_every_eval_option_composes(make_cfg) -> None:
 
 
 def test_model_options_compose(make_cfg) -> None:
-    for stage in ("dictionary", "warp", "classify"):
+    """Every model option fills every stage's slot: selected there, with a ``_target_`` and, for an option
+    that is some slot's default, the same node as in that slot; the other slots keep their defaults."""
+    default = make_cfg(tiny=False)
+    stages = ("dictionary", "warp", "classify")
+    home = {default.hydra.runtime.choices[f"model@model.{s}"]: s for s in stages}
+    for stage in stages:
         for option in options("model"):
-            assert make_cfg(f"model@model.{stage}={option}", tiny=False) is not None
+            cfg = make_cfg(f"model@model.{stage}={option}", tiny=False)
+            assert cfg.hydra.runtime.choices[f"model@model.{stage}"] == option
+            node = OmegaConf.to_container(cfg.model[stage], resolve=False)
+            assert node.get("_target_"), f"model@model.{stage}={option} has no _target_"
+            if option in home:
+                assert node == OmegaConf.to_container(default.model[home[option]], resolve=False), option
+            for other in stages:
+                if other != stage:
+                    assert cfg.model[other] == default.model[other], (stage, option, other)
 
 
 @pytest.mark.parametrize("option", options("data"))
 def test_data_options_instantiate_or_fail_cleanly_offline(make_cfg, option, tmp_path) -> None:
+    """Embedded datasets load offline; on-disk ones (a ``data_dir`` option) without their files fail at the
+    first batch, naming the directory (their loading is checked on fakes below)."""
     from warplca.data import DatasetNotFoundError
 
     cfg = make_cfg(f"data={option}", f"paths.data_dir={tmp_path / 'nodata'}")
     ctx = RunContext.from_config(cfg)
     dm = ctx.datamodule
     assert isinstance(dm, pl.LightningDataModule)
-    try:
-        images, labels = next(iter(dm.train_dataloader()))
-    except DatasetNotFoundError as exc:
-        assert "nodata" in str(exc)  # names the directory
-        pytest.skip(f"{option}: no files offline ({exc})")
+    if "data_dir" in cfg.data:
+        with pytest.raises(DatasetNotFoundError, match="nodata"):
+            next(iter(dm.train_dataloader()))
+        return
+    images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.float32 and images.dim() == 4 and images.shape[1] == dm.channels
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert labels.dtype == torch.int64
+
+
+def _fake_on_disk(option: str, root: Path) -> tuple[int, dict[str, int], torch.Tensor, list[int], list[int]]:
+    """Write the fake of on-disk data option ``option`` into ``root``. Returns the image side, the split sizes
+    under the option's default ``val_fraction`` (0.1), the expected test images and labels (file order) and
+    the labels of train and val together."""
+    if option == "cifar10":
+        make_cifar10(root)  # images 0..49 in the training batches, 50..59 in test_batch
+        test = range(50, 60)
+        return (32, {"train": 45, "val": 5, "test": 10}, torch.stack([as_item(cifar_image(i)) for i in test]),
+                [cifar_label(i) for i in test], [cifar_label(i) for i in range(50)])
+    if option == "stl10":
+        make_stl10(root, n_train=20, n_test=10)
+        test_images = torch.stack([as_item(stl_image(i)) for i in range(10)])
+        return (96, {"train": 18, "val": 2, "test": 10}, test_images, [stl_label(i) for i in range(10)],
+                [stl_label(i) for i in range(20)])
+    if option == "pets":
+        make_pets(root)  # 12 trainval and 6 test JPEGs of 40..90 px, resized to the default image_size 64
+        test, trainval = pets_list(root, "test.txt"), pets_list(root, "trainval.txt")
+        return (64, {"train": 11, "val": 1, "test": 6}, torch.stack([pets_item(p, 64) for p, _ in test]),
+                [y for _, y in test], [y for _, y in trainval])
+    if option == "folder":
+        make_folder(root)  # 2 classes x 4 PNGs per split, image k of class c filled with 40c + k
+        test = torch.stack([torch.full((3, 16, 16), (40 * c + k) / 255) for c in range(2) for k in range(4)])
+        return 16, {"train": 8, "val": 8, "test": 8}, test, [0] * 4 + [1] * 4, [0] * 8 + [1] * 8
+    raise AssertionError(f"no fake for the on-disk data option {option!r}: add one to _fake_on_disk")
+
+
+@pytest.mark.parametrize("option", [o for o in options("data") if o not in ("natural", "digits")])
+def test_on_disk_data_options_read_fakes_in_the_real_formats(make_cfg, option, tmp_path, monkeypatch) -> None:
+    """The composed ``data=<option>`` config, pointed at a tiny fake in the published file layout, loads
+    every split: sizes, float32 [0, 1] images of the right shape, exact test pixels and labels."""
+    forbid_downloads(monkeypatch)
+    side, sizes, test_images, test_labels, train_labels = _fake_on_disk(option, tmp_path / "files")
+    cfg = make_cfg(f"data={option}", f"data.data_dir={tmp_path / 'files'}")
+    dm = RunContext.from_config(cfg).datamodule
+    assert dm.name == option
+    split = {s: dm.tensor(s) for s in ("train", "val", "test")}
+    for s, (images, labels) in split.items():
+        assert images.shape == (sizes[s], 3, side, side) and images.dtype == torch.float32, s
+        assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+        assert labels.dtype == torch.int64 and labels.shape == (sizes[s],)
+    assert torch.allclose(split["test"][0], test_images, atol=1e-6)
+    assert split["test"][1].tolist() == test_labels
+    assert sorted(split["train"][1].tolist() + split["val"][1].tolist()) == sorted(train_labels)
+    images, labels = next(iter(dm.train_dataloader()))  # through the config's loader workers
+    assert images.shape[1:] == (3, side, side) and labels.dtype == torch.int64
 
 
 @pytest.mark.parametrize("option", options("dictionary"))
@@ -133,7 +210,7 @@ def test_dictionary_options_instantiate(make_cfg, option) -> None:
 @pytest.mark.parametrize("option", options("lca"))
 def test_lca_options_instantiate(make_cfg, option) -> None:
     cfg = make_cfg(f"lca={option}")
-    assert set(cfg.lca) == {"threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "compile"}
+    assert set(cfg.lca) == set(SETTINGS)  # every solver setting, declared once by LCA.__init__
     ctx = RunContext.from_config(cfg)
     lca = ctx.lca(ConvDictionary(8, 3, 5, 2))
     assert isinstance(lca, LCA) and lca.threshold.name == option and lca.lam == cfg.lca.lam
@@ -248,17 +325,17 @@ def test_unknown_dataset_names_the_group(make_cfg) -> None:
 def test_negative_lambda_names_the_key(make_cfg) -> None:
     cfg = make_cfg("lca.lam=-1")
     with pytest.raises(ValueError, match=r"lca\.lam=-1"):
-        validate_config(cfg)
+        validate_train_config(cfg)
     with pytest.raises(ValueError, match=r"lca\.lam=-1"):
         train(cfg)  # fails before any training
     assert not (Path(cfg.paths.output_dir) / "dictionary.pt").exists()
 
 
 def test_bad_tau_and_unknown_lca_key(make_cfg) -> None:
-    with pytest.raises(ValueError, match=r"lca\.tau"):
-        validate_config(make_cfg("lca.tau=-3"))
-    with pytest.raises(ValueError, match="unknown lca config keys"):
-        validate_config(make_cfg("+lca.lamda=1"))
+    with pytest.raises(ValueError, match=r"lca\.tau=-3: must be a finite number > 0 or auto"):
+        validate_train_config(make_cfg("lca.tau=-3"))
+    with pytest.raises(ValueError, match="lca.lamda: unknown key for LCA.*did you mean lca.lam"):
+        validate_train_config(make_cfg("+lca.lamda=1"))
 
 
 def test_missing_cifar_directory_is_named(make_cfg, tmp_path) -> None:
@@ -272,7 +349,7 @@ def test_missing_cifar_directory_is_named(make_cfg, tmp_path) -> None:
 
 def test_missing_dictionary_path(make_cfg, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="dictionary_path"):
-        validate_config(make_cfg(f"dictionary_path={tmp_path / 'nope.pt'}"))
+        validate_train_config(make_cfg(f"dictionary_path={tmp_path / 'nope.pt'}"))
 
 
 # -- stages and the run context ---------------------------------------------------------------------
@@ -288,33 +365,24 @@ def test_stage_names() -> None:
     assert "bogus" in str(info.value) and "targets" in str(info.value)
 
 
-def test_missing_stage_module_is_reported(monkeypatch) -> None:
-    import importlib
-
-    real = importlib.import_module
-
-    def fake(name: str, *args, **kwargs):
-        if name == "warplca.tasks.stage_classify":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(stages_mod.importlib, "import_module", fake)
-    with pytest.raises(StageNotAvailableError, match="stage classify is not available"):
-        load_stage("classify")
-    assert load_stage("dictionary").ARTIFACT == "dictionary.pt"
+def test_every_stage_module_is_registered() -> None:
+    for name, stage in STAGES.items():
+        assert stage.module.__name__ == f"warplca.tasks.stage_{name}" and callable(stage.module.run), name
+        assert all(STAGE_ORDER.index(up) < STAGE_ORDER.index(name) for up in stage.reads), name
+    assert STAGES["dictionary"].artifact == "dictionary.pt" and STAGES["warp"].artifact == "warp_lca.pt"
+    assert parse_stages(" [warp, report ,] ") == ["warp", "report"] and parse_stages(None) == []
 
 
 def test_skip_rules(make_cfg, tmp_path) -> None:
-    module = load_stage("dictionary")
     ctx = RunContext.from_config(make_cfg())
-    assert stage_done(ctx, module) is None
+    assert stage_done(ctx, "dictionary") is None
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     ctx.artifact("dictionary.pt").write_bytes(b"x")
-    assert "dictionary.pt exists" in stage_done(ctx, module)
-    assert stage_done(RunContext.from_config(make_cfg("force=true")), module) is None
+    assert "dictionary.pt exists" in stage_done(ctx, "dictionary")
+    assert stage_done(RunContext.from_config(make_cfg("force=true")), "dictionary") is None
     other = tmp_path / "given.pt"
     other.write_bytes(b"x")
-    msg = stage_done(RunContext.from_config(make_cfg(f"dictionary_path={other}", "force=true")), module)
+    msg = stage_done(RunContext.from_config(make_cfg(f"dictionary_path={other}", "force=true")), "dictionary")
     assert msg is not None and "dictionary_path" in msg
 
 

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-import pickle
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision.datasets
+from fakes import (
+    PET_CLASSES,
+    as_item,
+    cifar_image,
+    cifar_label,
+    forbid_downloads,
+    make_cifar10,
+    make_folder,
+    make_pets,
+    make_stl10,
+    pets_item,
+    pets_list,
+    stl_image,
+    stl_label,
+)
 from omegaconf import OmegaConf
 from PIL import Image
 
+from warplca.config import compose_config
 from warplca.data import (
     CORRUPTIONS,
     DATAMODULES,
@@ -34,100 +51,6 @@ from warplca.data import (
 )
 from warplca.data.natural import DEFAULT_SOURCES, GRAY_SOURCES, load_photo
 from warplca.data.normalization import KINDS, tikhonov_lowpass
-from warplca.tasks.utils import default_config_dir
-
-# --------------------------------------------------------------------------------------------------
-# fakes of the real on-disk formats
-# --------------------------------------------------------------------------------------------------
-
-
-def _cifar_image(i: int) -> np.ndarray:
-    """(3, 32, 32) uint8 with a per-image, per-channel signature: channel c is filled with 10*c + i."""
-    img = np.zeros((3, 32, 32), dtype=np.uint8)
-    for c in range(3):
-        img[c] = 10 * c + i
-    img[0, 0, 5] = 255  # a marker at row 0, column 5 (catches a transposed layout)
-    return img
-
-
-def make_cifar10(root: Path, per_batch: int = 10) -> Path:
-    """cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta, keys as the real pickles."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    counter = 0
-    for name in names:
-        data = np.stack([_cifar_image(counter + k).reshape(-1) for k in range(per_batch)])
-        labels = [(counter + k) % 10 for k in range(per_batch)]
-        counter += per_batch
-        entry = {
-            "batch_label": f"fake {name}",
-            "labels": labels,
-            "data": data,
-            "filenames": [f"img_{k}.png" for k in range(per_batch)],
-        }
-        with open(folder / name, "wb") as fh:
-            pickle.dump(entry, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, fh)
-    return root
-
-
-def make_stl10(root: Path, n_train: int = 20, n_test: int = 10) -> Path:
-    """stl10_binary/ with {train,test}_{X,y}.bin: uint8, images column-major, labels 1..10."""
-    folder = root / "stl10_binary"
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("test", n_test)):
-        images = np.zeros((n, 3, 96, 96), dtype=np.uint8)
-        images[:, 1] = 100
-        images[:, 0, 0, 7] = 255  # row 0, column 7 in (H, W) order
-        images[:, 2] = np.arange(n, dtype=np.uint8)[:, None, None]
-        # the file stores each channel column-major, i.e. as (N, C, W, H) in C order
-        images.transpose(0, 1, 3, 2).tofile(folder / f"{prefix}_X.bin")
-        (np.arange(n) % 10 + 1).astype(np.uint8).tofile(folder / f"{prefix}_y.bin")
-    (folder / "class_names.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
-    return root
-
-
-_PET_BREEDS = [("Abyssinian", 1, 1, 1), ("american_bulldog", 2, 2, 1), ("american_pit_bull_terrier", 3, 2, 2)]
-
-
-def make_pets(root: Path, per_breed: int = 6) -> Path:
-    """oxford-iiit-pet/images/*.jpg of assorted sizes + annotations/{trainval,test}.txt (real line format)."""
-    base = root / "oxford-iiit-pet"
-    (base / "images").mkdir(parents=True)
-    (base / "annotations").mkdir()
-    rng = np.random.default_rng(0)
-    lines: dict[str, list[str]] = {"trainval.txt": [], "test.txt": []}
-    for breed, class_id, species, breed_id in _PET_BREEDS:
-        for k in range(1, per_breed + 1):
-            image_id = f"{breed}_{k}"
-            h, w = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
-            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            img = Image.fromarray(arr)
-            if k == 1:
-                img = img.convert("L")  # the real set holds a few greyscale JPEGs
-            img.save(base / "images" / f"{image_id}.jpg")
-            target = "test.txt" if k > per_breed - 2 else "trainval.txt"
-            lines[target].append(f"{image_id} {class_id} {species} {breed_id}")
-    for name, rows in lines.items():
-        (base / "annotations" / name).write_text("\n".join(rows) + "\n")
-    return root
-
-
-def make_folder(
-    root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4, test: bool = True
-) -> Path:
-    """An ImageFolder tree of 16x16 PNGs: train/<class>/, val/<class>/ and optionally test/<class>/."""
-    splits = ("train", "val", "test") if test else ("train", "val")
-    for split in splits:
-        for c_idx, cls in enumerate(classes):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for k in range(per_class):
-                arr = np.full((16, 16, 3), 40 * c_idx + k, dtype=np.uint8)
-                Image.fromarray(arr).save(d / f"{cls}_{k}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -137,24 +60,19 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def natural() -> NaturalDataModule:
-    dm = NaturalDataModule(n_train=64, n_val=16, n_test=16, batch_size=16)
+    dm = NaturalDataModule(n_train=64, n_val=16, n_test=16, batch_size=16, flip=False, rot90=False)
     dm.setup()
     return dm
 
 
 @pytest.fixture(autouse=True)
-def _no_torchvision_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any call of a torchvision dataset class would mean a network attempt: make it fail loudly."""
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("torchvision dataset constructor called (network access) with download=False")
-
-    for name in ("CIFAR10", "STL10", "OxfordIIITPet"):
-        monkeypatch.setattr(torchvision.datasets, name, forbidden)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision reads the fakes; a download attempt would mean network access, so it fails the test."""
+    forbid_downloads(monkeypatch)
 
 
-def _signature(image: torch.Tensor) -> float:
-    """The fake CIFAR image index, recovered from channel 2 (filled with 20 + i)."""
+def _signature(image: torch.Tensor) -> int:
+    """The index of a fake CIFAR image, recovered from channel 2 (filled with 20 + i)."""
     return round(float(image[2, 1, 1]) * 255) - 20
 
 
@@ -283,7 +201,7 @@ def test_natural_sources_are_disjoint_offline_photos() -> None:
 
 
 def test_natural_config_lists_the_sources_and_refuses_overlaps() -> None:
-    conf = OmegaConf.load(default_config_dir() / "data" / "natural.yaml")
+    conf = compose_config([], output_dir="/tmp/unused").data  # the sources come from the signature
     assert OmegaConf.to_container(conf.sources) == DEFAULT_SOURCES
     assert list(conf.gray_sources) == GRAY_SOURCES
     with pytest.raises(ValueError, match="both the train and the test split"):
@@ -430,12 +348,15 @@ def test_cifar10_fake_loads_with_real_layout(cifar_root: Path) -> None:
     x_test, y_test = dm.tensor("test")
     assert len(x_train) == 45 and len(x_val) == 5 and len(x_test) == 10  # 10 % of train carved as val
     assert len(set(y_val.tolist())) == 5  # stratified: 5 per class, so no class twice in a 5-image val
-    assert not set(map(_signature, x_val)) & set(map(_signature, x_train))
-    assert x_test.shape == (10, 3, 32, 32)
-    # test_batch holds images 50..59: channel c is (10c + i) / 255, marker at row 0 column 5
-    assert x_test[0, 1, 3, 3].item() == pytest.approx((10 + 50) / 255)
-    assert x_test[0, 0, 0, 5].item() == 1.0 and x_test[0, 0, 5, 0].item() != 1.0
-    assert y_test.tolist() == [(50 + k) % 10 for k in range(10)]
+    train_ids, val_ids = list(map(_signature, x_train)), list(map(_signature, x_val))
+    assert sorted(train_ids + val_ids) == list(range(50))  # train and val partition the five batches
+    assert list(map(_signature, x_test)) == list(range(50, 60))  # test_batch, in file order
+    for images, labels, ids in ((x_train, y_train, train_ids), (x_val, y_val, val_ids),
+                                (x_test, y_test, range(50, 60))):
+        assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
+        for image, label, i in zip(images, labels.tolist(), ids, strict=True):
+            assert torch.equal(image, as_item(cifar_image(i))), f"image {i}"  # channel order, no transpose
+            assert label == cifar_label(i)
     _check_batch(next(iter(dm.train_dataloader())), channels=3, size=32)
 
 
@@ -444,28 +365,70 @@ def test_cifar10_random_crop_is_train_only_and_grayscale(cifar_root: Path) -> No
     _check_batch(next(iter(dm.train_dataloader())), channels=1, size=24)
     _check_batch(next(iter(dm.val_dataloader())), channels=1, size=32)
     _check_batch(next(iter(dm.predict_dataloader())), channels=1, size=32)
+    x_test, _ = dm.tensor("test")  # luminance of the float RGB image, BT.601 weights
+    assert torch.allclose(x_test[3], luminance(as_item(cifar_image(53))), atol=1e-6)
 
 
 def test_stl10_fake_loads_with_column_major_images(tmp_path: Path) -> None:
     dm = STL10DataModule(data_dir=str(make_stl10(tmp_path)), batch_size=4)
     x, y = dm.tensor("test")
-    assert x.shape == (10, 3, 96, 96) and y.tolist() == [k % 10 for k in range(10)]
-    assert x[0, 0, 0, 7].item() == 1.0 and x[0, 0, 7, 0].item() == 0.0
-    assert x[3, 2, 50, 50].item() == pytest.approx(3 / 255)
-    assert len(dm.split_dataset("train")) + len(dm.split_dataset("val")) == 20
+    assert x.shape == (10, 3, 96, 96) and x.dtype == torch.float32
+    assert y.tolist() == [stl_label(i) for i in range(10)]
+    for i in range(10):  # the marker sits at row 0, column 7: the column-major files were transposed
+        assert torch.equal(x[i], as_item(stl_image(i)))
+    x_train, y_train = dm.tensor("train")
+    x_val, y_val = dm.tensor("val")
+    assert len(x_train) == 18 and len(x_val) == 2
+    ids = [round(float(img[2, 0, 0]) * 255) for img in torch.cat([x_train, x_val])]
+    assert sorted(ids) == list(range(20))
+    for image, label, i in zip(torch.cat([x_train, x_val]), torch.cat([y_train, y_val]).tolist(), ids,
+                               strict=True):
+        assert torch.equal(image, as_item(stl_image(i))) and label == stl_label(i)
     assert dm.num_classes == 10
     _check_batch(next(iter(dm.train_dataloader())), channels=3, size=96)
 
 
+def test_stl10_truncated_file_is_named(tmp_path: Path) -> None:
+    root = make_stl10(tmp_path)
+    images = root / "stl10_binary" / "test_X.bin"
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"test_X\.bin.*corrupt or truncated"):
+        STL10DataModule(data_dir=str(root)).split_dataset("test")
+
+
 def test_pets_fake_loads_resized_and_labelled(tmp_path: Path) -> None:
-    dm = PetsDataModule(data_dir=str(make_pets(tmp_path)), image_size=32, batch_size=4, val_fraction=0.25)
+    root = make_pets(tmp_path)
+    dm = PetsDataModule(data_dir=str(root), image_size=32, batch_size=4, val_fraction=0.25)
     x_test, y_test = dm.tensor("test")
-    assert x_test.shape == (6, 3, 32, 32) and sorted(set(y_test.tolist())) == [0, 1, 2]
-    n_trainval = len(dm.split_dataset("train")) + len(dm.split_dataset("val"))
-    assert n_trainval == 12 and len(dm.split_dataset("val")) == 3
-    assert dm.classes == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
+    test_list = pets_list(root, "test.txt")
+    assert x_test.shape == (6, 3, 32, 32) and x_test.dtype == torch.float32
+    assert y_test.tolist() == [label for _, label in test_list]
+    for image, (path, _) in zip(x_test, test_list, strict=True):
+        assert torch.allclose(image, pets_item(path, 32), atol=1e-6), path.name
+    trainval = pets_list(root, "trainval.txt")
+    x_train, y_train = dm.tensor("train")
+    x_val, y_val = dm.tensor("val")
+    assert len(x_train) == 9 and len(x_val) == 3
+    expected = torch.stack([pets_item(path, 32) for path, _ in trainval])
+    found = []
+    for image, label in zip(torch.cat([x_train, x_val]), torch.cat([y_train, y_val]).tolist(), strict=True):
+        k = int((expected - image).abs().flatten(1).amax(1).argmin())
+        assert torch.allclose(image, expected[k], atol=1e-6) and label == trainval[k][1]
+        found.append(k)
+    assert sorted(found) == list(range(12))  # train and val partition trainval
+    grey = trainval.index(next(t for t in trainval if t[0].name == "Abyssinian_1.jpg"))
+    assert torch.equal(expected[grey][0], expected[grey][2])  # greyscale JPEGs load as 3 equal channels
+    assert dm.classes == PET_CLASSES
     assert dm.num_classes == 37
     _check_batch(next(iter(dm.train_dataloader())), channels=3, size=32)
+
+
+def test_pets_unpacked_without_the_subfolder_says_where_to_move_it(tmp_path: Path) -> None:
+    root = make_pets(tmp_path / "nested")
+    flat = tmp_path / "flat"
+    (root / "oxford-iiit-pet").rename(flat)  # images/ and annotations/ directly in data_dir
+    with pytest.raises(DatasetNotFoundError, match=r"move images/ and annotations/.*oxford-iiit-pet/"):
+        PetsDataModule(data_dir=str(flat)).split_dataset("test")
 
 
 def test_folder_fake_with_and_without_test(tmp_path: Path) -> None:
@@ -509,7 +472,8 @@ def test_empty_split_names_dataset_and_split(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cls", "expected"),
     [
-        (CIFAR10DataModule, ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"]),
+        (CIFAR10DataModule, ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch",
+                               "cifar-10-batches-py/batches.meta"]),
         (STL10DataModule, ["stl10_binary/train_X.bin", "stl10_binary/test_y.bin"]),
         (PetsDataModule, ["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt"]),
         (FolderDataModule, ["train", "val"]),
@@ -531,19 +495,35 @@ def test_missing_files_error_names_directory_and_files(
         assert "data.download=true" in msg
 
 
-def test_download_true_fetches_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, bool]] = []
+@pytest.mark.parametrize(
+    ("cls", "module", "make", "archives"),
+    [
+        (CIFAR10DataModule, torchvision.datasets.cifar, make_cifar10, ["cifar-10-python.tar.gz"]),
+        (STL10DataModule, torchvision.datasets.stl10, make_stl10, ["stl10_binary.tar.gz"]),
+        (PetsDataModule, torchvision.datasets.oxford_iiit_pet, make_pets,
+         ["images.tar.gz", "annotations.tar.gz"]),
+    ],
+)
+def test_download_true_fetches_through_torchvision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: type[ImageDataModule], module: ModuleType,
+    make: Callable[[Path], Path], archives: list[str]
+) -> None:
+    """download=true goes through torchvision's download (archive md5 given); the files are then read."""
+    fetched: list[tuple[str, str | None]] = []
 
-    def fake_cifar(root: str, train: bool = True, download: bool = False) -> None:
-        calls.append((root, download))
-        make_cifar10(Path(root))
+    def fake_download(url: str, download_root: str, *args: object, **kwargs: object) -> None:
+        fetched.append((url.rsplit("/", 1)[-1], kwargs.get("md5")))
+        if not fetched[1:]:
+            make(tmp_path)  # what the archives hold
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
-    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True)
+    monkeypatch.setattr(module, "download_and_extract_archive", fake_download)
+    dm = cls(data_dir=str(tmp_path), download=True)  # type: ignore[call-arg]
     dm.prepare_data()
     dm.prepare_data()  # files present now: no second download
-    assert calls == [(str(tmp_path), True)]
-    assert len(dm.tensor("test")[0]) == 10
+    assert [name for name, _ in fetched] == archives
+    assert all(isinstance(md5, str) and len(md5) == 32 for _, md5 in fetched)
+    x, y = dm.tensor("test")
+    assert len(x) == len(y) > 0 and x.dtype == torch.float32
 
 
 def test_registry_and_builder() -> None:

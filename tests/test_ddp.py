@@ -26,7 +26,9 @@ LCA_SETTINGS = {"threshold": "hard", "lam": 0.3, "tau": "auto"}
 
 def _dictionary_run(devices: int, batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
     """Two epochs of dictionary learning on 32 natural crops: 1 process × batch 2B or 2 × batch B."""
-    dm = NaturalDataModule(batch_size=batch_size, n_train=32, n_val=16, n_test=16, seed=0)
+    # no random flips/rotations: they draw from each process's own RNG, so the ranks' augmentations differ
+    dm = NaturalDataModule(batch_size=batch_size, n_train=32, n_val=16, n_test=16, seed=0, flip=False,
+                           rot90=False)
     d = ConvDictionary(n_atoms=6, in_channels=3, kernel_size=5, stride=2, seed=0)
     module = DictionaryLearning(d, LCA_SETTINGS, dm.normalization, lr=0.02, iters=15,
                                 log_images_every_n_epochs=0)
@@ -115,7 +117,7 @@ def test_cli_strategy_ddp_two_processes_write_once(tmp_path: Path) -> None:
 # the state-target cache shards across ranks
 # -------------------------------------------------------------------------------------------------
 
-from warplca.data.target_cache import TargetBuilder  # noqa: E402
+from warplca.modules.target_builder import TargetBuilder  # noqa: E402
 
 
 class RankRecordingBuilder(TargetBuilder):
@@ -131,7 +133,8 @@ class RankRecordingBuilder(TargetBuilder):
 def test_target_cache_build_shards_chunks_across_two_processes(tmp_path: Path) -> None:
     from torch.utils.data import TensorDataset
 
-    from warplca.data.target_cache import TargetCache, build_target_cache, expected_manifest
+    from warplca.data.target_cache import TargetCache, expected_manifest
+    from warplca.modules.target_builder import build_target_cache
 
     images = torch.rand(40, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     ds = TensorDataset(images, torch.arange(40))

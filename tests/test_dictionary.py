@@ -214,12 +214,12 @@ def test_atoms_are_unit_norm_and_seeded() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"kernel_size": 4}, "kernel_size must be odd"),
-    ({"kernel_size": 0}, "kernel_size must be a positive integer"),
-    ({"n_atoms": 0}, "n_atoms must be a positive integer"),
-    ({"in_channels": 2.5}, "in_channels must be a positive integer"),
-    ({"stride": 0}, "stride must be a positive integer"),
-    ({"padding_mode": "reflect"}, "padding_mode must be one of"),
+    ({"kernel_size": 4}, "kernel_size=4: must be odd"),
+    ({"kernel_size": 0}, "kernel_size=0: must be an integer ≥ 1"),
+    ({"n_atoms": 0}, "n_atoms=0: must be an integer ≥ 1"),
+    ({"in_channels": 2.5}, "in_channels=2.5: must be an integer ≥ 1"),
+    ({"stride": 0}, "stride=0: must be an integer ≥ 1"),
+    ({"padding_mode": "reflect"}, "padding_mode=reflect: unknown value; known: zeros, circular"),
 ])
 def test_constructor_errors(kwargs: dict, match: str) -> None:
     args = {"n_atoms": 4, "in_channels": 1, "kernel_size": 3, "stride": 1, **kwargs}

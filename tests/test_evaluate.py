@@ -31,9 +31,9 @@ DATA = {
 }
 FAST = (
     "progress=false",
-    "++eval.convergence.timing.enabled=false",
-    "++eval.convergence.examples.images=3",
-    "++eval.convergence.examples.iters=5",
+    "eval.convergence.timing.enabled=false",
+    "eval.convergence.examples.images=3",
+    "eval.convergence.examples.iters=5",
 )
 
 
@@ -63,8 +63,8 @@ def make_run(path: Path) -> Path:
 
 
 def run_eval(*overrides: str) -> dict[str, float]:
+    from warplca.config import compose_config
     from warplca.tasks.evaluate import evaluate
-    from warplca.tasks.utils import compose_config
 
     cfg = compose_config(list(overrides), config_name="eval")
     return evaluate(cfg)
@@ -500,8 +500,8 @@ def test_photo_crops_are_deterministic_grey_and_cover_every_photo() -> None:
 
 
 def test_default_ood_sources_are_valid() -> None:
+    from warplca.config import compose_config
     from warplca.evaluation.ood import OODSource
-    from warplca.tasks.utils import compose_config
 
     cfg = compose_config(["eval=all"], config_name="eval")
     assert list(cfg.eval.modes) == ["convergence", "thresholds", "denoise", "ood", "robustness"]
@@ -643,12 +643,12 @@ def test_report_stage_prints_the_table(
     )
     cfg = make_cfg(
         "stages=[report]",
-        "+eval.n_images=4",
-        "+eval.convergence.timing.images=2",
-        "+eval.convergence.timing.repeats=1",
-        "+eval.convergence.timing.max_seconds=0.2",
-        "+eval.convergence.examples.images=2",
-        "+progress=false",
+        "eval.n_images=4",
+        "eval.convergence.timing.images=2",
+        "eval.convergence.timing.repeats=1",
+        "eval.convergence.timing.max_seconds=0.2",
+        "eval.convergence.examples.images=2",
+        "progress=false",
         "logger=csv",
         output_dir=run,
     )

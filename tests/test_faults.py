@@ -202,7 +202,8 @@ def test_truncated_or_foreign_checkpoint_is_refused_naming_the_file(tmp_path: Pa
 
 
 def test_corrupt_target_cache_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from warplca.data.target_cache import TargetCache, build_target_cache
+    from warplca.data.target_cache import TargetCache
+    from warplca.modules.target_builder import build_target_cache
 
     images = TensorDataset(torch.rand(6, 3, 8, 8), torch.zeros(6))
     d = ConvDictionary(4, 3, 5, 2, seed=0)
@@ -225,7 +226,8 @@ def test_corrupt_target_cache_is_refused_naming_the_file(tmp_path: Path) -> None
 def _module() -> DictionaryLearning:
     d = ConvDictionary(4, 3, 5, 2, seed=0)
     return DictionaryLearning(d, {"lam": 0.2, "tau": "auto"}, Normalization(mean=(0.5, 0.5, 0.5)), lr=0.01,
-                              iters=5, log_images_every_n_epochs=0)
+                              optimizer="adam", lr_schedule="constant", resample_every=0, iters=5,
+                              log_images_every_n_epochs=0)
 
 
 def _loader(bad_index: int | None, value: float = float("nan")) -> DataLoader:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import warplca
-from warplca.tasks.utils import default_config_dir
+from warplca.config import default_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

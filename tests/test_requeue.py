@@ -1,6 +1,7 @@
 """SLURM requeue: the launcher's warning signal (SIGUSR2, what submitit has SLURM send) during a real fit
 writes the running stage's last.ckpt, hands over to the requeue and ends the process; the requeued job
-(the same command) resumes from that step."""
+(the same command) resumes from that step. Lightning's own SLURM auto-requeue does not do this (shown
+here), and a job process that only unpickles the task has what Hydra needs to compose its config."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from warplca.callbacks import RequeueCheckpoint, RequeueExit, ensure_default_callbacks
-from warplca.tasks.utils import default_config_dir
+from warplca.config import default_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SIGUSR2 = signal.SIGUSR2
@@ -58,12 +60,12 @@ class SendSignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 2) -> pl.Trainer:
+def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 2, **kwargs: Any) -> pl.Trainer:
     # ModelCheckpoint writes last.ckpt at epoch ends only: a mid-epoch last.ckpt comes from the signal
     ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
     return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-                      callbacks=[*callbacks, ckpt])
+                      callbacks=[*callbacks, ckpt], **kwargs)
 
 
 def _step(path: Path) -> int:
@@ -133,6 +135,83 @@ def test_no_signal_no_effect_and_the_handler_is_only_armed_during_fit(tmp_path: 
         RequeueCheckpoint(signal="NOT_A_SIGNAL")
     assert RequeueCheckpoint(signal="USR2").signum == RequeueCheckpoint(signal=int(SIGUSR2)).signum == SIGUSR2
     assert any(isinstance(c, RequeueCheckpoint) for c in ensure_default_callbacks([]))
+
+
+@pytest.fixture
+def in_a_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment of a one-task SLURM job step (what Lightning's SLURMEnvironment reads), with a
+    stand-in ``scontrol`` on PATH that appends its arguments to the returned file instead of requeueing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.txt"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES"):
+        monkeypatch.delenv(key, raising=False)
+    return record
+
+
+class RequireHandler(pl.Callback):
+    """Fails the fit if nothing handles SIGUSR2 (its default action would end the test process)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert signal.getsignal(SIGUSR2) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+def test_lightning_slurm_auto_requeue_does_not_do_what_requeue_checkpoint_does(
+        tmp_path: Path, in_a_slurm_job: Path, submitit_like_handler) -> None:
+    """Why RequeueCheckpoint exists: Lightning's SLURMEnvironment(auto_requeue=True) on SIGUSR2 saves
+    nothing when submitit's handler is installed (as it is in every hydra/launcher=slurm job); without one
+    it saves hpc_ckpt_<n>.ckpt into default_root_dir (the run directory every stage shares), not the
+    stage's checkpoints/<stage>/last.ckpt, and the fit goes on."""
+    calls, _ = submitit_like_handler
+
+    def slurm() -> SLURMEnvironment:
+        return SLURMEnvironment(auto_requeue=True, requeue_signal=SIGUSR2)
+
+    under_submitit = tmp_path / "submitit"
+    with pytest.raises(SystemExit):  # submitit's handler requeued and exited; Lightning saved nothing
+        _trainer(under_submitit, SendSignalAt(3), plugins=[slurm()]).fit(_Regression(), _loader())
+    assert calls == [SIGUSR2]
+    assert not list(under_submitit.rglob("*.ckpt")) and not in_a_slurm_job.exists()
+
+    signal.signal(SIGUSR2, signal.SIG_DFL)  # no handler before the fit (the fixture restores the original)
+    alone = tmp_path / "alone"
+    trainer = _trainer(alone, RequireHandler(), SendSignalAt(3), plugins=[slurm()])
+    trainer.fit(_Regression(), _loader())
+    assert calls == [SIGUSR2]
+    assert _step(alone / "hpc_ckpt_1.ckpt") == 3  # in the Trainer's root directory
+    assert in_a_slurm_job.read_text().split() == ["requeue", "4242"]
+    assert trainer.global_step == 16  # it did not stop: the fit ran to its end after requeueing
+    assert _step(alone / "checkpoints" / "last.ckpt") == 16  # the stage's own last.ckpt: epoch ends only
+
+
+def test_a_job_process_that_unpickles_the_task_registers_the_resolvers(tmp_path: Path) -> None:
+    """hydra/launcher=slurm pickles the task function (with cloudpickle, as submitit does) and the job
+    process, also after every requeue, is a fresh interpreter that unpickles it and then composes its
+    config and names its log file with ``${warplca.rank_suffix:}``: unpickling must register it."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    from warplca.cli import eval_main, train_main
+
+    check = textwrap.dedent("""
+        import pickle, sys
+        from pathlib import Path
+        from omegaconf import OmegaConf
+        pickle.loads(Path(sys.argv[1]).read_bytes())
+        print(OmegaConf.has_resolver("warplca.rank_suffix"))
+    """)
+    for main in (train_main, eval_main):
+        pickled = tmp_path / f"{main.__name__}.pkl"
+        pickled.write_bytes(cloudpickle.dumps(main.__wrapped__))  # the task hydra.main hands to the launcher
+        proc = subprocess.run([sys.executable, "-c", check, str(pickled)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().splitlines()[-1] == "True", main.__name__
 
 
 class SendSignalOnRank(SendSignalAt):

@@ -391,15 +391,15 @@ def test_input_errors() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"lam": -0.5}, r"lam \(λ\) must be a finite number ≥ 0"),
-    ({"threshold": "lasso"}, "threshold must be one of"),
-    ({"tau": "fast"}, "tau must be a number > 0 or 'auto'"),
-    ({"tau": -1.0}, "tau must be a finite number > 0"),
-    ({"tau": math.nan}, "tau must be a finite number > 0"),
-    ({"iters": -3}, "iters must be an integer ≥ 0"),
-    ({"tol": 0.0}, "tol must be > 0"),
-    ({"backend": "fft"}, "backend must be 'polyphase' or 'direct'"),
-    ({"threshold": "cel0", "theta": 1.0}, r"theta .* \(0, 1\)"),
+    ({"lam": -0.5}, r"lam=-0\.5: must be a finite number ≥ 0 \(the threshold λ"),
+    ({"threshold": "lasso"}, "threshold=lasso: unknown threshold; known: hard, soft, cel0, half"),
+    ({"tau": "fast"}, "tau=fast: must be a finite number > 0 or auto"),
+    ({"tau": -1.0}, "tau=-1.0: must be a finite number > 0"),
+    ({"tau": math.nan}, "tau=nan: must be a finite number > 0"),
+    ({"iters": -3}, "iters=-3: must be an integer ≥ 0"),
+    ({"tol": 0.0}, "tol=0.0: must be a finite number > 0 or null"),
+    ({"backend": "fft"}, "backend=fft: unknown value; known: polyphase, direct"),
+    ({"threshold": "cel0", "theta": 1.0}, r"theta=1\.0: must be a finite number > 0 and < 1"),
 ])
 def test_constructor_errors(kwargs: dict, match: str) -> None:
     d = ConvDictionary(4, 1, 5, 1, seed=0)
@@ -408,7 +408,7 @@ def test_constructor_errors(kwargs: dict, match: str) -> None:
 
 
 def test_even_kernel_and_non_dictionary_are_refused() -> None:
-    with pytest.raises(ValueError, match="kernel_size must be odd"):
+    with pytest.raises(ValueError, match="kernel_size=6: must be odd"):
         ConvDictionary(4, 1, 6, 1)
-    with pytest.raises(ValueError, match="dictionary must be a ConvDictionary"):
+    with pytest.raises(ValueError, match="dictionary=<Tensor>: must be a ConvDictionary"):
         LCA(torch.randn(4, 1, 5, 5))  # type: ignore[arg-type]

@@ -21,10 +21,10 @@ def _overrides(dictionary: Path, *extra: str) -> list[str]:
             "data.n_train=64", "data.n_val=32", "data.n_test=16",
             "model.warp.epochs=1", "model.warp.finetune.epochs=0", "model.warp.eval_iters=[0,3]",
             "model.warp.batch_size=32",
-            "trainer.enable_progress_bar=false", "+progress=false",
+            "trainer.enable_progress_bar=false", "progress=false",
             "study.n_images=8", "study.budgets=[3]", "study.ablation.losses=[mse,l1]",
             "study.learning_curve.sizes=[16,64,999]", "study.learning_curve.epochs=[1,2]",
-            "+eval.n_images=8", "+eval.convergence.timing.enabled=false", *extra]
+            "eval.n_images=8", "eval.convergence.timing.enabled=false", *extra]
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_ablation_and_learning_curve_stages(tmp_path: Path, dictionary_path: Path) -> None:
+    from warplca.config import compose_config
     from warplca.tasks.train import train
-    from warplca.tasks.utils import compose_config
 
     run = tmp_path / "run"
     metrics = train(compose_config(_overrides(dictionary_path), output_dir=run))
@@ -83,9 +83,9 @@ def test_ablation_and_learning_curve_stages(tmp_path: Path, dictionary_path: Pat
 
 def test_interrupted_study_resumes_finished_variants(tmp_path: Path, dictionary_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from warplca.config import compose_config
     from warplca.tasks import predictor_fit, study
     from warplca.tasks.train import train
-    from warplca.tasks.utils import compose_config
 
     run = tmp_path / "run"
     ov = _overrides(dictionary_path, "stages=[targets,warp,ablation]", "study.ablation.inputs=[image]")
@@ -119,8 +119,7 @@ def test_interrupted_study_resumes_finished_variants(tmp_path: Path, dictionary_
 ])
 def test_bad_study_settings_are_refused(tmp_path: Path, dictionary_path: Path, override: str,
                                         key: str) -> None:
-    from warplca.config_validation import check_train_config
-    from warplca.tasks.utils import compose_config
+    from warplca.config import check_train_config, compose_config
 
     problems = check_train_config(compose_config(_overrides(dictionary_path, override), output_dir=tmp_path))
     assert any(k.startswith(key) for k, _ in problems), problems
@@ -137,9 +136,9 @@ def test_symmetries_are_the_seven_non_identity_ones() -> None:
 def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dictionary_path: Path) -> None:
     """Predictor variants, augmentation (twice the training pairs), self-distillation and the energy
     fine-tune (from the baseline's weights), on val."""
+    from warplca.config import compose_config
     from warplca.tasks import stage_levers
     from warplca.tasks.train import train
-    from warplca.tasks.utils import compose_config
 
     overrides = _overrides(dictionary_path, "stages=[targets,warp,levers,report]",
                            "study.levers.predictors.small={width: 48}", "~study.levers.predictors.kernel5",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warplca.tasks.utils import default_config_dir
+from warplca.config import default_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = default_config_dir()
@@ -158,7 +158,9 @@ def test_optuna_search_only_matters_when_selected(make_cfg) -> None:
     raw = yaml.safe_load((CONF / "hparams_search" / "optuna_lam_gamma.yaml").read_text())
     params = raw["hydra"]["sweeper"]["params"]
     assert set(params) == {"lca.lam", "loss.gamma"} and raw["optimized_metric"]
-    assert make_cfg(tiny=False) is not None
+    default = make_cfg(tiny=False)  # no search selected: Hydra's basic sweeper, no optuna parameters
+    assert default.hydra.runtime.choices["hparams_search"] is None
+    assert default.hydra.runtime.choices["hydra/sweeper"] == "basic" and not default.hydra.sweeper.params
     try:
         import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
     except ImportError:

@@ -22,15 +22,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from warplca import LCA, ConvDictionary
 from warplca.data.normalization import Normalization
 from warplca.data.target_cache import (
-    TargetBuilder,
     TargetCache,
     TargetCacheIncompleteError,
     TargetCacheMismatchError,
     TargetDataset,
-    build_target_cache,
     data_fingerprint,
     expected_manifest,
 )
+from warplca.modules.target_builder import TargetBuilder, build_target_cache
 
 N, CHUNK, BATCH, ITERS = 50, 8, 3, 12  # 7 chunks, the last one partial; 3 sub-batches per chunk
 NORM = Normalization(mean=(0.5, 0.45, 0.4), scale=1.0)
@@ -205,7 +204,7 @@ _KILLED_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     import test_target_cache as t
-    from warplca.data.target_cache import TargetBuilder
+    from warplca.modules.target_builder import TargetBuilder
 
     class Slow(TargetBuilder):
         def predict_step(self, batch, batch_idx):

@@ -178,7 +178,7 @@ def test_a_tiny_run_uses_every_atom_on_images_made_of_known_atoms() -> None:
     d = ConvDictionary(6, 1, 5, 1, seed=0)
     start = ConvDictionary(6, 1, 5, 1, seed=0)
     module = DictionaryLearning(d, {"threshold": "hard", "lam": 0.05, "tau": "auto"}, norm, lr=0.02,
-                                iters=30, resample_every=6, lr_schedule="cosine",
+                                optimizer="adam", iters=30, resample_every=6, lr_schedule="cosine",
                                 log_images_every_n_epochs=0)
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,

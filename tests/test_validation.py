@@ -12,15 +12,15 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from warplca import LCA, ConvDictionary
-from warplca.config_validation import (
+from warplca.config import (
     ConfigError,
     ConfigFileError,
     check_eval_config,
     check_train_config,
+    default_config_dir,
     validate_eval_config,
     validate_train_config,
 )
-from warplca.tasks.utils import default_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = default_config_dir()
@@ -70,7 +70,7 @@ def test_eval_options_validate(make_cfg, tmp_path: Path) -> None:
 
 
 def test_lists_every_problem_with_its_key(make_cfg) -> None:
-    cfg = make_cfg("lca.lam=-1", "dictionary.kernel_size=8", "trainer.max_epochs=0", "loss.name=laplacain",
+    cfg = make_cfg("lca.lam=-1", "dictionary.kernel_size=8", "+trainer.max_epoch=3", "loss.name=laplacain",
                    "data.batch_size=0", "dictionary.stride=0", "loss.gamma=-2", "model.dictionary.iters=0",
                    "stages=[dictionary,bogus]", "lca.threshold=hardd")
     with pytest.raises(ConfigError) as info:
@@ -78,7 +78,7 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     text = str(info.value)
     problems = info.value.problems
     assert text.startswith(f"{len(problems)} problems:\n  ")
-    for key in ("lca.lam", "dictionary.kernel_size", "trainer.max_epochs", "loss.name", "data.batch_size",
+    for key in ("lca.lam", "dictionary.kernel_size", "trainer.max_epoch", "loss.name", "data.batch_size",
                 "dictionary.stride", "model.dictionary.iters", "stages", "lca.threshold"):
         assert key in _keys(problems), key
     assert "  lca.lam=-1: must be a finite number ≥ 0" in text
@@ -90,8 +90,8 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
 
 
 @pytest.mark.parametrize("override, key, fragment", [
-    ("lca.tau=0", "lca.tau", "must be a number > 0 or 'auto'"),
-    ("lca.tau=fast", "lca.tau", "must be a number > 0 or 'auto'"),
+    ("lca.tau=0", "lca.tau", "must be a finite number > 0 or auto"),
+    ("lca.tau=fast", "lca.tau", "must be a finite number > 0 or auto"),
     ("lca.iters=1.5", "lca.iters", "must be an integer ≥ 0"),
     ("lca.nonneg=maybe", "lca.nonneg", "must be true or false"),
     ("lca=cel0", None, None),
@@ -107,17 +107,19 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
     ("+model.warp.finetune.epoch=3", "model.warp.finetune.epoch", "did you mean model.warp.finetune.epochs?"),
     ("study.levers.energy_finetune.weights=[-0.1]", "study.levers.energy_finetune.weights", "≥ 0"),
     ("model.classify.backbone=vgg", "model.classify.backbone", "unknown backbone"),
-    ("model.classify.frontends=[pixels,lcaa]", "model.classify.frontends", "subset"),
-    ("+model.classify.corruptions.fog=[0.1]", "model.classify.corruptions.fog", "unknown corruption"),
+    ("model.classify.frontends=[pixels,lcaa]", "model.classify.frontends", "unknown front end(s) lcaa"),
+    ("+model.classify.corruptions.fog=[0.1]", "model.classify.corruptions", "unknown corruption 'fog'"),
+    ("model.classify.corruptions.shot_noise=[0.0]", "model.classify.corruptions",
+     "levels must be finite and > 0"),
     ("+model.dictionary.lrr=0.1", "model.dictionary.lrr", "unknown key for DictionaryLearning"),
     ("model.dictionary.coherence_weight=-0.1", "model.dictionary.coherence_weight", "coherence penalty"),
     ("predictor.drive_scale=0", "predictor.drive_scale", "drive"),
-    ("++targets.splits=[val]", "targets.splits", "includes train"),
+    ("++targets.splits=[val]", "targets.splits", "must include train"),
     ("++targets.chunk_size=0", "targets.chunk_size", "≥ 1"),
     ("++targets.iter=3", "targets.iter", "did you mean targets.iters?"),
     ("+targets.lam=0.1", "targets.lam", "it belongs to lca.lam"),
     ("targets.solver=warm", "targets.solver", "unknown target solver"),
-    ("+targets.continuation.start=2", "targets.continuation.start", "unknown key in targets.continuation"),
+    ("+targets.continuation.start=2", "targets.continuation.start", "unknown key for Continuation"),
     ("+model.warp.loss=mse", "model.warp.loss", "top-level loss group, e.g. loss=mse"),
     ("+model.warp.gamma=2", "model.warp.gamma", "loss.gamma"),
     ("+model.warp.predictor.width=8", "model.warp.predictor", "top-level predictor group"),
@@ -127,13 +129,14 @@ def test_lists_every_problem_with_its_key(make_cfg) -> None:
      "did you mean model.classify.lca_iters_cold?"),
     ("+study.iter=3", "study.iter", "did you mean study.iters?"),
     ("+study.ablation.loss=[mse]", "study.ablation.loss", "did you mean study.ablation.losses?"),
-    ("+study.learning_curve.size=[64]", "study.learning_curve.size", "unknown key in study.learning_curve"),
+    ("+study.learning_curve.size=[64]", "study.learning_curve.size",
+     "did you mean study.learning_curve.sizes?"),
     ("+eval.n_image=8", "eval.n_image", "did you mean eval.n_images?"),
     ("+eval.convergence.timing.enable=false", "eval.convergence.timing.enable", "timing.enabled"),
-    ("+eval.n_images=8", None, None),
+    ("eval.n_images=8", None, None),
     ("+trainer.num_node=2", "trainer.num_node", "did you mean trainer.num_nodes?"),
     ("+model.warp.trainer.max_epoch=2", "model.warp.trainer.max_epoch", "unknown key for Trainer"),
-    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch", "≥ 1"),
+    ("trainer.check_val_every_n_epoch=0.5", "trainer.check_val_every_n_epoch", "must be an integer or null"),
     ("data._target_=warplca.data.NoSuchData", "data._target_", "cannot be imported"),
     ("data._target_=warplca.lca.ConvDictionary", "data._target_", "LightningDataModule"),
     ("+data.n_trian=4", "data.n_trian", "unknown key for NaturalDataModule"),
@@ -159,7 +162,7 @@ def test_single_problems(make_cfg, override: str, key: str | None, fragment: str
     assert any(fragment in m for m in matching), matching
 
 
-@pytest.mark.parametrize("override", ["trainer.precision=bf15", "++trainer.strategy=dpp", "trainer.devices=0",
+@pytest.mark.parametrize("override", ["++trainer.strategy=dpp", "trainer.devices=0",
                                       "trainer.accelerator=tpuu", "trainer.num_nodes=0",
                                       "trainer.limit_train_batches=1.5", "+trainer.fast_dev_run=-1"])
 def test_trainer_values_lightning_refuses_are_left_to_it(make_cfg, override: str) -> None:
@@ -197,9 +200,19 @@ def test_unknown_keys_of_every_stage_node_are_refused_each_by_name(make_cfg) -> 
                                        "study.bogus", "targets.bogus"]
 
 
-def test_cel0_theta_checked_only_for_cel0(make_cfg) -> None:
-    assert "lca.theta" in _keys(check_train_config(make_cfg("lca=cel0", "lca.theta=1.5")))
-    assert "lca.theta" not in _keys(check_train_config(make_cfg("lca=hard", "lca.theta=1.5")))
+def test_theta_has_one_rule_for_every_threshold(make_cfg) -> None:
+    """θ ∈ (0, 1) is declared once (LCA's signature): the config and the Python API refuse 1.5 alike."""
+    for option in ("cel0", "hard"):
+        problems = check_train_config(make_cfg(f"lca={option}", "lca.theta=1.5"))
+        assert [m for k, m in problems if k == "lca.theta"] == [
+            "lca.theta=1.5: must be a finite number > 0 and < 1 (θ of the cel0 threshold)"], option
+    with pytest.raises(ValueError, match=r"theta=1\.5: must be a finite number > 0 and < 1"):
+        LCA(ConvDictionary(8, 3, 5, 2), theta=1.5)
+
+
+def test_trainer_values_lightning_declares_are_checked_against_its_signature(make_cfg) -> None:
+    problems = check_train_config(make_cfg("trainer.precision=bf15"))
+    assert _keys(problems) == ["trainer.precision"], problems
 
 
 def test_unresolvable_interpolation_is_a_problem(make_cfg) -> None:
@@ -326,12 +339,12 @@ def test_eval_config_problems(make_cfg, tmp_path: Path) -> None:
 def test_cli_reports_all_problems_before_running(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     res = subprocess.run([sys.executable, str(REPO / "train.py"), "lca.lam=-1", "dictionary.kernel_size=8",
-                          "trainer.max_epochs=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                          "+lca.lamda=0", f"hydra.run.dir={tmp_path / 'run'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "3 problems:" in res.stderr
     for line in ("lca.lam=-1: must be", "dictionary.kernel_size=8: must be odd",
-                 "trainer.max_epochs=0: must be"):
+                 "lca.lamda: unknown key for LCA"):
         assert line in res.stderr, line
     assert not (tmp_path / "run" / "dictionary.pt").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from warplca import ConvDictionary, WarpCNN
-from warplca.tasks.utils import default_config_dir
-
-CONF = default_config_dir()
+from warplca.config import compose_config
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
@@ -26,7 +22,7 @@ def test_output_is_the_code_grid(stride: int, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("mode", ["concat", "residual"])
 def test_drive_modes(mode: str) -> None:
     d = ConvDictionary(n_atoms=6, in_channels=1, kernel_size=5, stride=2)
-    net = WarpCNN(1, 6, 2, width=8, depth=2, use_drive=True, drive_mode=mode)
+    net = WarpCNN(1, 6, 2, width=8, depth=2, use_drive=True, drive_mode=mode, drive_scale=1.0)
     x = torch.randn(2, 1, 13, 10)
     drive = d.encode(x).detach()
     assert net(x, drive).shape == drive.shape
@@ -73,12 +69,14 @@ def test_config_round_trip() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="odd"):
+    with pytest.raises(ValueError, match="kernel_size=4: must be odd"):
         WarpCNN(3, 8, 2, kernel_size=4)
-    with pytest.raises(ValueError, match="drive_mode"):
+    with pytest.raises(ValueError, match="drive_mode=add: unknown value; known: concat, residual"):
         WarpCNN(3, 8, 2, drive_mode="add")
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n_atoms=0: must be an integer ≥ 1"):
         WarpCNN(3, 0, 2)
+    with pytest.raises(ValueError, match="drive_scale=auto needs the dictionary"):
+        WarpCNN(3, 8, 2, use_drive=True)
     with pytest.raises(ValueError, match="expects images"):
         WarpCNN(3, 8, 2)(torch.randn(1, 1, 8, 8))
 
@@ -86,9 +84,8 @@ def test_bad_arguments() -> None:
 def test_presets_instantiate_with_growing_size() -> None:
     counts = {}
     for name in ("small", "medium", "large"):
-        conf = OmegaConf.create(yaml.safe_load((CONF / "predictor" / f"{name}.yaml").read_text()))
+        conf = compose_config([f"predictor={name}"], output_dir="/tmp/unused").predictor
         assert conf.drive_scale == "auto"  # the framework turns it into 1/‖Φ‖²_op (predictor_fit)
-        conf.drive_scale = 0.01
         net = instantiate(conf, in_channels=3, n_atoms=64, stride=2)
         assert isinstance(net, WarpCNN)
         assert net(torch.randn(1, 3, 32, 32)).shape == (1, 64, 16, 16)

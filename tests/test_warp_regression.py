@@ -12,16 +12,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from warplca import LCA, ConvDictionary, WarpCNN, WarpLCA
+from warplca.config import default_config_dir
 from warplca.data.normalization import Normalization
-from warplca.data.target_cache import (
-    TargetCache,
-    TargetCacheMismatchError,
-    TargetDataModule,
-    TargetDataset,
-    build_target_cache,
-)
+from warplca.data.target_cache import TargetCache, TargetCacheMismatchError, TargetDataModule, TargetDataset
+from warplca.modules.target_builder import build_target_cache
 from warplca.modules.warp_regression import WarpRegression
-from warplca.tasks.utils import default_config_dir
 
 NORM = Normalization(mean=(0.5, 0.45, 0.4), scale=1.0)
 EVAL = (0, 5)
@@ -78,7 +73,7 @@ def _state_loss(module: WarpRegression, td: TargetDataset) -> float:
 def test_fit_lowers_the_state_loss_and_logs_warm_vs_cold(data: Any) -> None:
     ds, d, lca, cache = data
     td = TargetDataset(cache, ds)
-    module = _module(d, lca)
+    module = _module(d, lca, lca_eval_every_n_epochs=1)
     before = _state_loss(module, td)
     trainer = _trainer(6)
     trainer.fit(module, datamodule=TargetDataModule(td, td, batch_size=16))
@@ -198,9 +193,12 @@ def _overrides(dictionary: Path, *extra: str) -> list[str]:
 
 
 def test_targets_and_warp_stages(tmp_path: Path) -> None:
-    tasks = pytest.importorskip("warplca.tasks.train")
+    import shutil
+
+    import warplca.tasks.train as tasks  # the project's own module: a broken import must fail, not skip
+    from warplca.config import compose_config
     from warplca.data import NaturalDataModule
-    from warplca.tasks.utils import compose_config
+    from warplca.tasks.provenance import ProvenanceMismatchError
 
     dm = NaturalDataModule(n_train=64, n_val=32, n_test=16)
     dictionary = ConvDictionary(n_atoms=6, in_channels=3, kernel_size=5, stride=2, seed=0)
@@ -238,7 +236,12 @@ def test_targets_and_warp_stages(tmp_path: Path) -> None:
     assert (run / "warp_lca.pt").stat().st_mtime_ns == stamp
     assert again["warp/predictor_params"] == metrics["warp/predictor_params"]
 
-    # another λ: the cached targets no longer match and are refused, naming the key
+    # another λ: the cached targets were made with the old one and are refused before any work, naming the key
     (run / "warp_lca.pt").unlink()
+    refused = r"targets \(targets/COMPLETE\):\n    lca\.lam: .* -> 0\.123"
+    with pytest.raises(ProvenanceMismatchError, match=refused):
+        tasks.train(compose_config(_overrides(dict_path, "lca.lam=0.123"), output_dir=run))
+    # without the record (a run of an older version) the cache's manifest still refuses them
+    shutil.rmtree(run / "provenance")
     with pytest.raises(TargetCacheMismatchError, match="lam"):
         tasks.train(compose_config(_overrides(dict_path, "lca.lam=0.123"), output_dir=run))

@@ -215,6 +215,21 @@ class RequeueCheckpoint(Callback):
     handler (else ``scontrol requeue`` when ``requeue`` is set in a SLURM job) and raises
     :class:`RequeueExit`. The requeued job resumes from that step. Outside SLURM, ``kill -USR2 <pid>``
     is a clean "checkpoint and stop". ``signal``: a name or number (``None`` disables the callback).
+
+    Lightning's own SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``, the trainer's signal
+    connector, pytorch_lightning 2.6) does not do this job, for five reasons:
+
+    - under submitit it never saves: the connector installs its handler only on a requeue signal that has
+      no handler yet, and submitit has installed one on ``SIGUSR2``; its default ``SIGUSR1`` is a signal
+      submitit never has SLURM send;
+    - it writes ``<default_root_dir>/hpc_ckpt_<n>.ckpt``, in the run directory that every stage's Trainer
+      shares, and inside SLURM resumes from the newest one whenever a ``fit`` gets no ``ckpt_path``, whichever
+      stage it belongs to; a stage resumes from its own ``checkpoints/<stage>/last.ckpt`` only;
+    - it saves inside the signal handler, wherever the training step is (between backward and the optimiser
+      step, say), and under DDP each rank enters the checkpoint's collectives at a different point;
+    - it does not stop: the fit goes on until SLURM ends the requeued job, wherever that lands;
+    - it acts only inside a SLURM job step (it reads the ranks from SLURM's variables), so it cannot be a
+      trainer setting of every run, and outside SLURM the signal does nothing.
     """
 
     def __init__(self, signal: str | int | None = "SIGUSR2", requeue: bool = True) -> None:

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from warplca.coder import SparseCoder
 from warplca.data.normalization import Normalization
 from warplca.lca import LCA, ConvDictionary, LCAResult
+from warplca.lca.solver import SETTINGS
 
 __all__ = ["FRONTENDS", "FrontEnd", "LCAFrontEnd", "PixelFrontEnd", "WarpLCAFrontEnd", "WarpModel",
            "build_frontend"]
 
 #: solver settings an :class:`LCAFrontEnd` accepts
-LCA_KEYS = ("threshold", "lam", "tau", "nonneg", "theta", "tol", "check_every", "backend")
 
 
 @runtime_checkable
@@ -166,21 +166,23 @@ class WarpLCAFrontEnd(FrontEnd):
 class LCAFrontEnd(WarpLCAFrontEnd):
     """Cold-started LCA codes: ``LCA(D, **lca_settings)(normalization.apply(images), iters).a``.
 
-    ``lca_settings`` is an :class:`LCA` or a mapping (keys outside :data:`LCA_KEYS` are ignored);
+    ``lca_settings`` is an :class:`LCA` or a mapping (keys outside :data:`warplca.lca.solver.SETTINGS` and
+    ``iters`` are ignored);
     ``normalization`` maps pixels to the coded space (identity if None). The atoms are a frozen copy.
     """
 
     kind = "lca"
 
     def __init__(self, dictionary: ConvDictionary, lca_settings: LCA | Mapping[str, Any] | None = None,
-                 iters: int = 500, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
+                 iters: int = 1000, normalization: Normalization | Mapping[str, Any] | None = None) -> None:
         if not isinstance(dictionary, ConvDictionary):
             raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
         settings = lca_settings.settings() if isinstance(lca_settings, LCA) else dict(lca_settings or {})
-        settings = {k: v for k, v in settings.items() if k in LCA_KEYS}
+        settings = {k: v for k, v in settings.items() if k in SETTINGS and k != "iters"}
         norm = _as_normalization(normalization, dictionary.in_channels)
-        super().__init__(SparseCoder(dictionary, LCA(dictionary, **settings), norm), iters, warm=False)
-        self.lca_settings = settings
+        lca = LCA(dictionary, **settings)
+        super().__init__(SparseCoder(dictionary, lca, norm), iters, warm=False)
+        self.lca_settings = {k: v for k, v in lca.settings().items() if k != "iters"}
 
     @property
     def lca(self) -> LCA:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,10 @@ from torch import Tensor
 
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.thresholds import Threshold, count_active
+from warplca.settings import Annotated, Checked, Doc, Gt, OneOf
 
-__all__ = ["LOSSES", "build_loss", "coding_energy", "l1_loss", "laplacian_loss", "laplacian_weights",
-           "mse_loss"]
+__all__ = ["LOSSES", "LossSettings", "build_loss", "coding_energy", "l1_loss", "laplacian_loss",
+           "laplacian_weights", "mse_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -70,6 +72,14 @@ def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 LOSSES = ("laplacian", "mse", "l1")
+
+
+@dataclass(frozen=True)
+class LossSettings(Checked):
+    """The ``loss`` group: WARP-CNN's regression loss (conf/loss)."""
+
+    name: Annotated[str, OneOf(LOSSES, "loss")] = "laplacian"
+    gamma: Annotated[float | None, Gt(0), Doc("the Laplacian scale γ: weights exp(|u*|/(γλ))")] = 3.0
 
 
 def build_loss(name: str, lam: float | None = None, gamma: float = 3.0) -> LossFn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from warplca.data.datamodule import SPLITS, FlipRotateDataset, ImageDataModule, _check_int, luminance
+from warplca.data.datamodule import SPLITS, FlipRotateDataset, ImageDataModule, luminance
+from warplca.settings import Annotated, Doc, Ge, Gt, Le, Lt, NonEmpty, checked
 
 __all__ = ["DEFAULT_SOURCES", "GRAY_SOURCES", "NaturalCrops", "NaturalDataModule", "load_photo"]
 
@@ -111,26 +113,31 @@ class NaturalDataModule(ImageDataModule):
     name = "natural"
     crop_is_augmentation = False
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, grayscale: bool = False,
-                 crop_size: int | None = 32, seed: int = 0, n_train: int = 2048, n_val: int = 256,
-                 n_test: int = 256, scale: float = 0.5, min_std: float = 0.02, pin_memory: bool = False,
-                 sources: Mapping[str, Sequence[str]] | None = None,
-                 gray_sources: Sequence[str] | None = None, scale_jitter: Sequence[float] = (1.0,),
-                 flip: bool = False, rot90: bool = False) -> None:
+    @checked
+    def __init__(self, batch_size: Annotated[int, Ge(1), Doc("images per process and step")] = 64,
+                 num_workers: Annotated[int, Ge(0)] = 0,
+                 grayscale: Annotated[bool, Doc("luminance only; adds gray_sources to train")] = False,
+                 crop_size: Annotated[int | None, Ge(1)] = 32, seed: Annotated[int, Ge(0)] = 0,
+                 n_train: Annotated[int, Ge(1)] = 2048, n_val: Annotated[int, Ge(1)] = 256,
+                 n_test: Annotated[int, Ge(1)] = 256,
+                 scale: Annotated[float, Gt(0), Le(1), Doc("photos are downscaled by this first")] = 0.5,
+                 min_std: Annotated[float, Ge(0), Lt(0.5), Doc("flatter crops are redrawn")] = 0.02,
+                 pin_memory: bool = False,
+                 sources: Annotated[Mapping[str, Sequence[str]], Doc("photos per split, none in two")] = (
+                     types.MappingProxyType(DEFAULT_SOURCES)),
+                 gray_sources: Annotated[Sequence[str], Doc("photos added to train by grayscale")] = tuple(
+                     GRAY_SOURCES),
+                 scale_jitter: Annotated[Sequence[float], Gt(0), NonEmpty(),
+                                         Doc("train crops also at scale × m")] = (1.0, 0.7, 0.5),
+                 flip: Annotated[bool, Doc("random horizontal flips of training crops")] = True,
+                 rot90: Annotated[bool, Doc("random rotations by 90° of training crops")] = True) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
                          crop_size=32 if crop_size is None else crop_size, seed=seed, pin_memory=pin_memory)
-        counts = (n_train, n_val, n_test)
-        self.n = {split: _check_int(f"n_{split}", n, 1) for split, n in zip(SPLITS, counts, strict=True)}
-        if not (0.0 < float(scale) <= 1.0):
-            raise ValueError(f"scale must be in (0, 1], got {scale!r}")
-        self.scale = float(scale)
-        if not (0.0 <= float(min_std) < 0.5):
-            raise ValueError(f"min_std must be in [0, 0.5), got {min_std!r}")
-        self.min_std = float(min_std)
-        self.sources = self._check_sources(DEFAULT_SOURCES if sources is None else sources,
-                                           GRAY_SOURCES if gray_sources is None else gray_sources)
+        self.n = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
+        self.scale, self.min_std = float(scale), float(min_std)
+        self.sources = self._check_sources(sources, gray_sources)
         jitter = [float(m) for m in scale_jitter]
-        if not jitter or any(not (0.0 < m * self.scale <= 1.0) for m in jitter):
+        if any(m * self.scale > 1.0 for m in jitter):
             raise ValueError(f"scale_jitter must be a non-empty list of multipliers m with 0 < scale·m ≤ 1 "
                              f"(scale={self.scale}), got {list(scale_jitter)}")
         self.scale_jitter = jitter

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from warplca.settings import Annotated, Doc, Ge, Gt, OneOf, SettingsError, problems
+
 __all__ = ["KINDS", "Normalization", "tikhonov_lowpass"]
 
 #: the normalisation options (``norm.kind``)
@@ -70,11 +72,11 @@ class Normalization:
     """
 
     mean: tuple[float, ...]
-    scale: float = 1.0
-    kind: str = "dataset_mean"
-    lowpass_lambda: float = 5.0
-    lowpass_pad: int = 16
-    eps: float = 1e-2
+    scale: Annotated[float, Gt(0), Doc("the gain: λ is in pixel units / scale")] = 1.0
+    kind: Annotated[str, OneOf(KINDS, "normalisation")] = "dataset_mean"
+    lowpass_lambda: Annotated[float, Gt(0), Doc("λ of the lowpass kind's Tikhonov solve")] = 5.0
+    lowpass_pad: Annotated[int, Ge(0), Doc("reflect padding (pixels) of the lowpass solve")] = 16
+    eps: Annotated[float, Gt(0), Doc("added to the per-image std of standardize")] = 1e-2
 
     def __post_init__(self) -> None:
         mean = tuple(float(m) for m in self.mean)
@@ -82,19 +84,12 @@ class Normalization:
             raise ValueError("Normalization.mean must have one entry per channel, got an empty sequence")
         if not all(math.isfinite(m) for m in mean):
             raise ValueError(f"Normalization.mean must be finite, got {mean}")
-        if self.kind not in KINDS:
-            raise ValueError(f"Normalization.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        bad = problems(Normalization, {name: getattr(self, name) for name in _FIELDS if name != "mean"})
+        if bad:
+            raise SettingsError(bad)
         for name in ("scale", "lowpass_lambda", "eps"):
-            given = getattr(self, name)
-            value = float(given)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"Normalization.{name} must be a finite number > 0, got {given!r}")
-            object.__setattr__(self, name, value)
-        pad = self.lowpass_pad
-        if isinstance(pad, bool) or not isinstance(pad, (int, float)) or int(pad) != pad or pad < 0:
-            raise ValueError(f"Normalization.lowpass_pad must be an integer ≥ 0, got {self.lowpass_pad!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "lowpass_pad", int(pad))
 
     @property
     def channels(self) -> int:

@@ -33,7 +33,9 @@ from torch.utils.data import Dataset
 from warplca.data.normalization import Normalization
 from warplca.lca.continuation import Continuation
 from warplca.lca.dictionary import ConvDictionary
+from warplca.lca.solver import LCA
 from warplca.serialization import atomic_path
+from warplca.settings import defaults
 
 __all__ = ["FORMAT", "TargetCache", "TargetCacheIncompleteError", "TargetCacheMismatchError",
            "check_manifest", "chunk_range", "data_fingerprint", "expected_manifest", "item_image",
@@ -53,8 +55,9 @@ INFO_KEYS = frozenset({"created", "warplca_version", "tau_resolved", "dataset_co
 #: datamodule config keys that do not change the images of a split (dropped from ``dataset_config``)
 VOLATILE_DATA_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "download",
                                 "data_dir", "root"})
-#: the LCA settings a manifest records, with their defaults
-_LCA_DEFAULTS = {"threshold": "hard", "lam": 1.0, "tau": 100.0, "nonneg": False, "theta": 0.5, "tol": None}
+#: the LCA settings a manifest records (the others do not change the states: iters is target_iters)
+MANIFEST_LCA_KEYS = ("threshold", "lam", "tau", "nonneg", "theta", "tol")
+LCA_DEFAULTS = defaults(LCA)
 
 
 class TargetCacheMismatchError(ValueError):
@@ -116,7 +119,7 @@ def target_manifest(dictionary: ConvDictionary, lca_settings: Mapping[str, Any],
     return jsonable({
         "format": FORMAT, "version": VERSION,
         "dictionary": dictionary.fingerprint(), "dictionary_config": dictionary.config(),
-        **{k: s.get(k, default) for k, default in _LCA_DEFAULTS.items()},
+        **{k: s.get(k, LCA_DEFAULTS[k]) for k in MANIFEST_LCA_KEYS},
         "target_iters": target_iters, "solver": normalize_solver(solver),
         "normalization": None if normalization is None else normalization.to_dict(),
         "dataset": dataset, "dataset_config": config, "data_fingerprint": fingerprint, "split": split,

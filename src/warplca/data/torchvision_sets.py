@@ -1,25 +1,27 @@
 """Real datasets on disk: CIFAR-10, STL-10, Oxford-IIIT Pets and any ImageFolder tree (e.g. Tiny ImageNet).
 
-Files are read directly in their published formats, so a normal run makes no network call; torchvision
-only downloads (``download=True``, files missing). Validation splits the datasets do not publish are
+CIFAR-10, STL-10 and Pets are read by torchvision's dataset classes (``CIFAR10``, ``STL10``,
+``OxfordIIITPet``) from their published files, so a normal run makes no network call; ``download=True``
+fetches missing files through the same classes. Every image goes through :class:`UnitTensor`: float32
+``(C, H, W)`` in [0, 1] (luminance when ``grayscale``). Validation splits the datasets do not publish are
 carved from the training set by a stratified split seeded with ``split_seed`` (not the training ``seed``).
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets import CIFAR10, STL10, OxfordIIITPet
 
 from warplca.data.datamodule import (
-    ArrayImageDataset,
     DatasetNotFoundError,
     ImageDataModule,
     _check_int,
@@ -34,6 +36,7 @@ __all__ = [
     "ImageFileDataset",
     "PetsDataModule",
     "STL10DataModule",
+    "UnitTensor",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,31 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+class UnitTensor:
+    """PIL image -> float32 ``(C, H, W)`` tensor in [0, 1]: the transform every on-disk dataset applies.
+
+    With ``image_size``, the shorter side is first resized to it (antialiased) and the centre square kept,
+    so photos of any shape batch; with ``grayscale``, the RGB result becomes one BT.601 luminance channel
+    (computed in float, as for the embedded datasets). A class rather than a closure so loader workers can
+    pickle it.
+    """
+
+    def __init__(self, image_size: int | None = None, grayscale: bool = False) -> None:
+        self.image_size, self.grayscale = image_size, bool(grayscale)
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        rgb = img.convert("RGB")
+        if self.image_size is not None:
+            rgb = TF.center_crop(TF.resize(rgb, self.image_size, antialias=True), [self.image_size] * 2)
+        x = TF.pil_to_tensor(rgb).to(torch.float32) / 255.0
+        return luminance(x) if self.grayscale else x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, grayscale={self.grayscale})"
+
+
 class ImageFileDataset(Dataset):
-    """Image files + labels -> float [0, 1] RGB (or luminance) tensors; with ``image_size``, the shorter
-    side is resized to it (antialiased) and the centre square kept, so photos of any shape batch."""
+    """Image files + labels -> :class:`UnitTensor` items (``image_size``: resize + centre crop)."""
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int], image_size: int | None = None,
                  grayscale: bool = False) -> None:
@@ -51,22 +76,40 @@ class ImageFileDataset(Dataset):
             raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
-        self.image_size, self.grayscale = image_size, grayscale
+        self.transform = UnitTensor(image_size, grayscale)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        import torchvision.transforms.functional as TF
-
         with Image.open(self.paths[i]) as img:
-            rgb = img.convert("RGB")
-        if self.image_size is not None:
-            rgb = TF.center_crop(TF.resize(rgb, self.image_size, antialias=True), [self.image_size] * 2)
-        x = TF.pil_to_tensor(rgb).to(torch.float32) / 255.0
-        if self.grayscale:
-            x = luminance(x)
+            x = self.transform(img)
         return x, int(self.labels[i])
+
+
+# -- torchvision's readers, with an existence-only file check -------------------------------------------
+# torchvision's CIFAR10 and STL10 hash (md5) every data file each time they are constructed: about 180 MB
+# (CIFAR-10) or 2.6 GB (STL-10, whose check includes the 2.5 GB unlabelled file we never read) per run,
+# and tiny files in the same format cannot pass. The subclasses below only require the files they read to
+# exist; a download is still verified, since torchvision checks the md5 of the archive it fetches.
+
+
+class _CIFAR10Files(CIFAR10):
+    """torchvision's CIFAR10 whose file check only requires the batch and meta files to exist."""
+
+    # check_integrity(path, md5=None) is "the file exists"
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class _STL10Files(STL10):
+    """torchvision's STL10 whose file check only requires the labelled ``{train,test}_{X,y}.bin`` to exist."""
+
+    labelled = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+
+    def _check_integrity(self) -> bool:
+        return all((Path(self.root) / self.base_folder / name).is_file() for name in self.labelled)
 
 
 class _DiskDataModule(ImageDataModule):
@@ -76,6 +119,8 @@ class _DiskDataModule(ImageDataModule):
     expected: tuple[str, ...] = ()
     #: how to fix missing files, for the error message (None: download or set data_dir)
     hint: str | None = None
+    #: the published part that train and val are carved from
+    train_part = "train"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 64,
                  num_workers: int = 0, grayscale: bool = False, crop_size: int | None = None, seed: int = 0,
@@ -88,6 +133,7 @@ class _DiskDataModule(ImageDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.val_fraction = float(val_fraction)
         self.split_seed = _check_int("split_seed", split_seed, 0)
+        self._train_source: Dataset | None = None
 
     # -- files ---------------------------------------------------------------------------------------
     def _missing(self) -> bool:
@@ -107,25 +153,29 @@ class _DiskDataModule(ImageDataModule):
         self.prepare_data()
         check_files(self.data_dir, self.expected, self.name, self.hint)
 
-    def _carve(self, labels: Tensor | np.ndarray, split: str) -> Tensor:
+    def _carve(self, labels: Tensor | np.ndarray | Sequence[int], split: str) -> Tensor:
         """Indices of the published train set that form our ``split`` ("train" or "val")."""
         train, val = stratified_split(labels, (1.0 - self.val_fraction, self.val_fraction), self.split_seed)
         return train if split == "train" else val
 
-    # -- array datasets (CIFAR-10, STL-10); the file datasets override _build_split -----------------
-    def _arrays(self, part: str) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images ``(N, C, H, W)`` and int64 labels of the published ``part`` ("train" or "test")."""
+    # -- the torchvision datasets --------------------------------------------------------------------
+    def _open(self, part: str) -> Dataset:
+        """torchvision's dataset of the published ``part`` (``train_part`` or "test"), items through
+        :class:`UnitTensor`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _labels(dataset: Dataset) -> Sequence[int] | np.ndarray:
+        """The class ids of every item of a dataset returned by :meth:`_open`, without reading images."""
         raise NotImplementedError
 
     def _build_split(self, split: str) -> Dataset:
         self._ensure_files()
         if split == "test":
-            x, y = self._arrays("test")
-            return ArrayImageDataset(x, y, grayscale=self.grayscale)
-        if not hasattr(self, "_train_arrays"):  # train and val are both carved from it: read it once
-            self._train_arrays = self._arrays("train")
-        x, y = self._train_arrays
-        return ArrayImageDataset(x, y, indices=self._carve(y, split), grayscale=self.grayscale)
+            return self._open("test")
+        if self._train_source is None:  # train and val are both carved from it: read it once
+            self._train_source = self._open(self.train_part)
+        return Subset(self._train_source, self._carve(self._labels(self._train_source), split).tolist())
 
 
 class CIFAR10DataModule(_DiskDataModule):
@@ -133,62 +183,71 @@ class CIFAR10DataModule(_DiskDataModule):
 
     name = "cifar10"
     num_classes = 10
-    folder = "cifar-10-batches-py"
-    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
-    test_files = ("test_batch",)
-    expected = tuple(f"cifar-10-batches-py/{f}" for f in (*train_files, *test_files))
+    folder = CIFAR10.base_folder
+    expected = tuple(f"{CIFAR10.base_folder}/{f}"
+                     for f in (*(n for n, _ in CIFAR10.train_list), *(n for n, _ in CIFAR10.test_list),
+                               CIFAR10.meta["filename"]))
 
     def _fetch(self) -> None:
-        from torchvision.datasets import CIFAR10
+        _CIFAR10Files(str(self.data_dir), train=True, download=True)
 
-        CIFAR10(str(self.data_dir), train=True, download=True)
+    def _open(self, part: str) -> Dataset:
+        return _CIFAR10Files(str(self.data_dir), train=part == "train",
+                             transform=UnitTensor(None, self.grayscale))
 
-    def _arrays(self, part: str) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
-        for f in self.train_files if part == "train" else self.test_files:
-            with open(self.data_dir / self.folder / f, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"]))
-        return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+    @staticmethod
+    def _labels(dataset: Dataset) -> Sequence[int]:
+        return dataset.targets  # type: ignore[attr-defined]
 
 
 class STL10DataModule(_DiskDataModule):
-    """STL-10 labelled images (96x96 RGB, 10 classes) from ``<data_dir>/stl10_binary`` (memory-mapped)."""
+    """STL-10 labelled images (96x96 RGB, 10 classes) from ``<data_dir>/stl10_binary``."""
 
     name = "stl10"
     num_classes = 10
-    folder = "stl10_binary"
-    expected = tuple(f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"))
+    folder = STL10.base_folder
+    expected = tuple(f"{STL10.base_folder}/{f}" for f in _STL10Files.labelled)
 
     def _fetch(self) -> None:
-        from torchvision.datasets import STL10
+        _STL10Files(str(self.data_dir), split="train", download=True)
 
-        STL10(str(self.data_dir), split="train", download=True)
-
-    def _arrays(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    def _open(self, part: str) -> Dataset:
         base = self.data_dir / self.folder
-        labels = np.fromfile(base / f"{prefix}_y.bin", dtype=np.uint8).astype(np.int64) - 1
-        raw = np.memmap(base / f"{prefix}_X.bin", dtype=np.uint8, mode="r")
-        if raw.size != labels.size * 3 * 96 * 96:
+        n_labels = (base / f"{part}_y.bin").stat().st_size  # one uint8 label per image
+        n_bytes = (base / f"{part}_X.bin").stat().st_size
+        if n_bytes != n_labels * 3 * 96 * 96:
             raise ValueError(
-                f"stl10: {base / (prefix + '_X.bin')} holds {raw.size} bytes, expected "
-                f"{labels.size} images x 3x96x96 = {labels.size * 3 * 96 * 96} (corrupt or truncated file?)"
+                f"stl10: {base / (part + '_X.bin')} holds {n_bytes} bytes, expected "
+                f"{n_labels} images x 3x96x96 = {n_labels * 3 * 96 * 96} (corrupt or truncated file?)"
             )
-        # the binaries are column-major per channel: (N, C, W, H) -> (N, C, H, W)
-        return raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), labels
+        return _STL10Files(str(self.data_dir), split=part, transform=UnitTensor(None, self.grayscale))
+
+    @staticmethod
+    def _labels(dataset: Dataset) -> np.ndarray:
+        return dataset.labels  # type: ignore[attr-defined]
+
+
+class _PetsFiles(OxfordIIITPet):
+    """torchvision's OxfordIIITPet with the category ids exposed (torchvision keeps them in ``_labels``)."""
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
 
 
 class PetsDataModule(_DiskDataModule):
     """Oxford-IIIT Pets (37 breeds), resized + centre-cropped to ``image_size``; val is carved from trainval.
 
-    Reads ``oxford-iiit-pet/{images, annotations}`` (torchvision's layout) or the two folders directly
-    under ``data_dir``.
+    Reads ``<data_dir>/oxford-iiit-pet/{images, annotations}``, the layout torchvision's OxfordIIITPet
+    reads and downloads into.
     """
 
     name = "pets"
     num_classes = 37
     folder = "oxford-iiit-pet"
+    expected = tuple(f"oxford-iiit-pet/{p}" for p in ("images", "annotations/trainval.txt",
+                                                      "annotations/test.txt"))
+    train_part = "trainval"
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 64,
                  num_workers: int = 0, grayscale: bool = False, crop_size: int | None = None, seed: int = 0,
@@ -203,46 +262,26 @@ class PetsDataModule(_DiskDataModule):
         self.classes: list[str] = []
 
     @property
-    def base(self) -> Path:
-        """The folder holding ``images/`` and ``annotations/``."""
-        nested = self.data_dir / self.folder
-        if not nested.exists() and (self.data_dir / "annotations").exists():
-            return self.data_dir
-        return nested
-
-    @property
-    def expected(self) -> tuple[str, ...]:  # type: ignore[override]
-        rel = "" if self.base == self.data_dir else f"{self.folder}/"
-        return tuple(f"{rel}{p}" for p in ("images", "annotations/trainval.txt", "annotations/test.txt"))
+    def hint(self) -> str | None:  # type: ignore[override]
+        """Point at the sub-folder when the two folders were unpacked directly into ``data_dir``."""
+        if (self.data_dir / "annotations").is_dir() and not (self.data_dir / self.folder).exists():
+            return (f"move images/ and annotations/ from '{self.data_dir}' into its {self.folder}/ "
+                    "sub-folder (the layout torchvision's OxfordIIITPet reads), or pass data.download=true")
+        return None
 
     def _fetch(self) -> None:
-        from torchvision.datasets import OxfordIIITPet
+        _PetsFiles(str(self.data_dir), split="trainval", download=True)
 
-        OxfordIIITPet(str(self.data_dir), split="trainval", download=True)
+    def _open(self, part: str) -> Dataset:
+        dataset = _PetsFiles(str(self.data_dir), split=part,
+                             transform=UnitTensor(self.image_size, self.grayscale))
+        if not self.classes:
+            self.classes = list(dataset.classes)
+        return dataset
 
-    def _read(self, list_name: str) -> tuple[list[Path], list[int]]:
-        paths, labels, names = [], [], {}
-        for line in (self.base / "annotations" / list_name).read_text().splitlines():
-            if not line.strip() or line.startswith("#"):
-                continue
-            image_id, class_id, *_ = line.split()
-            label = int(class_id) - 1
-            paths.append(self.base / "images" / f"{image_id}.jpg")
-            labels.append(label)
-            names[label] = " ".join(w.title() for w in image_id.rsplit("_", 1)[0].split("_"))
-        if names and not self.classes:
-            self.classes = [names.get(i, str(i)) for i in range(max(names) + 1)]
-        return paths, labels
-
-    def _build_split(self, split: str) -> Dataset:
-        self._ensure_files()
-        if split == "test":
-            paths, labels = self._read("test.txt")
-        else:
-            all_paths, all_labels = self._read("trainval.txt")
-            idx = self._carve(np.asarray(all_labels), split).tolist()
-            paths, labels = [all_paths[i] for i in idx], [all_labels[i] for i in idx]
-        return ImageFileDataset(paths, labels, image_size=self.image_size, grayscale=self.grayscale)
+    @staticmethod
+    def _labels(dataset: Dataset) -> list[int]:
+        return dataset.labels  # type: ignore[attr-defined]
 
 
 class FolderDataModule(_DiskDataModule):

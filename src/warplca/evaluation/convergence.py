@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from warplca.config_defaults import option_defaults
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -40,12 +39,16 @@ from warplca.evaluation.curves import (
     measure,
 )
 from warplca.evaluation.examples import plot_atoms, plot_examples
+from warplca.evaluation.experiments import EvalSession, evaluation, run_convergence
 from warplca.evaluation.plots import plot_convergence, plot_speedup
 from warplca.evaluation.report import fmt, markdown_table, write_result
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt
 
 __all__ = [
-    "ConvergenceResult", "TimingSettings", "evaluate_convergence", "guard_sentence", "match_sentence",
-    "measure_convergence", "speedup_display", "speedup_markdown", "table_markdown", "time_per_image",
+    "ConvergenceResult", "ConvergenceSettings", "TimingSettings", "convergence_evaluation",
+    "evaluate_convergence",
+    "guard_sentence", "match_sentence", "measure_convergence", "speedup_display", "speedup_markdown",
+    "table_markdown", "time_per_image",
 ]
 
 DEFAULT_BUDGETS = (1, 10, 100, 1000)
@@ -55,20 +58,32 @@ TABLE_METRICS = ("energy", "energy_norm", "psnr", "ssim", "l0", "l0_frac", "ms_p
 MATCH_METRICS = ("iterations_to_match", "iterations_to_match_median", "matched_frac", "speedup")
 
 
-def _timing_default(key: str) -> Any:
-    """``eval.convergence.timing.<key>`` of ``conf/eval/convergence.yaml`` (the only place it is set)."""
-    return option_defaults("eval", "convergence")["convergence"]["timing"][key]
-
-
-@dataclass
-class TimingSettings:
+@dataclass(frozen=True)
+class TimingSettings(Checked):
     """Wall-clock measurement: ``images`` per timed batch, up to ``repeats`` runs per budget until a budget
-    has used ``max_seconds``; the median is reported. Defaults: ``conf/eval/convergence.yaml``."""
+    has used ``max_seconds``; the median is reported."""
 
-    images: int = field(default_factory=lambda: int(_timing_default("images")))
-    repeats: int = field(default_factory=lambda: int(_timing_default("repeats")))
-    max_seconds: float = field(default_factory=lambda: float(_timing_default("max_seconds")))
-    enabled: bool = field(default_factory=lambda: bool(_timing_default("enabled")))
+    images: Annotated[int, Ge(1)] = 32
+    repeats: Annotated[int, Ge(1)] = 3
+    max_seconds: Annotated[float, Gt(0)] = 10.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ExamplesSettings(Checked):
+    """The example figure: ``images`` reconstructions after ``iters`` steps, cold and warm."""
+
+    images: Annotated[int, Ge(0)] = 6
+    iters: Annotated[int, Ge(1)] = 10
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings(Checked):
+    """``eval.convergence``: the curves' budgets ``ks`` (null: log-spaced up to T), timing, examples."""
+
+    ks: Annotated[Sequence[int] | None, Ge(0), Doc("budgets of the curves (null: log-spaced up to T)")] = None
+    timing: TimingSettings = TimingSettings()
+    examples: ExamplesSettings = ExamplesSettings()
 
 
 @dataclass
@@ -307,3 +322,10 @@ def evaluate_convergence(model: EvalModel, images: Tensor, out_dir: str | Path,
     result = measure_convergence(model, images, **kwargs)
     write_result(result, out_dir)
     return result
+
+
+@evaluation("convergence", ConvergenceSettings)
+def convergence_evaluation(session: EvalSession) -> ExperimentResult:
+    """``eval=convergence``: experiment 1 on the run's model and images (settings: ``eval.convergence``)."""
+    return run_convergence(session.model, session.images, session.settings, name=session.data_name,
+                           show_progress=session.show_progress, device=session.device)

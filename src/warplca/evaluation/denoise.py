@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +25,12 @@ from warplca.evaluation.common import (
 )
 from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
 from warplca.evaluation.examples import plot_examples
+from warplca.evaluation.experiments import EvalSession, evaluation
 from warplca.evaluation.plots import plot_denoise
 from warplca.evaluation.report import fmt, markdown_table
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt, Le, NonEmpty
 
-__all__ = ["measure_denoise", "sigma_key"]
+__all__ = ["denoise_evaluation", "measure_denoise", "sigma_key"]
 
 COLUMNS = ["sigma", "method", "k", "psnr", "ssim", "energy", "l0"]
 
@@ -123,3 +126,22 @@ def measure_denoise(model: EvalModel, images: Tensor, *, sigmas: Sequence[float]
     return ExperimentResult.from_lines(
         prefix, md, metrics=metrics, figures=figures, tables={f"{prefix}/curves": (COLUMNS, rows)},
         csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table)})
+
+
+@dataclass(frozen=True)
+class DenoiseSettings(Checked):
+    """``eval.denoise``: Gaussian noise levels σ, the budgets tabulated and the example images."""
+
+    sigmas: Annotated[Sequence[float], Gt(0), Le(1), NonEmpty(), Doc("σ on the [0, 1] pixel scale")] = (
+        0.05, 0.1, 0.2)
+    budgets: Annotated[Sequence[int], Ge(1), NonEmpty()] = (10, 100, 1000)
+    examples: Annotated[int, Ge(0)] = 4
+
+
+@evaluation("denoise", DenoiseSettings)
+def denoise_evaluation(session: EvalSession) -> ExperimentResult:
+    """``eval=denoise``: experiment 3 on the run's model and images (settings: ``eval.denoise``)."""
+    conf = session.settings["denoise"]
+    return measure_denoise(session.model, session.images, sigmas=conf["sigmas"], budgets=conf["budgets"],
+                           seed=int(session.cfg.get("seed") or 0), examples=int(conf["examples"]),
+                           **session.run_kwargs())

@@ -33,14 +33,16 @@ from warplca.evaluation.common import (
 )
 from warplca.evaluation.convergence import match_sentence
 from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
+from warplca.evaluation.experiments import EvalSession, evaluation
 from warplca.evaluation.plots import plot_sets
 from warplca.evaluation.report import fmt, markdown_table
+from warplca.settings import Annotated, Checked, Doc, Ge
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "COMPARE_COLUMNS", "OODSource", "PHOTOS", "cold_warm_markdown", "cold_warm_rows", "load_source",
-    "match_channels", "measure_ood", "photo_crops",
+    "match_channels", "measure_ood", "ood_evaluation", "photo_crops",
 ]
 
 COLUMNS = ["dataset", "size", "method", "k", "energy", "energy_norm", "psnr", "ssim", "l0", "l0_frac"]
@@ -262,3 +264,47 @@ def measure_ood(model: EvalModel, sources: Sequence[OODSource], *, iters: int = 
              f"{p}_cold_vs_warm.csv": (COMPARE_COLUMNS, compare)},
         tables={f"{p}/curves": (COLUMNS, rows), f"{p}/cold_vs_warm": (COMPARE_COLUMNS, compare),
                 f"{p}/iterations_to_match": (["dataset", *MATCH_KEYS], summary)})
+
+
+def _photos(crop: int) -> dict[str, Any]:
+    return {"names": list(GRAY_SOURCES), "crop_size": crop, "scale": 0.5, "seed": "${seed}"}
+
+
+def _natural(crop: int) -> dict[str, Any]:
+    return {"_target_": "warplca.data.NaturalDataModule", "crop_size": crop, "n_train": 8, "n_val": 8,
+            "n_test": 64, "seed": "${seed}"}
+
+
+def _on_disk(target: str, **extra: Any) -> dict[str, Any]:
+    return {"_target_": target, "data_dir": "${paths.data_dir}", "download": False, "num_workers": 0, **extra}
+
+
+@dataclass(frozen=True)
+class OODSettings(Checked):
+    """``eval.ood``: the image sets (``${…}`` resolved against the run's config), their image count and T,
+    and whether the run's own split is shown as the in-distribution reference."""
+
+    reference: Annotated[bool, Doc("the run's own split as the in-distribution row")] = True
+    n_images: Annotated[int | None, Ge(1), Doc("images per set (null: eval.n_images)")] = 32
+    iters: Annotated[int | None, Ge(1), Doc("T (null: the run's)")] = None
+    sources: Annotated[Sequence[Mapping[str, Any]], Doc("name + data (a datamodule) or photos")] = (
+        {"name": "natural_64", "data": _natural(64)}, {"name": "natural_96", "data": _natural(96)},
+        {"name": "photos_32", "photos": _photos(32)}, {"name": "photos_64", "photos": _photos(64)},
+        {"name": "photos_96", "photos": _photos(96)},
+        {"name": "digits_rgb", "data": {"_target_": "warplca.data.DigitsDataModule", "rgb": True,
+                                        "seed": "${seed}"}},
+        {"name": "stl10", "data": _on_disk("warplca.data.STL10DataModule")},
+        {"name": "pets", "data": _on_disk("warplca.data.PetsDataModule", image_size=64)})
+
+
+@evaluation("ood", OODSettings)
+def ood_evaluation(session: EvalSession) -> ExperimentResult:
+    """``eval=ood``: experiment 4, the run's model on the sources of ``eval.ood.sources``."""
+    conf = session.settings["ood"]
+    sources = [OODSource.from_config(s) for s in conf["sources"] or []]
+    n = int(conf["n_images"] or session.settings.get("n_images") or OODSettings.n_images)
+    reference_images = session.images  # loads the run's data (and names it) first
+    reference = ((f"{session.data_name or 'run data'} (in distribution)", reference_images)
+                 if conf["reference"] else None)
+    return measure_ood(session.model, sources, iters=session.total(conf.get("iters")), n_images=n,
+                       budgets=session.settings["budgets"], reference=reference, **session.run_kwargs())

@@ -2,7 +2,8 @@
 
 :func:`write_result` is the one writer of every :class:`~warplca.evaluation.common.ExperimentResult`.
 Report sections sit between ``<!-- warplca:<name> -->`` markers, so re-running one experiment replaces
-only its own section.
+only its own section. ``metrics.json`` is merged and read with :func:`~warplca.serialization.merge_metrics`
+and :func:`~warplca.serialization.read_metrics` (re-exported here), as the pipeline stages do.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from warplca.serialization import write_text_atomic
+from warplca.serialization import REPORT_FILE, merge_metrics, read_metrics, write_text_atomic
 
 if TYPE_CHECKING:
     from warplca.evaluation.common import ExperimentResult
@@ -34,8 +34,7 @@ __all__ = [
     "read_metrics", "write_csv", "write_report_section", "write_result", "write_text_atomic",
 ]
 
-REPORT_NAME = "report.md"
-METRICS_NAME = "metrics.json"
+REPORT_NAME = REPORT_FILE
 _HEADER = "# warp-lca evaluation report\n"
 
 
@@ -43,54 +42,6 @@ _HEADER = "# warp-lca evaluation report\n"
 def _scalar(value: Any) -> Any:
     """0-d tensors and numpy scalars as plain Python numbers; anything else unchanged."""
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value
-
-
-def _jsonable(value: Any) -> Any:
-    value = _scalar(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/Inf; null reads as "not available"
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in ``path`` (``{}`` when missing); a corrupt file raises ValueError naming it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_NAME
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def merge_metrics(path: str | os.PathLike, metrics: Mapping[str, Any],
-                  section: str | None = None) -> dict[str, Any]:
-    """Merge ``metrics`` into the JSON object at ``path`` (a file or a directory) and return the result.
-
-    With ``section`` the metrics go into that sub-object (``{"<stage>": {"<key>": value}}``, ``"eval"``
-    for ``evaluate.py``); other keys are kept, keys in ``metrics`` replace older values.
-    """
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".json":
-        path = path / METRICS_NAME
-    data = read_metrics(path)
-    new = _jsonable(dict(metrics))
-    if section is None:
-        data.update(new)
-    else:
-        entry = data.get(section)
-        data[section] = {**(entry if isinstance(entry, dict) else {}), **new}
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return data
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:

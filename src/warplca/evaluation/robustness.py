@@ -20,12 +20,14 @@ from torch.utils.data import Dataset
 
 from warplca.data.corruptions import CORRUPTIONS, DEFAULT_LEVELS, corrupt
 from warplca.evaluation.common import ExperimentResult, Figure
+from warplca.evaluation.experiments import EvalSession, evaluation
 from warplca.evaluation.report import write_csv
 
 __all__ = [
     "ACCURACY_NOTE", "CLEAN", "CSV_COLUMNS", "CorruptedDataset", "condition_name", "corrupted_tensor",
     "item_seed", "read_robustness_csv", "robustness_conditions", "robustness_markdown", "robustness_result",
     "robustness_figure", "robustness_summary", "save_robustness_plot", "write_robustness_csv",
+    "robustness_evaluation",
 ]
 
 CLEAN = "clean"
@@ -242,3 +244,9 @@ def robustness_result(run_dir: str | os.PathLike) -> ExperimentResult:
         name="robustness", metrics=metrics, figures={"plot": figure},
         markdown=robustness_markdown(rows).rstrip() + f"\n\n{figure.link}\n",
         tables={"robustness/accuracy": (list(CSV_COLUMNS), [dict(r) for r in rows])})
+
+
+@evaluation("robustness")
+def robustness_evaluation(session: EvalSession) -> ExperimentResult:
+    """``eval=robustness``: the classify stage's ``robustness.csv`` of the run as a report section."""
+    return robustness_result(session.run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ from warplca.evaluation.common import (
 )
 from warplca.evaluation.convergence import match_sentence
 from warplca.evaluation.curves import Curves, curve_rows, measure, row_metrics
+from warplca.evaluation.experiments import EvalSession, evaluation
 from warplca.evaluation.plots import plot_sets
 from warplca.evaluation.report import markdown_table
+from warplca.settings import Annotated, Checked, Doc, Ge
 
-__all__ = ["load_threshold_models", "measure_thresholds"]
+__all__ = ["load_threshold_models", "measure_thresholds", "thresholds_evaluation"]
 
 COLUMNS = ["threshold", "lam", "method", "k", "energy", "rel_energy", "psnr", "ssim", "l0", "l0_frac"]
 #: one row per threshold (``<prefix>_summary.csv``)
@@ -132,3 +135,28 @@ def measure_thresholds(models: Mapping[str, EvalModel], images: Tensor, *, iters
         csv={f"{prefix}.csv": (COLUMNS, rows), f"{prefix}_table.csv": (COLUMNS, table),
              f"{prefix}_summary.csv": (SUMMARY_COLUMNS, summary)},
         tables={f"{prefix}/curves": (COLUMNS, rows), f"{prefix}/summary": (SUMMARY_COLUMNS, summary)})
+
+
+@dataclass(frozen=True)
+class ThresholdsSettings(Checked):
+    """``eval.thresholds``: the runs whose bundles are compared (name -> run directory), whether the
+    evaluated run joins them, and T (null: the run's)."""
+
+    runs: Annotated[Mapping[str, str], Doc("name -> run directory of a thresholds_* experiment")] = field(
+        default_factory=lambda: {name: f"outputs/thresholds_{name}" for name in ("soft", "cel0", "half")})
+    include_main: bool = True
+    iters: Annotated[int | None, Ge(1)] = None
+
+
+@evaluation("thresholds", ThresholdsSettings)
+def thresholds_evaluation(session: EvalSession) -> ExperimentResult:
+    """``eval=thresholds``: experiment 2 on the bundles of ``eval.thresholds.runs`` (and the run's own)."""
+    conf = session.settings["thresholds"]
+    models, notes = load_threshold_models(conf["runs"] or {}, session.device)
+    if conf["include_main"]:
+        label = f"{describe_model(session.model)['threshold']} (this run)"
+        models = {label: session.model, **models}
+    if not models:
+        raise FileNotFoundError("eval=thresholds: no bundle found. " + " ".join(notes))
+    return measure_thresholds(models, session.images, iters=session.total(conf.get("iters")),
+                              budgets=session.settings["budgets"], notes=notes, **session.run_kwargs())

@@ -18,8 +18,8 @@ from warplca.evaluation.curves import Curves, iterations_to_match, run_curves
 from warplca.evaluation.plots import finish_figure
 from warplca.evaluation.report import fmt, markdown_table
 
-__all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_ablation",
-           "plot_learning_curve", "score_columns", "score_warm_start", "study_table"]
+__all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_learning_curve",
+           "plot_variant_scores", "score_columns", "score_warm_start", "study_table"]
 
 
 def cold_reference(model: EvalModel, images: torch.Tensor, total: int, budgets: Sequence[int],
@@ -107,9 +107,10 @@ def _match_value(row: Mapping[str, Any], total: int) -> float:
     return float(total) if math.isnan(k) else max(k, 1.0)
 
 
-def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
-                  path: str | Path) -> Path:
-    """Two bar panels per variant: iterations-to-match (log) and energy after ``early`` / T iterations."""
+def plot_variant_scores(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,
+                        path: str | Path, title: str = "WARP-CNN variants") -> Path:
+    """Two bar panels, a bar per variant (the ablation's, the levers'): iterations-to-match and energy after
+    ``early`` / T iterations, cold LCA as reference lines; ``title`` heads the figure."""
     import matplotlib.pyplot as plt
 
     labels = [str(r["variant"]) for r in rows]
@@ -125,7 +126,7 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], to
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    return _finish(fig, (ax1, ax2), cold, total, "WARP-CNN ablation: loss × input", path)
+    return _finish(fig, (ax1, ax2), cold, total, title, path)
 
 
 def plot_learning_curve(rows: Sequence[Mapping[str, Any]], cold: Mapping[str, Any], total: int, early: int,

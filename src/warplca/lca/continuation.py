@@ -13,24 +13,17 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from warplca.lca.solver import LCA, LCAResult
+from warplca.settings import Annotated, Checked, Doc, Ge, Le
 
 
 @dataclass(frozen=True)
-class Continuation:
-    """A geometric λ schedule: ``stages`` annealing stages from ``start_factor``·λ (≥ 1) down to λ over
-    the fraction ``anneal_frac`` of the iterations; the rest run at λ."""
+class Continuation(Checked):
+    """A geometric λ schedule: ``stages`` annealing stages from ``start_factor``·λ down to λ over the
+    fraction ``anneal_frac`` of the iterations; the rest run at λ."""
 
-    start_factor: float = 4.0
-    stages: int = 10
-    anneal_frac: float = 0.7
-
-    def __post_init__(self) -> None:
-        if not self.start_factor >= 1.0:
-            raise ValueError(f"start_factor must be ≥ 1, got {self.start_factor!r}")
-        if not isinstance(self.stages, int) or self.stages < 1:
-            raise ValueError(f"stages must be a positive integer, got {self.stages!r}")
-        if not 0.0 <= self.anneal_frac <= 1.0:
-            raise ValueError(f"anneal_frac must lie in [0, 1], got {self.anneal_frac!r}")
+    start_factor: Annotated[float, Ge(1), Doc("the first stage's λ factor")] = 4.0
+    stages: Annotated[int, Ge(1)] = 10
+    anneal_frac: Annotated[float, Ge(0), Le(1)] = 0.7
 
     def schedule(self, lam: float, iters: int) -> list[tuple[float, int]]:
         """(λ_i, steps_i) pairs summing to ``iters`` steps and ending at λ."""

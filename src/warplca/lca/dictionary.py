@@ -11,14 +11,15 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from warplca.lca.operator import Operator, code_size, make_operator
 from warplca.serialization import load_checked, save_atomic
+from warplca.settings import Annotated, Doc, Ge, Odd, checked
 
-PADDING_MODES = ("zeros", "circular")
 FORMAT = "warplca.dictionary"
 
 
@@ -29,18 +30,13 @@ class ConvDictionary(nn.Module):
     or ``circular``; ``seed`` seeds the random Gaussian initialisation (normalised after it).
     """
 
-    def __init__(self, n_atoms: int = 64, in_channels: int = 3, kernel_size: int = 9, stride: int = 1,
-                 padding_mode: str = "zeros", seed: int | None = 0) -> None:
+    @checked
+    def __init__(self, n_atoms: Annotated[int, Ge(1)] = 64, in_channels: Annotated[int, Ge(1)] = 3,
+                 kernel_size: Annotated[int, Ge(1), Odd(), Doc("atoms are centred on their code")] = 9,
+                 stride: Annotated[int, Ge(1), Doc("of the code grid")] = 2,
+                 padding_mode: Literal["zeros", "circular"] = "zeros",
+                 seed: Annotated[int | None, Ge(0), Doc("of the random initial atoms")] = 0) -> None:
         super().__init__()
-        for name, value in (("n_atoms", n_atoms), ("in_channels", in_channels),
-                            ("kernel_size", kernel_size), ("stride", stride)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (atoms are centred on their code position), "
-                             f"got {kernel_size}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.stride = stride
         self.padding_mode = padding_mode
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

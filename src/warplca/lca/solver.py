@@ -15,18 +15,19 @@ bf16 states would change the fixed points and the reported energies.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from warplca.lca import thresholds
 from warplca.lca.dictionary import ConvDictionary, stable_tau
 from warplca.lca.operator import Operator
 from warplca.lca.thresholds import Threshold, count_active, get_threshold
+from warplca.settings import Annotated, Doc, Ge, Gt, Lt, OneOf, checked, declared
 
 TRACE_KEYS = ("energy", "l0", "mse")
 
@@ -67,33 +68,23 @@ class LCA:
             or gradient is asked for; warns and runs eagerly where it fails.
     """
 
-    def __init__(self, dictionary: ConvDictionary, threshold: str = "hard", lam: float = 1.0,
-                 tau: float | str = 100.0, iters: int = 1000, nonneg: bool = False, theta: float = 0.5,
-                 tol: float | None = None, check_every: int = 10, backend: str = "polyphase",
-                 compile: bool = False) -> None:
-        if not isinstance(dictionary, ConvDictionary):
-            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
+    @checked
+    def __init__(self, dictionary: ConvDictionary,
+                 threshold: Annotated[str, OneOf(thresholds.THRESHOLDS, "threshold")] = "hard",
+                 lam: Annotated[float, Ge(0), Doc("the threshold λ, in normalised pixel units")] = 0.2,
+                 tau: Annotated[float | Literal["auto"], Gt(0),
+                                Doc("τ = ‖Φ‖²_op with auto, the largest step with energy descent")] = "auto",
+                 iters: Annotated[int, Ge(0), Doc("the inference budget, cold LCA's reference T")] = 1000,
+                 nonneg: Annotated[bool, Doc("non-negative activations")] = False,
+                 theta: Annotated[float, Gt(0), Lt(1), Doc("θ of the cel0 threshold")] = 0.5,
+                 tol: Annotated[float | None, Gt(0), Doc("early stop on max ‖Δu‖/‖u‖ (null: never)")] = None,
+                 check_every: Annotated[int, Ge(1), Doc("steps between tolerance checks")] = 10,
+                 backend: Literal["polyphase", "direct"] = "polyphase",
+                 compile: Annotated[bool, Doc("torch.compile the Euler step (GPU)")] = False) -> None:
         self.dictionary = dictionary
         self.threshold: Threshold = get_threshold(threshold, lam, nonneg, theta)
-        if isinstance(tau, str):
-            if tau != "auto":
-                raise ValueError(f"tau must be a number > 0 or 'auto', got {tau!r}")
-        elif not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-            raise ValueError(f"tau must be a finite number > 0 or 'auto', got {tau!r}")
-        self.tau_setting = tau
-        if not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
-        self.iters = iters
-        if tol is not None and not tol > 0:
-            raise ValueError(f"tol must be > 0 or None, got {tol!r}")
-        self.tol = tol
-        self.check_every = max(1, int(check_every))
-        if backend not in ("polyphase", "direct"):
-            raise ValueError(f"backend must be 'polyphase' or 'direct', got {backend!r}")
-        self.backend = backend
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
-        self.compile = compile
+        self.tau_setting, self.iters, self.tol = tau, iters, tol
+        self.check_every, self.backend, self.compile = check_every, backend, compile
         if tau != "auto":  # fail early on a clearly unstable τ; the exact check runs at call time
             size = max(32, 4 * dictionary.kernel_size)
             self.check_tau(float(tau), size, size, warn=False)
@@ -102,12 +93,12 @@ class LCA:
     def lam(self) -> float:
         return self.threshold.lam
 
-    def settings(self) -> dict:
-        """The solver's settings, as plain values (saved in bundles and cache manifests)."""
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the solver (:data:`SETTINGS`) as plain values (saved in bundles, manifests)."""
         t = self.threshold
-        return {"threshold": t.name, "lam": t.lam, "tau": self.tau_setting, "iters": self.iters,
-                "nonneg": t.nonneg, "theta": t.theta, "tol": self.tol, "backend": self.backend,
-                "compile": self.compile}
+        values = {"threshold": t.name, "lam": t.lam, "tau": self.tau_setting, "nonneg": t.nonneg,
+                  "theta": t.theta}
+        return {name: values[name] if name in values else getattr(self, name) for name in SETTINGS}
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -230,6 +221,10 @@ class LCA:
     def states_to_codes(self, u: Tensor) -> Tensor:
         """Activations T_λ(u) of given states."""
         return self.threshold(u)
+
+
+#: the names of the solver's settings (everything but the dictionary), declared once by ``LCA.__init__``
+SETTINGS: tuple[str, ...] = tuple(name for name in declared(LCA) if name != "dictionary")
 
 
 def _euler_step(u: Tensor, xt: Tensor, op: Operator, thr: Threshold, eta: float) -> Tensor:

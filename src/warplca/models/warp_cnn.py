@@ -8,23 +8,17 @@ residual convolutions and a 1×1 head. No batch normalisation: predictions never
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "DRIVE_MODES", "WarpCNN"]
+from warplca.settings import Annotated, Doc, Ge, Gt, Odd, OneOf, checked
 
-DRIVE_MODES = ("concat", "residual")
+__all__ = ["ACTIVATIONS", "WarpCNN"]
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class WarpCNN(nn.Module):
@@ -42,32 +36,27 @@ class WarpCNN(nn.Module):
             states; c = 1/‖Φ‖²_op (``drive_scale: auto``) matches their scale (unscaled trains worse).
     """
 
-    def __init__(self, in_channels: int, n_atoms: int, stride: int, width: int = 64, depth: int = 3,
-                 kernel_size: int = 3, use_drive: bool = False, drive_mode: str = "concat",
-                 stem_kernel_size: int | None = None, activation: str = "gelu",
-                 drive_scale: float = 1.0) -> None:
+    @checked
+    def __init__(self, in_channels: Annotated[int, Ge(1)], n_atoms: Annotated[int, Ge(1)],
+                 stride: Annotated[int, Ge(1)], width: Annotated[int, Ge(1), Doc("hidden channels")] = 64,
+                 depth: Annotated[int, Ge(1), Doc("k×k convolutions: stem + depth − 1 residual")] = 5,
+                 kernel_size: Annotated[int, Ge(1), Odd(), Doc("same padding keeps the code grid")] = 3,
+                 use_drive: Annotated[bool, Doc("also feed the drive Φᵀx of the fixed dictionary")] = False,
+                 drive_mode: Literal["concat", "residual"] = "concat",
+                 stem_kernel_size: Annotated[int | None, Ge(1), Odd(),
+                                             Doc("kernel of the first conv (null: kernel_size)")] = None,
+                 activation: Annotated[str, OneOf(ACTIVATIONS, "activation")] = "gelu",
+                 drive_scale: Annotated[float | Literal["auto"], Gt(0),
+                                        Doc("c of the drive c·Φᵀx; auto: 1/‖Φ‖²_op")] = "auto") -> None:
         super().__init__()
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.n_atoms = _positive_int("n_atoms", n_atoms)
-        self.stride = _positive_int("stride", stride)
-        self.width = _positive_int("width", width)
-        self.depth = _positive_int("depth", depth)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
-        self.stem_kernel_size = _positive_int("stem_kernel_size", stem_kernel_size or kernel_size)
-        for name, k in (("kernel_size", self.kernel_size), ("stem_kernel_size", self.stem_kernel_size)):
-            if k % 2 == 0:
-                raise ValueError(f"{name} must be odd (same padding keeps the code grid), got {k}")
-        if drive_mode not in DRIVE_MODES:
-            raise ValueError(f"drive_mode must be one of {DRIVE_MODES}, got {drive_mode!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(drive_scale, bool) or not isinstance(drive_scale, (int, float)) or not (
-                math.isfinite(drive_scale) and drive_scale > 0):
-            raise ValueError(f"drive_scale must be a finite number > 0, got {drive_scale!r}")
-        self.drive_scale = float(drive_scale)
-        self.use_drive = bool(use_drive)
-        self.drive_mode = drive_mode
-        self.activation = activation
+        if use_drive and drive_scale == "auto":
+            raise ValueError("drive_scale=auto needs the dictionary: pass 1 / dictionary.operator_norm() "
+                             "(the pipeline does so for the predictor group)")
+        self.in_channels, self.n_atoms, self.stride = in_channels, n_atoms, stride
+        self.width, self.depth, self.kernel_size = width, depth, kernel_size
+        self.stem_kernel_size = stem_kernel_size or kernel_size
+        self.drive_scale = drive_scale if drive_scale == "auto" else float(drive_scale)
+        self.use_drive, self.drive_mode, self.activation = use_drive, drive_mode, activation
 
         stem_in = in_channels * stride * stride
         if self.use_drive and drive_mode == "concat":
@@ -119,7 +108,7 @@ class WarpCNN(nn.Module):
                 x = F.pad(x, (0, pad_w, 0, pad_h))
             x = F.pixel_unshuffle(x, s)
         if self.use_drive:
-            drive = drive.to(x.dtype) * self.drive_scale  # type: ignore[union-attr]
+            drive = drive.to(x.dtype) * self.drive_scale  # type: ignore[operator]
         if self.use_drive and self.drive_mode == "concat":
             x = torch.cat([x, drive], dim=1)
         h = self.stem(x)

@@ -12,18 +12,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from warplca.coder import SparseCoder
-from warplca.config_parsing import is_number
 from warplca.data.normalization import Normalization
 from warplca.lca import LCA, ConvDictionary, atom_usage, dead_atoms, resample_atoms, used_atoms
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
 from warplca.plotting import atom_grid, image_grid
+from warplca.settings import Annotated, Doc, Ge, Gt, Le, OneOf, checked
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ __all__ = ["DictionaryLearning", "log_image"]
 
 _STAGES = ("train", "val", "test")
 _OPTIMIZERS = ("adam", "sgd")
-_SCHEDULES = ("cosine", "constant")
 
 
 def log_image(loggers: Iterable[Any], tag: str, image: Any, step: int) -> None:
@@ -71,44 +70,31 @@ class DictionaryLearning(pl.LightningModule):
     ``Normalization.to_dict()``), as ``load_from_checkpoint`` passes them.
     """
 
+    @checked
     def __init__(self, dictionary: ConvDictionary | Mapping[str, Any], lca_settings: Mapping[str, Any],
-                 normalization: Normalization | Mapping[str, Any], lr: float = 3e-3,
-                 optimizer: str | Callable[..., torch.optim.Optimizer] = "adam", iters: int = 100,
-                 test_iters: int | None = None, log_images_every_n_epochs: int = 1, n_log_images: int = 16,
-                 coherence_weight: float = 0.0, coherence_target: float = 0.0, resample_every: int = 0,
-                 resample_fraction: float = 1.0 / 20.0, resample_until: float = 0.75,
-                 lr_schedule: str = "constant", min_lr_ratio: float = 0.05) -> None:
+                 normalization: Normalization | Mapping[str, Any],
+                 lr: Annotated[float, Gt(0)] = 0.5,
+                 optimizer: Annotated[str | Callable[..., torch.optim.Optimizer],
+                                      OneOf(_OPTIMIZERS, "optimizer")] = "sgd",
+                 iters: Annotated[int, Ge(1), Doc("LCA steps per batch")] = 50,
+                 test_iters: Annotated[int | None, Ge(1), Doc("LCA steps of the test metrics")] = 100,
+                 log_images_every_n_epochs: Annotated[int, Ge(0)] = 1,
+                 n_log_images: Annotated[int, Ge(0)] = 16,
+                 coherence_weight: Annotated[float, Ge(0), Doc("β of the coherence penalty")] = 0.0,
+                 coherence_target: Annotated[float, Ge(0), Doc("the ‖Φ‖²_op below which it is 0")] = 0.0,
+                 resample_every: Annotated[int, Ge(0), Doc("steps between dead-atom checks (0: never)")] = 20,
+                 resample_fraction: Annotated[float, Ge(0), Le(1)] = 0.1,
+                 resample_until: Annotated[float, Ge(0), Le(1)] = 0.8,
+                 lr_schedule: Literal["cosine", "constant"] = "cosine",
+                 min_lr_ratio: Annotated[float, Ge(0), Le(1)] = 0.05) -> None:
         super().__init__()
         if isinstance(dictionary, Mapping):
             dictionary = ConvDictionary(**dictionary)
         if isinstance(normalization, Mapping):
             normalization = Normalization.from_dict(normalization)
-        if not isinstance(dictionary, ConvDictionary):
-            raise ValueError(f"dictionary must be a ConvDictionary, got {type(dictionary).__name__}")
-        if not isinstance(normalization, Normalization):
-            raise ValueError(f"normalization must be a Normalization, got {type(normalization).__name__}")
         if normalization.channels != dictionary.in_channels:
             raise ValueError(f"normalization has {normalization.channels} channels but the dictionary "
                              f"{dictionary.in_channels}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS} or a callable, got {optimizer!r}")
-        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-            raise ValueError(f"iters must be an integer ≥ 1, got {iters!r}")
-        if test_iters is not None and (not isinstance(test_iters, int) or test_iters < 1):
-            raise ValueError(f"test_iters must be an integer ≥ 1 or None, got {test_iters!r}")
-        for name, value in (("coherence_weight", coherence_weight), ("coherence_target", coherence_target)):
-            if not (is_number(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 0:
-            raise ValueError(f"resample_every must be an integer ≥ 0, got {resample_every!r}")
-        for name, value in (("resample_fraction", resample_fraction), ("resample_until", resample_until),
-                            ("min_lr_ratio", min_lr_ratio)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if lr_schedule not in _SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {_SCHEDULES}, got {lr_schedule!r}")
         self.resample_every, self.resample_fraction = resample_every, float(resample_fraction)
         self.resample_until = float(resample_until)
         self.lr_schedule, self.min_lr_ratio = lr_schedule, float(min_lr_ratio)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -21,7 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from warplca.evaluation.robustness import CLEAN, CorruptedDataset, condition_name, robustness_conditions
 from warplca.frontends import FrontEnd
-from warplca.models.classifiers import build_backbone
+from warplca.models.classifiers import BACKBONES, build_backbone
+from warplca.settings import Annotated, Doc, Ge, Gt, Lt, OneOf, checked
 
 __all__ = ["FeatureDataset", "FrontEndDataModule", "NoisyClassification", "precompute_features"]
 
@@ -59,17 +60,17 @@ class NoisyClassification(pl.LightningModule):
     #: how accuracies average over classes (torchmetrics' default is "macro"); stored in checkpoints
     ACCURACY_AVERAGE = "micro"
 
-    def __init__(self, frontend: FrontEnd, backbone: str | nn.Module = "small_cnn", num_classes: int = 10,
-                 image_size: int = 32, backbone_kwargs: Mapping[str, Any] | None = None, lr: float = 2e-3,
-                 weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0,
+    @checked
+    def __init__(self, frontend: FrontEnd,
+                 backbone: Annotated[str | nn.Module, OneOf(BACKBONES, "backbone")] = "resnet18",
+                 num_classes: Annotated[int, Ge(2)] = 10, image_size: Annotated[int, Ge(1)] = 32,
+                 backbone_kwargs: Mapping[str, Any] | None = None,
+                 lr: Annotated[float, Gt(0), Doc("AdamW on the backbone")] = 1e-3,
+                 weight_decay: Annotated[float, Ge(0)] = 5e-4,
+                 scheduler: Literal["cosine", "none"] = "cosine",
+                 label_smoothing: Annotated[float, Ge(0), Lt(1)] = 0.0,
                  conditions: Sequence[Sequence[Any]] | Mapping[str, Sequence[float]] | None = None) -> None:
         super().__init__()
-        if not isinstance(frontend, FrontEnd):
-            raise ValueError(f"frontend must be a warplca.frontends.FrontEnd, got {type(frontend).__name__}")
-        if scheduler not in ("cosine", "none"):
-            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
-        if not lr > 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay ≥ 0, got lr={lr}, weight_decay={weight_decay}")
         self.conditions = _normalize_conditions(conditions)
         ignore = ["frontend"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -15,17 +15,15 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, R2Score
 
-from warplca.bundle import WarpLCA
+from warplca.bundle import WarpLCA, predictor_hparams, rebuild_predictor
 from warplca.data.normalization import Normalization
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, LCAResult
-from warplca.losses import build_loss, coding_energy
+from warplca.losses import LOSSES, build_loss, coding_energy
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
-from warplca.models.warp_cnn import WarpCNN
+from warplca.settings import Annotated, Doc, Ge, Gt, NonEmpty, OneOf, checked
 
 __all__ = ["WarpRegression"]
-
-SCHEDULERS = (None, "none", "cosine")
 
 
 class WarpRegression(pl.LightningModule):
@@ -52,19 +50,24 @@ class WarpRegression(pl.LightningModule):
     ``dictionary_fingerprint`` (computed when ``dictionary`` is a module) names the targets' dictionary.
     """
 
+    @checked
     def __init__(self, predictor: nn.Module | Mapping[str, Any],
                  dictionary: ConvDictionary | Mapping[str, Any], lca_settings: Mapping[str, Any],
-                 normalization: Normalization | Mapping[str, Any] | None = None, loss: str = "laplacian",
-                 gamma: float | None = 3.0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 eval_iters: Sequence[int] = (0, 10, 100), scheduler: str | None = "cosine",
-                 lca_eval_every_n_epochs: int = 1, energy_weight: float = 0.0,
-                 energy_temperature: float = 0.1, dictionary_fingerprint: str | None = None) -> None:
+                 normalization: Normalization | Mapping[str, Any] | None = None,
+                 loss: Annotated[str, OneOf(LOSSES, "loss")] = "laplacian",
+                 gamma: Annotated[float | None, Gt(0), Doc("the Laplacian scale γ")] = 3.0,
+                 lr: Annotated[float, Gt(0), Doc("AdamW")] = 3e-3,
+                 weight_decay: Annotated[float, Ge(0)] = 0.0,
+                 eval_iters: Annotated[Sequence[int], Ge(0), NonEmpty(), Doc("LCA budgets k of validation")
+                                       ] = (0, 10, 100),
+                 scheduler: Literal["cosine", "none"] | None = "cosine",
+                 lca_eval_every_n_epochs: Annotated[int, Ge(1)] = 5,
+                 energy_weight: Annotated[float, Ge(0), Doc("w of the energy term")] = 0.0,
+                 energy_temperature: Annotated[float, Gt(0)] = 0.1,
+                 dictionary_fingerprint: str | None = None) -> None:
         super().__init__()
-        if isinstance(predictor, Mapping):
-            if "class" in predictor:
-                raise ValueError(f"a {predictor['class']} predictor cannot be rebuilt from its "
-                                 f"hyperparameters; pass it: load_from_checkpoint(path, predictor=...)")
-            predictor = WarpCNN(**predictor)
+        if isinstance(predictor, Mapping):  # from a checkpoint: only allowlisted classes are rebuilt
+            predictor = rebuild_predictor(predictor)
         if isinstance(dictionary, Mapping):  # its weights load afterwards: keep the fingerprint given
             dictionary = ConvDictionary(**dictionary)
         else:
@@ -73,13 +76,7 @@ class WarpRegression(pl.LightningModule):
                 raise ValueError(f"dictionary fingerprint {dictionary_fingerprint} is not the given {given}")
         if isinstance(normalization, Mapping):
             normalization = Normalization.from_dict(normalization)
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         iters = sorted({int(k) for k in eval_iters})
-        if any(k < 0 for k in iters):
-            raise ValueError(f"eval_iters must be integers ≥ 0, got {list(eval_iters)}")
-        if not (lr > 0 and weight_decay >= 0):
-            raise ValueError(f"need lr > 0 and weight_decay ≥ 0, got lr={lr}, weight_decay={weight_decay}")
         self.predictor = predictor
         self.dictionary = dictionary.requires_grad_(False)
         self.lca = LCA(self.dictionary, **dict(lca_settings))
@@ -88,14 +85,9 @@ class WarpRegression(pl.LightningModule):
         self.loss_fn = build_loss(loss, lam=self.lca.lam, gamma=self.gamma)
         self.lr, self.weight_decay, self.scheduler = float(lr), float(weight_decay), scheduler
         self.eval_iters = iters
-        if int(lca_eval_every_n_epochs) < 1:
-            raise ValueError(f"lca_eval_every_n_epochs must be ≥ 1, got {lca_eval_every_n_epochs!r}")
         self.lca_eval_every_n_epochs = int(lca_eval_every_n_epochs)
-        if not (energy_weight >= 0 and energy_temperature > 0):
-            raise ValueError(f"need energy_weight ≥ 0 and energy_temperature > 0, got {energy_weight}, "
-                             f"{energy_temperature}")
         self.energy_weight, self.energy_temperature = float(energy_weight), float(energy_temperature)
-        config = predictor.config() if hasattr(predictor, "config") else {"class": type(predictor).__name__}
+        config = predictor_hparams(predictor)  # {"_target_": class path, **config()}
         plain = ("gamma", "lr", "weight_decay", "eval_iters", "scheduler", "lca_eval_every_n_epochs",
                  "energy_weight", "energy_temperature")
         self.save_hyperparameters({

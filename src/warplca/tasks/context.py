@@ -8,9 +8,9 @@ the stage code's ``defaults`` < non-null keys of the ``trainer`` group < keyword
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from warplca.callbacks import ensure_default_callbacks
 from warplca.lca import LCA, ConvDictionary
 from warplca.lca.dictionary import FORMAT as DICTIONARY_FORMAT
-from warplca.serialization import load_checked, write_text_atomic
+from warplca.serialization import BUNDLE_FILE, DICTIONARY_FILE, load_checked, merge_metrics
+from warplca.settings import Annotated, Checked, Doc, Ge, OneOf
 from warplca.tasks.utils import close_wandb, instantiate_callbacks, instantiate_loggers, to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LCA_KEYS", "RunContext"]
-
-#: the ``lca`` group keys passed to :class:`warplca.LCA`
-LCA_KEYS = ("threshold", "lam", "tau", "iters", "nonneg", "theta", "tol", "check_every", "backend",
-            "compile")
+__all__ = ["RunContext", "RunSettings"]
 
 
 @dataclass
@@ -71,7 +68,7 @@ class RunContext:
     @property
     def force(self) -> bool:
         """``cfg.force``: redo done stages, ignore checkpoints."""
-        return bool(self.cfg.get("force", False))
+        return bool(self.cfg.get("force", RunSettings.force))
 
     def barrier(self) -> None:
         """Wait for all ranks when a process group is up (``strategy=ddp``); a no-op otherwise."""
@@ -85,7 +82,7 @@ class RunContext:
         if self._datamodule is None:
             if self.cfg.get("data") is None:
                 raise ValueError("no data config: choose one with data=<name> (e.g. data=natural)")
-            dm = instantiate(self.cfg.data)
+            dm = instantiate(self.cfg.data, _convert_="all")  # plain lists and dicts, as typed
             norm = to_container(self.cfg.get("norm"))
             if norm:
                 dm.configure_normalization(**norm)
@@ -95,9 +92,10 @@ class RunContext:
     # -- loggers, callbacks, trainer ------------------------------------------------------------
     def loggers(self, stage: str) -> list[Logger]:
         """Fresh Lightning loggers of ``cfg.logger`` for ``stage`` (files under ``<logger>/<stage>/``)."""
+        task = self.cfg.get("task_name", RunSettings.task_name)
         loggers = instantiate_loggers(self.cfg.get("logger"), version=stage,
                                       run_name=f"{self.run_dir.name}/{stage}",
-                                      run_group=f"{self.cfg.get('task_name', 'train')}/{self.run_dir.name}")
+                                      run_group=f"{task}/{self.run_dir.name}")
         hparams = OmegaConf.to_container(  # the resolved run config without the hydra node
             OmegaConf.masked_copy(self.cfg, [k for k in self.cfg if k != "hydra"]), resolve=True)
         for lg in loggers:
@@ -126,7 +124,7 @@ class RunContext:
         from warplca.runtime import check_checkpoint
 
         path = self.checkpoint_dir(stage) / "last.ckpt"
-        if self.force or not self.cfg.get("resume", True) or not path.is_file():
+        if self.force or not self.cfg.get("resume", RunSettings.resume) or not path.is_file():
             return None
         path = check_checkpoint(path)
         log.info("resuming the %s stage from %s", stage, path)
@@ -163,22 +161,10 @@ class RunContext:
 
     # -- metrics --------------------------------------------------------------------------------
     def log_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
-        """Merge ``metrics`` into ``metrics.json`` under ``stage`` (atomic; rank 0 only; tensors → floats)."""
-        if not self.is_rank_zero or not metrics:
-            return
-        data = self.read_metrics()
-        data.setdefault(stage, {}).update({k: _plain(v) for k, v in metrics.items()})
-        write_text_atomic(self.run_dir / "metrics.json", json.dumps(data, indent=2, sort_keys=True))
-
-    def read_metrics(self) -> dict[str, Any]:
-        """Contents of ``metrics.json`` (empty when absent)."""
-        path = self.run_dir / "metrics.json"
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start afresh") from exc
+        """Merge ``metrics`` into ``metrics.json`` under ``stage`` (rank 0 only; see
+        :func:`~warplca.serialization.merge_metrics`: atomic, tensors as numbers, NaN as null)."""
+        if self.is_rank_zero and metrics:
+            merge_metrics(self.run_dir, metrics, section=stage)
 
     # -- artifacts of earlier stages ------------------------------------------------------------
     def _given_or_artifact(self, key: str, name: str) -> Path:
@@ -187,11 +173,11 @@ class RunContext:
 
     def dictionary_file(self) -> Path:
         """``cfg.dictionary_path`` when given, else ``<run_dir>/dictionary.pt``."""
-        return self._given_or_artifact("dictionary_path", "dictionary.pt")
+        return self._given_or_artifact("dictionary_path", DICTIONARY_FILE)
 
     def bundle_file(self) -> Path:
         """The WARP-LCA bundle: ``cfg.warp_path`` when given, else ``<run_dir>/warp_lca.pt``."""
-        return self._given_or_artifact("warp_path", "warp_lca.pt")
+        return self._given_or_artifact("warp_path", BUNDLE_FILE)
 
     def set_dictionary(self, dictionary: ConvDictionary, meta: dict[str, Any] | None = None) -> None:
         """Hand a freshly trained dictionary (and its save meta) to later stages of this run."""
@@ -227,13 +213,9 @@ class RunContext:
         return self.datamodule.normalization
 
     def lca_settings(self, **overrides: Any) -> dict[str, Any]:
-        """Keyword arguments of :class:`warplca.LCA` from ``cfg.lca`` (unknown keys refused)."""
-        conf = to_container(self.cfg.get("lca")) or {}
-        unknown = sorted(set(conf) - set(LCA_KEYS))
-        if unknown:
-            raise ValueError(f"unknown lca config keys {unknown}; known: {list(LCA_KEYS)}")
-        conf.update(overrides)
-        return conf
+        """Keyword arguments of :class:`warplca.LCA` from ``cfg.lca`` (checked by the config validation;
+        :class:`warplca.LCA` checks them again when built)."""
+        return {**(to_container(self.cfg.get("lca")) or {}), **overrides}
 
     def lca(self, dictionary: ConvDictionary | None = None, **overrides: Any) -> LCA:
         """An :class:`warplca.LCA` on ``dictionary`` (default: the run's) with the ``lca`` settings."""
@@ -264,16 +246,27 @@ class RunContext:
         return instantiate(node, _convert_="all", _partial_=True)(**kwargs)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
+def _stage_names() -> tuple[str, ...]:
+    from warplca.tasks.stages import STAGE_ORDER  # the registry imports this module
+
+    return STAGE_ORDER
+
+
+@dataclass(frozen=True)
+class RunSettings(Checked):
+    """The top-level keys of a train config (``conf/train.yaml``; the groups are their own nodes)."""
+
+    task_name: Annotated[str, Doc("names the output folders and logger runs")] = "train"
+    stages: Annotated[Sequence[str] | str, OneOf(_stage_names, "stage"),
+                      Doc("run in pipeline order")] = ("dictionary", "targets", "warp", "report")
+    seed: Annotated[int | None, Ge(0)] = 0
+    force: Annotated[bool, Doc("redo stages whose artifact exists")] = False
+    resume: Annotated[bool, Doc("continue a stage from checkpoints/<stage>/last.ckpt")] = True
+    dictionary_path: Annotated[str | None, Doc("use this dictionary.pt instead of training one")] = None
+    warp_path: Annotated[str | None, Doc("use this warp_lca.pt instead of training one")] = None
+    run_dir: Annotated[str, Doc("the run directory; an existing one resumes there")] = (
+        "outputs/${task_name}/${now:%Y-%m-%d_%H-%M-%S}")
+    optimized_metric: Annotated[str | None, Doc("the flat metric train.py returns to a sweeper")] = None
+    skip_nonfinite_batches: Annotated[bool, Doc("skip a NaN/Inf batch with a warning")] = False
+    print_metrics: Annotated[bool, Doc("end with the table of every metric")] = True
+    progress: Annotated[bool, Doc("progress bars of the evaluation and study stages")] = True

@@ -3,6 +3,8 @@
 ``python evaluate.py run_dir=<dir> eval=convergence|thresholds|denoise|ood|all`` writes each
 experiment's metrics, tables, plots and ``report.md`` section into ``out_dir`` (default ``run_dir``).
 ``sweep_dir=<multirun dir>`` summarises a sweep instead; ``results_md=<file>`` writes a results page.
+Each mode of ``eval.modes`` is the evaluation registered under that name
+(:func:`warplca.evaluation.experiments.evaluation`), run on one shared :class:`_Session`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from warplca.config_defaults import option_defaults
 from warplca.evaluation.common import (
     EvalModel,
     ExperimentResult,
@@ -25,7 +26,7 @@ from warplca.evaluation.common import (
     resolve_device,
     run_data_config,
 )
-from warplca.evaluation.experiments import eval_images, eval_settings, run_convergence
+from warplca.evaluation.experiments import EvalRunSettings, eval_images, eval_settings, get_evaluation
 from warplca.evaluation.report import write_result, write_results_page
 from warplca.tasks.utils import instantiate_loggers, seed_everything, task_wrapper, to_container
 
@@ -35,7 +36,8 @@ __all__ = ["evaluate"]
 
 
 class _Session:
-    """Per-invocation state: config, directories, device, and the model and images (built lazily)."""
+    """Per-invocation state: config, directories, device, and the model and images (built lazily); the
+    :class:`~warplca.evaluation.experiments.EvalSession` every evaluation mode runs on."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -47,8 +49,8 @@ class _Session:
                              "or sweep_dir=<multirun directory> for a sweep summary")
         self.run_dir = Path(run_dir).expanduser() if run_dir else Path(bundle).expanduser().parent
         self.out_dir = Path(cfg.get("out_dir") or self.run_dir).expanduser()
-        self.device = resolve_device(cfg.get("device", "auto"))
-        self.show_progress = bool(cfg.get("progress", True))
+        self.device = resolve_device(cfg.get("device") or EvalRunSettings.device)
+        self.show_progress = bool(cfg.get("progress", EvalRunSettings.progress))
         self._model: EvalModel | None = None
         self._images: Any = None
         self.data_name = ""
@@ -71,7 +73,7 @@ class _Session:
                     paths = to_container(self.cfg.get("paths")) or {}
                 except Exception:  # ${hydra:…} outside a Hydra app
                     log.debug("eval paths not resolvable; the run's data config must not need them")
-                data_cfg, source = run_data_config(self.run_dir, paths, int(self.cfg.get("seed", 0)))
+                data_cfg, source = run_data_config(self.run_dir, paths, int(self.cfg.get("seed") or 0))
             dm = build_datamodule_from_config(data_cfg)
             split = str(self.settings["split"])
             self._images = eval_images(dm, self.model, split, self.settings.get("n_images"))
@@ -81,57 +83,13 @@ class _Session:
         return self._images
 
     def total(self, override: Any = None) -> int:
+        """The reference budget T: ``override``, else ``eval.iters``, else the bundle's ``lca.iters``."""
         return int(override or self.settings.get("iters") or self.model.lca.iters)
 
     def run_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every ``measure_*`` experiment takes."""
         return {"batch_size": int(self.settings["batch_size"]), "show_progress": self.show_progress,
                 "device": self.device}
-
-    # -- experiments ----------------------------------------------------------------------------
-    def convergence(self) -> ExperimentResult:
-        return run_convergence(self.model, self.images, self.settings, name=self.data_name,
-                               show_progress=self.show_progress, device=self.device)
-
-    def thresholds(self) -> ExperimentResult:
-        from warplca.evaluation.common import describe_model
-        from warplca.evaluation.thresholds import load_threshold_models, measure_thresholds
-
-        conf = self.settings["thresholds"]
-        models, notes = load_threshold_models(conf["runs"] or {}, self.device)
-        if conf["include_main"]:
-            label = f"{describe_model(self.model)['threshold']} (this run)"
-            models = {label: self.model, **models}
-        if not models:
-            raise FileNotFoundError("eval=thresholds: no bundle found. " + " ".join(notes))
-        return measure_thresholds(models, self.images, iters=self.total(conf.get("iters")),
-                                  budgets=self.settings["budgets"], notes=notes, **self.run_kwargs())
-
-    def denoise(self) -> ExperimentResult:
-        from warplca.evaluation.denoise import measure_denoise
-
-        conf = self.settings["denoise"]
-        return measure_denoise(self.model, self.images, sigmas=conf["sigmas"], budgets=conf["budgets"],
-                               seed=int(self.cfg.get("seed", 0)), examples=int(conf["examples"]),
-                               **self.run_kwargs())
-
-    def robustness(self) -> ExperimentResult:
-        from warplca.evaluation.robustness import robustness_result
-
-        return robustness_result(self.run_dir)
-
-    def ood(self) -> ExperimentResult:
-        from warplca.evaluation.ood import OODSource, measure_ood
-
-        conf = self.settings["ood"]
-        sources = [OODSource.from_config(s) for s in conf["sources"] or []]
-        n = int(conf["n_images"] or self.settings.get("n_images")
-                or option_defaults("eval", "ood")["ood"]["n_images"])
-        reference_images = self.images  # loads the run's data (and names it) first
-        reference = ((f"{self.data_name or 'run data'} (in distribution)", reference_images)
-                     if conf["reference"] else None)
-        return measure_ood(self.model, sources, iters=self.total(conf.get("iters")), n_images=n,
-                           budgets=self.settings["budgets"], reference=reference, **self.run_kwargs())
 
 
 def _loggers(cfg: DictConfig, out_dir: Path, run_name: str) -> list[Any]:
@@ -164,7 +122,7 @@ def command_line() -> str:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the evaluations of ``cfg.eval.modes`` (or a sweep summary); returns flat ``eval/…`` metrics."""
-    from warplca.config_validation import validate_eval_config
+    from warplca.config import validate_eval_config
 
     validate_eval_config(cfg)  # every problem at once, before anything loads
     seed_everything(cfg.get("seed"))
@@ -177,12 +135,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     session = _Session(cfg)
     modes = [str(m) for m in (session.settings.get("modes") or [])]  # checked by validate_eval_config
+    runs = [get_evaluation(mode) for mode in modes]  # every mode known before the first one runs
     session.out_dir.mkdir(parents=True, exist_ok=True)
     loggers = _loggers(cfg, session.out_dir, session.run_dir.name) if modes else []
     metrics: dict[str, float] = {}
-    for mode in modes:
-        log.info("evaluation %s: starting (results in %s)", mode, session.out_dir)
-        result: ExperimentResult = getattr(session, mode)()
+    for evaluation in runs:
+        log.info("evaluation %s: starting (results in %s)", evaluation.name, session.out_dir)
+        result: ExperimentResult = evaluation.run(session)
         write_result(result, session.out_dir, loggers, prefix="eval", metrics_section="eval")
         print("\n" + result.markdown, flush=True)
         metrics.update({f"eval/{k}": float(v) for k, v in result.metrics.items()})

@@ -8,6 +8,7 @@ so a variant differs from the main predictor only in what it overrides; variants
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,18 +17,18 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Subset
 
-from warplca.config_defaults import fill_missing, primary_defaults
 from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
 from warplca.lca import ConvDictionary
+from warplca.losses import LossSettings
+from warplca.modules.warp_regression import WarpRegression
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt, build, declared
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
-__all__ = ["DATA_KEYS", "INPUTS", "PIPELINE_KEYS", "build_module", "build_predictor", "fit_quietly",
+__all__ = ["INPUTS", "PIPELINE_KEYS", "WarpStageSettings", "build_module", "build_predictor", "fit_quietly",
            "loss_config", "target_sets", "warp_data_settings"]
 
-#: ``model.warp`` keys that configure data loading / the trainer, not the LightningModule
-DATA_KEYS = ("batch_size", "num_workers", "epochs", "trainer", "finetune")
 #: WarpRegression arguments the pipeline passes itself, and where each one is configured instead
 PIPELINE_KEYS: dict[str, str] = {
     "predictor": "the predictor is chosen with the top-level predictor group, e.g. predictor=medium "
@@ -56,35 +57,44 @@ def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
     """
     if ctx.cfg.get("predictor") is None:
         raise ValueError("no predictor config: choose one with predictor=small|medium|large")
-    conf = {"_target_": primary_defaults("predictor")["_target_"], **to_container(ctx.cfg.predictor),
-            **dict(overrides or {})}
-    if conf.get("drive_scale") == "auto":
+    conf = {"_target_": "warplca.models.WarpCNN", **to_container(ctx.cfg.predictor), **dict(overrides or {})}
+    if conf.get("drive_scale") == "auto" and conf.get("use_drive"):
         conf["drive_scale"] = 1.0 / max(dictionary.operator_norm(), 1.0)
     return instantiate(OmegaConf.create(conf), in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
                        stride=dictionary.stride)
 
 
+@dataclass(frozen=True)
+class FinetuneSettings(Checked):
+    """``model.warp.finetune``: the energy fine-tune after the regression."""
+
+    epochs: Annotated[int, Ge(0), Doc("0: no fine-tune")] = 10
+    lr: Annotated[float, Gt(0)] = 0.0003
+    energy_weight: Annotated[float, Ge(0), Doc("w of the energy term")] = 0.001
+
+
+@dataclass(frozen=True)
+class WarpStageSettings(Checked):
+    """The keys of ``model.warp`` that the warp stage reads itself (the rest are WarpRegression's)."""
+
+    batch_size: Annotated[int, Ge(1), Doc("per process; the global batch is × devices × nodes")] = 64
+    num_workers: Annotated[int, Ge(0)] = 0
+    epochs: Annotated[int, Ge(1), Doc("of the regression")] = 40
+    finetune: FinetuneSettings = FinetuneSettings()
+
+
 def loss_config(ctx: RunContext) -> dict[str, Any]:
-    """``loss`` / ``gamma`` of WarpRegression from the ``loss`` group (missing keys: the default option's)."""
-    conf = fill_missing(to_container(ctx.cfg.get("loss")) or {}, primary_defaults("loss"))
-    return {"loss": conf["name"], "gamma": conf["gamma"]}
+    """``loss`` / ``gamma`` of WarpRegression from the ``loss`` group."""
+    conf = build(LossSettings, to_container(ctx.cfg.get("loss")), "loss")
+    return {"loss": conf.name, "gamma": conf.gamma}
 
 
 def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model.warp`` split into (WarpRegression arguments, data/trainer keys of :data:`DATA_KEYS`); keys
-    it leaves out come from ``conf/model/warp_regression.yaml``."""
-    defaults = primary_defaults("model.warp")
+    """``model.warp`` split into (WarpRegression arguments, :class:`WarpStageSettings` as a dict)."""
     node = to_container(ctx.stage_config("warp")) or {}
-    misplaced = [f"model.warp.{k}: {PIPELINE_KEYS[k]}" for k in node if k in PIPELINE_KEYS]
-    if misplaced:
-        raise ValueError("model.warp holds keys the pipeline sets itself; remove them:\n  "
-                         + "\n  ".join(misplaced))
-    data = {k: node.pop(k) for k in DATA_KEYS if k in node}
-    for key in ("batch_size", "num_workers", "epochs"):
-        data.setdefault(key, defaults[key])
-    data["finetune"] = fill_missing(dict(data.get("finetune") or {}), defaults["finetune"])
-    node.setdefault("_target_", defaults["_target_"])
-    return node, data
+    stage = {k: node.pop(k) for k in declared(WarpStageSettings) if k in node}
+    node.setdefault("_target_", f"{WarpRegression.__module__}.{WarpRegression.__qualname__}")
+    return node, asdict(build(WarpStageSettings, stage, "model.warp"))
 
 
 def target_sets(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normalization: Any,

@@ -8,7 +8,9 @@ otherwise (no energy fine-tune), scores each (:mod:`warplca.tasks.study`) and wr
 
 from __future__ import annotations
 
-from warplca.evaluation.warm_start_study import plot_ablation
+import functools
+
+from warplca.evaluation.warm_start_study import plot_variant_scores
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import INPUTS, Study
 
@@ -33,4 +35,5 @@ def run(ctx: RunContext) -> dict[str, float]:
     what = (f"Each variant trains the run's predictor for {epochs} epochs with one loss and one input "
             "(everything else as in the warp stage's regression, without its energy fine-tune; the same "
             "initial weights and data order).")
-    return study.publish("Ablation: loss × input", what, rows, ["variant"], plot_ablation)
+    plot = functools.partial(plot_variant_scores, title="WARP-CNN ablation: loss × input")
+    return study.publish("Ablation: loss × input", what, rows, ["variant"], plot)

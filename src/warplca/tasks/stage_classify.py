@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from warplca.config_defaults import primary_defaults
+from warplca.data.corruptions import DEFAULT_LEVELS
 from warplca.evaluation.robustness import (
     condition_name,
     robustness_conditions,
@@ -28,31 +30,55 @@ from warplca.evaluation.robustness import (
     save_robustness_plot,
     write_robustness_csv,
 )
-from warplca.frontends import FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
+from warplca.frontends import FRONTENDS, FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
 from warplca.modules.noisy_classification import FrontEndDataModule, NoisyClassification
+from warplca.serialization import CLASSIFIER_FILE, ROBUSTNESS_FILE
+from warplca.settings import Annotated, Checked, Doc, Ge, NonEmpty, OneOf, build, declared
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT", "STAGE_KEYS", "build_frontends", "run", "settings"]
+__all__ = ["ARTIFACT", "ClassifyStageSettings", "build_frontends", "classifier_file", "run", "settings"]
 
-ARTIFACT = "robustness.csv"
+ARTIFACT = ROBUSTNESS_FILE
 
-#: ``model.classify`` keys the stage uses itself (the others are NoisyClassification's arguments)
-STAGE_KEYS = ("frontends", "lca_iters_cold", "lca_iters_warm", "corruptions", "corruption_seed",
-              "cache_features", "cache_dtype", "batch_size", "test_batch_size", "feature_batch_size",
-              "epochs", "main_frontend", "trainer")
+@dataclass(frozen=True)
+class ClassifyStageSettings(Checked):
+    """The keys of ``model.classify`` the stage reads itself (the rest are NoisyClassification's)."""
+
+    frontends: Annotated[Sequence[str], OneOf(FRONTENDS, "front end"), NonEmpty()] = (
+        "pixels", "lca", "warp_lca")
+    lca_iters_cold: Annotated[int, Ge(1), Doc("LCA steps of the cold lca front end (protocol: ≥ 500)")] = 1000
+    lca_iters_warm: Annotated[int, Ge(0), Doc("LCA steps after the warm start (protocol: ≤ 20)")] = 20
+    corruptions: Annotated[Mapping[str, Sequence[float]] | None,
+                           Doc("corruption -> levels (null: DEFAULT_LEVELS)")] = field(
+        default_factory=lambda: dict(DEFAULT_LEVELS))
+    corruption_seed: Annotated[int, Ge(0)] = 0
+    cache_features: Annotated[bool | Literal["auto"], Doc("compute clean features once")] = "auto"
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: Annotated[int | None, Ge(1), Doc("null: the datamodule's")] = None
+    test_batch_size: Annotated[int | None, Ge(1), Doc("null: batch_size")] = None
+    feature_batch_size: Annotated[int, Ge(1)] = 256
+    main_frontend: Annotated[str | None, Doc("copied to classifier.ckpt (null: best mCA)")] = "warp_lca"
+    epochs: Annotated[int, Ge(1)] = 30
+
+    def cross_check(self) -> Iterable[tuple[str, Any, str]]:
+        try:
+            robustness_conditions(self.corruptions)
+        except ValueError as exc:
+            yield "corruptions", dict(self.corruptions or {}), str(exc)
+        if self.main_frontend is not None and self.main_frontend not in self.frontends:
+            yield "main_frontend", self.main_frontend, f"must be one of the frontends {list(self.frontends)}"
 
 
 def settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(stage settings, module keyword arguments) from ``model.classify``; missing stage keys and
-    ``_target_`` come from ``conf/model/noisy_classification.yaml``. The values are checked by
-    :func:`warplca.config_validation.validate_train_config` (``model.classify`` group)."""
-    defaults = primary_defaults("model.classify")
+    """(:class:`ClassifyStageSettings` as a dict, NoisyClassification keyword arguments) of
+    ``model.classify``."""
     node = to_container(ctx.stage_config("classify")) or {}
-    stage = {k: node.pop(k, defaults.get(k)) for k in STAGE_KEYS if k != "trainer"}  # no trainer in node
-    node.setdefault("_target_", defaults["_target_"])
+    stage = asdict(build(ClassifyStageSettings, {k: node.pop(k) for k in declared(ClassifyStageSettings)
+                                                 if k in node}, "model.classify"))
+    node.setdefault("_target_", f"{NoisyClassification.__module__}.{NoisyClassification.__qualname__}")
     cold, warm = int(stage["lca_iters_cold"]), int(stage["lca_iters_warm"])
     if cold < 500 or warm > 20:
         log.warning("classify: lca_iters_cold=%d, lca_iters_warm=%d: the experiment's protocol is cold ≥ 500 "
@@ -90,6 +116,11 @@ def build_frontends(ctx: RunContext, stage: dict[str, Any]) -> dict[str, FrontEn
         else:
             out[kind] = WarpLCAFrontEnd(bundle, int(stage["lca_iters_warm"]))
     return out
+
+
+def classifier_file(ctx: RunContext, frontend: str) -> Path:
+    """``<run_dir>/classifier_<frontend>.ckpt``: one front end's trained classifier and its test rows."""
+    return ctx.artifact(f"classifier_{frontend}.ckpt")
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]] | None:
@@ -141,7 +172,7 @@ def _train_one(ctx: RunContext, kind: str, frontend: FrontEnd, stage: dict[str, 
     val_acc = trainer.callback_metrics.get("val/acc")
     trainer.test(module, datamodule=fdm, verbose=False)
     rows = list(module.robustness_rows)
-    path = ctx.artifact(f"classifier_{kind}.ckpt")
+    path = classifier_file(ctx, kind)
     module.robustness_rows = rows  # stored in the checkpoint by NoisyClassification.on_save_checkpoint
     trainer.save_checkpoint(path)
     extra = {"cache_s": float(fdm.cache_seconds), "epochs": float(trainer.current_epoch)}
@@ -166,7 +197,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     all_rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     for kind, frontend in frontends.items():
-        path = ctx.artifact(f"classifier_{kind}.ckpt")
+        path = classifier_file(ctx, kind)
         rows = _load_rows(path) if path.is_file() and not ctx.force else None
         if rows is not None:
             log.info("classify/%s: %s exists, reusing its results (force=true to retrain)", kind, path.name)
@@ -190,7 +221,7 @@ def run(ctx: RunContext) -> dict[str, float]:
         main = stage["main_frontend"] if stage["main_frontend"] in frontends else None
         if main is None:  # the best by mean corruption accuracy
             main = max(frontends, key=lambda k: metrics.get(f"{k}/mca", float("-inf")))
-        shutil.copyfile(ctx.artifact(f"classifier_{main}.ckpt"), ctx.artifact("classifier.ckpt"))
+        shutil.copyfile(classifier_file(ctx, main), ctx.artifact(CLASSIFIER_FILE))
         save_robustness_plot(all_rows, ctx.artifact("robustness.png"))
         md = robustness_markdown(all_rows)
         ctx.artifact("robustness.md").write_text(md)

@@ -22,11 +22,12 @@ from warplca.coder import SparseCoder
 from warplca.lca import LCA, ConvDictionary, atom_usage, random_dictionary_like, used_atoms
 from warplca.metrics import EnergyMetric, SparsityMetric, reconstruction_metrics
 from warplca.plotting import atom_grid, image_grid, save_png
+from warplca.serialization import DICTIONARY_FILE
 from warplca.tasks.context import RunContext
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "dictionary.pt"
+ARTIFACT = DICTIONARY_FILE
 
 __all__ = ["ARTIFACT", "build_dictionary", "evaluate_dictionary", "run"]
 

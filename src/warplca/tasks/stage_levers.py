@@ -16,10 +16,10 @@ from torch.utils.data import TensorDataset
 
 from warplca.bundle import WarpLCA
 from warplca.coder import SparseCoder
-from warplca.data.target_cache import solve_targets
 from warplca.data.target_store import item_image, solver_continuation
-from warplca.evaluation.warm_start_study import plot_ablation
+from warplca.evaluation.warm_start_study import plot_variant_scores
 from warplca.lca import LCA
+from warplca.modules.target_builder import solve_targets
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import Study
@@ -98,4 +98,5 @@ def run(ctx: RunContext) -> dict[str, float]:
         what += (f" The energy fine-tunes start from the baseline and train {int(finetune['epochs'])} more "
                  f"epochs at lr {float(finetune['lr']):g} (their train_s: the fine-tune alone).")
     title = "Levers: predictor size, augmentation, self-distillation, energy fine-tune"
-    return study.publish(title, what, rows, ["variant"], plot_ablation)
+    plot = functools.partial(plot_variant_scores, title="WARP-CNN levers")
+    return study.publish(title, what, rows, ["variant"], plot)

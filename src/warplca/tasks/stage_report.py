@@ -16,14 +16,15 @@ from warplca.evaluation.convergence import table_markdown
 from warplca.evaluation.experiments import eval_images, eval_settings, run_convergence
 from warplca.evaluation.report import fmt, markdown_table, write_report_section, write_result
 from warplca.evaluation.robustness import robustness_result
-from warplca.tasks.context import RunContext
+from warplca.serialization import REPORT_FILE, ROBUSTNESS_FILE, read_metrics
+from warplca.tasks.context import RunContext, RunSettings
 from warplca.tasks.utils import evaluation_device_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ARTIFACT", "run"]
 
-ARTIFACT = "report.md"
+ARTIFACT = REPORT_FILE
 _STAGE_KEYS = ("dictionary", "targets", "warp", "classify")
 #: sections written by the study stages (``<name>.md`` in the run directory)
 STUDY_SECTIONS = ("ablation", "learning_curve", "levers")
@@ -31,7 +32,7 @@ STUDY_SECTIONS = ("ablation", "learning_curve", "levers")
 
 def pipeline_section(ctx: RunContext) -> str:
     """report.md section: the other stages' metrics from metrics.json (what the run trained)."""
-    data = ctx.read_metrics()
+    data = read_metrics(ctx.run_dir)
     rows = [{"stage": stage, "metric": key, "value": float(value)} for stage in _STAGE_KEYS
             for key, value in sorted((data.get(stage) or {}).items())
             if isinstance(value, (int, float)) and not isinstance(value, bool)]
@@ -59,9 +60,10 @@ def run(ctx: RunContext) -> dict[str, float]:
     log.info("report: cold LCA vs WARP-LCA on %d %s images, T=%s", images.shape[0], name,
              settings.get("iters") or model.lca.iters)
     result = run_convergence(model, images, settings, name=name,
-                             show_progress=bool(ctx.cfg.get("progress", True)), device=device)
+                             show_progress=bool(ctx.cfg.get("progress", RunSettings.progress)),
+                             device=device)
     results = [result]
-    if ctx.artifact("robustness.csv").is_file():  # the classify stage ran: report its table too
+    if ctx.artifact(ROBUSTNESS_FILE).is_file():  # the classify stage ran: report its table too
         results.append(robustness_result(ctx.run_dir))
     loggers = ctx.loggers("report")
     metrics: dict[str, float] = {}

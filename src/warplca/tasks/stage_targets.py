@@ -11,28 +11,53 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from warplca.config_defaults import primary_defaults
+from warplca.data.datamodule import SPLITS
 from warplca.data.target_cache import (
     TargetCache,
     TargetCacheIncompleteError,
     TargetCacheMismatchError,
-    build_target_cache,
     expected_manifest,
 )
+from warplca.data.target_store import COMPLETE
 from warplca.lca import LCA, ConvDictionary
-from warplca.serialization import write_text_atomic
+from warplca.lca.continuation import Continuation
+from warplca.modules.target_builder import build_target_cache
+from warplca.serialization import TARGETS_DIR, write_text_atomic
+from warplca.settings import Annotated, Checked, Doc, Ge, OneOf, build
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT", "cache_dir", "expected", "is_done", "run", "settings"]
+__all__ = ["ARTIFACT", "TargetSettings", "cache_dir", "expected", "is_done", "run", "settings"]
 
-ARTIFACT = "targets/COMPLETE"
+ARTIFACT = f"{TARGETS_DIR}/{COMPLETE}"
+
+
+@dataclass(frozen=True)
+class TargetSettings(Checked):
+    """The ``targets`` group: what the state-target caches hold and how they are built (conf/targets)."""
+
+    iters: Annotated[int, Ge(1), Doc("target_iters: LCA steps per target")] = 600
+    splits: Annotated[Sequence[str], OneOf(SPLITS, "split"), Doc("train is required")] = ("train", "val")
+    batch_size: Annotated[int, Ge(1), Doc("images per solver call")] = 128
+    chunk_size: Annotated[int, Ge(1), Doc("images per chunk: the unit of resumption and sharding")] = 256
+    limit: Annotated[int | None, Ge(1), Doc("cache only the first n images of each split")] = None
+    num_workers: Annotated[int, Ge(0)] = 0
+    solver: Annotated[str, OneOf(("cold", "continuation"), "target solver"),
+                      Doc("continuation: λ annealed from start_factor·λ (a lower, sparser minimum)")] = (
+        "continuation")
+    continuation: Continuation = Continuation()
+
+    def cross_check(self) -> Iterable[tuple[str, Any, str]]:
+        if "train" not in self.splits:
+            yield "splits", list(self.splits), "must include train (the warp stage trains on it)"
 
 
 def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
@@ -43,11 +68,9 @@ def solver_spec(conf: dict[str, Any]) -> dict[str, Any] | str:
 
 
 def settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``targets`` config, keys it leaves out or null taken from ``conf/targets/default.yaml`` (keys and
-    values are checked by :func:`warplca.config_validation.validate_train_config`). Under
-    ``trainer.fast_dev_run`` only the first chunk of each split is cached."""
-    conf = to_container(ctx.cfg.get("targets")) or {}
-    out = {**primary_defaults("targets"), **{k: v for k, v in conf.items() if v is not None or k == "limit"}}
+    """The ``targets`` config as :class:`TargetSettings` (a plain dict). Under ``trainer.fast_dev_run`` only
+    the first chunk of each split is cached."""
+    out = asdict(build(TargetSettings, to_container(ctx.cfg.get("targets")), "targets"))
     out["splits"] = [str(s) for s in out["splits"]]
     if OmegaConf.select(ctx.cfg, "trainer.fast_dev_run"):
         limit = out["limit"] if out["limit"] is not None else math.inf
@@ -57,7 +80,7 @@ def settings(ctx: RunContext) -> dict[str, Any]:
 
 def cache_dir(ctx: RunContext, split: str) -> Any:
     """Where the ``split`` cache lives: ``<run_dir>/targets/<split>``."""
-    return ctx.artifact(f"targets/{split}")
+    return ctx.artifact(f"{TARGETS_DIR}/{split}")
 
 
 def _cache_kwargs(ctx: RunContext, split: str, conf: dict[str, Any]) -> dict[str, Any]:

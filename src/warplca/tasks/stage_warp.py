@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from warplca.data.target_cache import TargetDataModule
+from warplca.serialization import BUNDLE_FILE
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.predictor_fit import build_module, target_sets, warp_data_settings
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ARTIFACT", "run"]
 
-ARTIFACT = "warp_lca.pt"
+ARTIFACT = BUNDLE_FILE
 
 
 def run(ctx: RunContext) -> dict[str, float]:

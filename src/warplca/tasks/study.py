@@ -11,7 +11,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from warplca.bundle import WarpLCA
-from warplca.config_defaults import fill_missing, primary_defaults
+from warplca.data.datamodule import SPLITS
 from warplca.data.target_cache import TargetDataset
 from warplca.evaluation.common import resolve_device
 from warplca.evaluation.curves import Curves
@@ -33,8 +34,10 @@ from warplca.evaluation.warm_start_study import (
     score_warm_start,
     study_table,
 )
+from warplca.losses import LOSSES
 from warplca.serialization import write_text_atomic
-from warplca.tasks.context import RunContext
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt, NonEmpty, OneOf, build
+from warplca.tasks.context import RunContext, RunSettings
 from warplca.tasks.predictor_fit import (
     INPUTS,
     build_module,
@@ -47,14 +50,68 @@ from warplca.tasks.utils import evaluation_device_name, to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INPUTS", "Study", "study_settings"]
+__all__ = ["INPUTS", "Study", "StudySettings", "study_settings"]
+
+
+EPOCHS = Doc("epochs per variant (null: the warp stage's)")
+
+
+@dataclass(frozen=True)
+class AblationSettings(Checked):
+    """``study.ablation``: one variant per loss × predictor input."""
+
+    losses: Annotated[Sequence[str], OneOf(LOSSES, "loss"), NonEmpty()] = ("laplacian", "mse", "l1")
+    inputs: Annotated[Sequence[str], OneOf(INPUTS, "input"), NonEmpty()] = ("image", "image+drive")
+    epochs: Annotated[int | None, Ge(1), EPOCHS] = None
+
+
+@dataclass(frozen=True)
+class LearningCurveSettings(Checked):
+    """``study.learning_curve``: one variant per training-set size × epochs."""
+
+    sizes: Annotated[Sequence[int], Ge(1), Doc("training-set sizes (clipped to the cache)")] = (
+        256, 512, 1024, 2048)
+    epochs: Annotated[Sequence[int], Ge(1)] = (10, 20, 40)
+
+
+@dataclass(frozen=True)
+class EnergyFinetuneSettings(Checked):
+    """``study.levers.energy_finetune``: the baseline fine-tuned with w · the LCA energy, per weight w."""
+
+    weights: Annotated[Sequence[float], Ge(0), Doc("w of the energy term ([] skips it)")] = (0.0003, 0.001)
+    epochs: Annotated[int, Ge(1)] = 10
+    lr: Annotated[float, Gt(0)] = 0.0003
+
+
+@dataclass(frozen=True)
+class LeversSettings(Checked):
+    """``study.levers``: predictor shapes, augmentation, self-distillation, the energy fine-tune."""
+
+    predictors: Annotated[Mapping[str, Any], Doc("name -> predictor overrides, one variant each")] = field(
+        default_factory=lambda: {"small": {"width": 32, "depth": 3}, "kernel5": {"kernel_size": 5}})
+    augment: Annotated[bool, Doc("add a flipped/rotated copy of every training crop")] = True
+    self_distill: Annotated[bool, Doc("retrain on the baseline's own warm-started states")] = True
+    energy_finetune: EnergyFinetuneSettings = EnergyFinetuneSettings()
+    epochs: Annotated[int | None, Ge(1), EPOCHS] = None
+
+
+@dataclass(frozen=True)
+class StudySettings(Checked):
+    """The ``study`` group: how the warm-start study stages score their variants (conf/study)."""
+
+    split: Annotated[str, OneOf(SPLITS, "split"), Doc("never test: picking from these tables")] = "val"
+    n_images: Annotated[int | None, Ge(1)] = 64
+    iters: Annotated[int | None, Ge(1), Doc("T, the reference budget (null: lca.iters)")] = None
+    budgets: Annotated[Sequence[int], Ge(1), Doc("early budgets k tabulated")] = (10, 100)
+    batch_size: Annotated[int, Ge(1), Doc("LCA batch when scoring")] = 64
+    ablation: AblationSettings = AblationSettings()
+    learning_curve: LearningCurveSettings = LearningCurveSettings()
+    levers: LeversSettings = LeversSettings()
 
 
 def study_settings(ctx: RunContext) -> dict[str, Any]:
-    """The ``study`` config, keys it leaves out taken from ``conf/study/default.yaml`` (its keys and values
-    are checked by :func:`warplca.config_validation.validate_train_config`)."""
-    return fill_missing(to_container(ctx.cfg.get("study")) or {}, primary_defaults("study"),
-                        whole=("levers.predictors",))
+    """The ``study`` config as :class:`StudySettings` (a plain dict)."""
+    return asdict(build(StudySettings, to_container(ctx.cfg.get("study")), "study"))
 
 
 class Study:
@@ -76,7 +133,7 @@ class Study:
         self.total = int(settings.get("iters") or self.lca.iters)
         self.budgets = [int(b) for b in settings["budgets"] if 0 < int(b) < self.total]
         self.early = self.budgets[0] if self.budgets else self.total
-        self.show_progress = bool(ctx.cfg.get("progress", True))
+        self.show_progress = bool(ctx.cfg.get("progress", RunSettings.progress))
         # cold runs never call the predictor: the bundle only supplies preprocessing and the solver
         model = WarpLCA(self.dictionary, build_predictor(ctx, self.dictionary), self.lca, self.norm)
         model = model.to(self.device)

@@ -1,4 +1,5 @@
-"""Hydra-edge helpers: instantiate loggers, callbacks and trainers from config, seeding, the task wrapper.
+"""Hydra-edge helpers: instantiate loggers, callbacks and trainers from config, seeding, the task wrapper,
+the OmegaConf resolvers the configs use (:func:`register_resolvers`).
 
 Loggers and callbacks are dicts keyed by name (``logger.csv=null`` drops one); the task wrapper
 always closes wandb.
@@ -6,11 +7,13 @@ always closes wandb.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,9 +27,10 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["close_wandb", "compose_config", "default_config_dir", "evaluation_device_name", "flatten_metrics",
-           "get_metric_value", "instantiate_callbacks", "instantiate_loggers", "is_user_error", "rank_suffix",
-           "seed_everything", "task_wrapper", "to_container"]
+__all__ = ["RESOLVERS", "close_wandb", "evaluation_device_name", "flatten_metrics", "get_metric_value",
+           "hydra_entry_point", "instantiate_callbacks", "instantiate_loggers", "is_user_error",
+           "rank_suffix", "register_resolvers", "seed_everything", "started_by_entry_point", "task_wrapper",
+           "to_container"]
 
 
 def to_container(node: Any) -> Any:
@@ -48,8 +52,17 @@ def rank_suffix() -> str:
     return f".rank{local}" if node == "0" else f".node{node}.rank{local}"
 
 
-if not OmegaConf.has_resolver("warplca.rank_suffix"):
-    OmegaConf.register_new_resolver("warplca.rank_suffix", rank_suffix)
+#: the OmegaConf resolvers the Hydra configs use, by name (``${warplca.rank_suffix:}`` in hydra/default.yaml)
+RESOLVERS: dict[str, Callable[..., Any]] = {"warplca.rank_suffix": rank_suffix}
+
+
+def register_resolvers() -> None:
+    """Register :data:`RESOLVERS` with OmegaConf (idempotent). Hydra resolves the job-logging file name
+    with them, so every place that composes a config calls this first: the entry points of
+    :mod:`warplca.cli` and :func:`warplca.config.compose_config`."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def evaluation_device_name(cfg: Any) -> str:
@@ -142,21 +155,32 @@ def close_wandb() -> None:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """Whether ``exc`` blames the config or the files, not the code (a ``ValueError``, a
-    ``FileNotFoundError`` or a :class:`~warplca.tasks.stages.StageNotAvailableError`)."""
-    from warplca.tasks.stages import StageNotAvailableError
+    """Whether ``exc`` blames the config or the files, not the code (a ``ValueError``, such as a
+    :class:`~warplca.config.ConfigError` or a
+    :class:`~warplca.tasks.provenance.ProvenanceMismatchError`, or a ``FileNotFoundError``)."""
+    return isinstance(exc, (ValueError, FileNotFoundError))
 
-    return isinstance(exc, (ValueError, FileNotFoundError, StageNotAvailableError))
+
+#: set by :func:`hydra_entry_point` while a ``@hydra.main`` entry point (:mod:`warplca.cli`) runs its task
+_ENTRY_POINT: ContextVar[bool] = ContextVar("warplca_hydra_entry_point", default=False)
 
 
-def _started_by_hydra_app() -> bool:
-    """Whether this call runs inside Hydra's ``run_job`` (``python train.py``), not a plain call."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "run_job" and frame.f_globals.get("__name__") == "hydra.core.utils":
-            return True
-        frame = frame.f_back
-    return False
+@contextlib.contextmanager
+def hydra_entry_point() -> Iterator[None]:
+    """Mark the task calls inside as started by a command-line entry point (``python train.py``): there
+    :func:`task_wrapper` reports a user error as a message and exit status 1 instead of a traceback. A
+    task called as a function (tests, notebooks; also after :func:`warplca.config.compose_config`)
+    raises as usual."""
+    token = _ENTRY_POINT.set(True)
+    try:
+        yield
+    finally:
+        _ENTRY_POINT.reset(token)
+
+
+def started_by_entry_point() -> bool:
+    """Whether the running task was started by a command-line entry point (see :func:`hydra_entry_point`)."""
+    return _ENTRY_POINT.get()
 
 
 def task_wrapper(fn: F) -> F:
@@ -164,9 +188,10 @@ def task_wrapper(fn: F) -> F:
     always close wandb.
 
     In a multirun a failure is logged and :data:`warplca.runtime.FAILED_METRICS` returned, so the sweep
-    goes on (``+fail_fast=true`` re-raises). A user error (:func:`is_user_error`) in a run started by the
-    Hydra app logs its message without a traceback and exits with status 1 (``HYDRA_FULL_ERROR=1``
-    re-raises). Anything else is logged in one line and re-raised unchanged.
+    goes on (``+fail_fast=true`` re-raises). A user error (:func:`is_user_error`) in a run started by a
+    command-line entry point (:func:`hydra_entry_point`) logs its message without a traceback and exits
+    with status 1 (``HYDRA_FULL_ERROR=1`` re-raises). Anything else is logged in one line and re-raised
+    unchanged.
     """
 
     @functools.wraps(fn)
@@ -186,7 +211,7 @@ def task_wrapper(fn: F) -> F:
                 return dict(runtime.FAILED_METRICS)
             where = f" (traceback in {marker})" if marker is not None else ""
             if (is_user_error(exc) and os.environ.get("HYDRA_FULL_ERROR") != "1"
-                    and _started_by_hydra_app()):
+                    and started_by_entry_point()):
                 log.error("%s: %s", type(exc).__name__, exc)
                 log.error("%s failed%s; HYDRA_FULL_ERROR=1 prints the traceback", fn.__name__, where)
                 raise SystemExit(1) from None
@@ -223,37 +248,3 @@ def get_metric_value(metrics: Mapping[str, float], name: str | None) -> float | 
     value = float(metrics[name])
     log.info("optimized metric %s = %g", name, value)
     return value
-
-
-def default_config_dir() -> Path:
-    """The Hydra config tree (:func:`warplca.config_defaults.config_dir`)."""
-    from warplca.config_defaults import config_dir
-
-    return config_dir()
-
-
-def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None,
-                   config_name: str = "train", config_dir: str | os.PathLike | None = None) -> DictConfig:
-    """Compose a config outside ``@hydra.main`` (tests, notebooks) with ``${hydra:...}`` resolvable;
-    ``output_dir`` (default: the composed ``run_dir``) becomes the run directory."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    conf_dir = Path(config_dir) if config_dir is not None else default_config_dir()
-    if not conf_dir.is_dir():
-        raise FileNotFoundError(f"config directory {conf_dir} does not exist")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        out = Path(output_dir) if output_dir is not None else Path(str(cfg.hydra.run.dir))
-        cfg.hydra.runtime.output_dir = str(out.resolve())
-        cfg.hydra.run.dir = str(out)
-        if output_dir is not None and "run_dir" in cfg:
-            cfg.run_dir = str(out)
-        if not cfg.hydra.runtime.get("cwd"):
-            cfg.hydra.runtime.cwd = os.getcwd()
-    HydraConfig().set_config(cfg)
-    return cfg
