@@ -617,3 +617,26 @@ def test_a_data_config_from_before_the_norm_group_gives_the_same_test_crops() ->
            "scale": 0.5, "min_std": 0.02, "norm_scale": 1.0}
     today = NaturalDataModule(n_train=8, n_val=4, n_test=6, seed=0)
     assert torch.equal(build_datamodule_from_config(old).tensor("test")[0], today.tensor("test")[0])
+
+
+def test_stratified_order_gives_nested_stratified_prefixes() -> None:
+    """The learning curve's samples: every prefix holds each stratum within one item of its share, and a
+    larger sample contains every smaller one (it is a prefix of the same seeded order)."""
+    from collections import Counter
+
+    from warplca.data.datamodule import stratified_order
+    from warplca.tasks.stage_learning_curve import nested_order
+
+    labels = [0] * 60 + [1] * 30 + [2] * 10
+    order = stratified_order(labels, seed=3)
+    assert sorted(order.tolist()) == list(range(100))
+    for n in (10, 20, 37, 50, 100):
+        counts = Counter(labels[i] for i in order[:n].tolist())
+        shares = ((0, 0.6), (1, 0.3), (2, 0.1))
+        assert all(abs(counts[c] - share * n) <= 1 for c, share in shares), (n, counts)
+    assert torch.equal(order, stratified_order(labels, seed=3))
+    assert not torch.equal(order, stratified_order(labels, seed=4))
+    # natural crops: photo × scale; the first 9 of 90 crops come one from each of the 9 sources
+    crops = NaturalDataModule(n_train=90, n_val=2, n_test=2).split_dataset("train")
+    first = nested_order(crops, len(crops), seed=0)[:9]
+    assert sorted(crops.strata[first].tolist()) == list(range(9))

@@ -21,7 +21,7 @@ from warplca.data.normalization import Normalization
 from warplca.data.resumable import make_loader
 
 __all__ = ["SPLITS", "ArrayImageDataset", "DatasetNotFoundError", "FlipRotateDataset", "ImageDataModule",
-           "RandomCropDataset", "check_files", "luminance", "stratified_split"]
+           "RandomCropDataset", "check_files", "luminance", "stratified_order", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,14 @@ def luminance(images: Tensor) -> Tensor:
     return (images * w).sum(dim=-3, keepdim=True)
 
 
-def stratified_split(labels: Sequence[int] | Tensor | np.ndarray, fractions: Sequence[float],
-                     seed: int) -> list[Tensor]:
-    """Split indices into ``len(fractions)`` disjoint parts with the class proportions of the whole.
+def stratified_order(labels: Sequence[int] | Tensor | np.ndarray, seed: int) -> Tensor:
+    """A seeded order of all items in which every prefix holds each class within one item of its share:
+    the first n items are a sample stratified by class, and a larger n contains every smaller one.
 
     Each class is shuffled with ``torch.Generator().manual_seed(seed)`` and its items get evenly spaced
-    keys ``(rank + 0.5) / class_size``; all items are then ordered by key (random tie-break) and cut at
-    ``round(cumulative_fraction * N)``. Part sizes are exact and every class lands in each part within one
-    item of its share, even when classes are tiny. The returned index tensors are sorted.
+    keys ``(rank + 0.5) / class_size``; all items are then ordered by key (random tie-break).
     """
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).flatten()
-    fr = [float(f) for f in fractions]
-    if not fr or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be >= 0 and sum to 1, got {list(fractions)}")
     gen = torch.Generator().manual_seed(int(seed))
     n = len(y)
     keys = torch.empty(n, dtype=torch.float64)
@@ -81,7 +76,20 @@ def stratified_split(labels: Sequence[int] | Tensor | np.ndarray, fractions: Seq
         ranks = torch.randperm(len(idx), generator=gen).to(torch.float64)
         keys[idx] = (ranks + 0.5) / len(idx)
     order = torch.randperm(n, generator=gen)  # random tie-break, kept by the stable sort below
-    order = order[torch.sort(keys[order], stable=True)[1]]
+    return order[torch.sort(keys[order], stable=True)[1]]
+
+
+def stratified_split(labels: Sequence[int] | Tensor | np.ndarray, fractions: Sequence[float],
+                     seed: int) -> list[Tensor]:
+    """Split indices into ``len(fractions)`` disjoint parts with the class proportions of the whole: the
+    :func:`stratified_order` cut at ``round(cumulative_fraction * N)``. Part sizes are exact and every
+    class lands in each part within one item of its share, even when classes are tiny. The returned index
+    tensors are sorted."""
+    fr = [float(f) for f in fractions]
+    if not fr or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    order = stratified_order(labels, seed)
+    n = len(order)
     cuts = [round(c * n) for c in np.cumsum([0.0, *fr])]
     return [torch.sort(order[a:b])[0] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 

@@ -81,6 +81,11 @@ class NaturalCrops(Dataset):
         self.sources, self.positions = list(sources), positions
         self.crop_size, self.grayscale = crop_size, grayscale
 
+    @property
+    def strata(self) -> Tensor:
+        """The (photo, scale) source of each crop: what a sample of the split is stratified by."""
+        return self.positions[:, 0]
+
     def __len__(self) -> int:
         return int(self.positions.shape[0])
 

@@ -132,17 +132,20 @@ def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliz
 def fit_quietly(ctx: RunContext, module: pl.LightningModule, train: TargetDataset, epochs: int,
                 limit: int | None = None) -> pl.LightningModule:
     """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs on one device, with
-    no checkpoints, loggers, progress bars or validation; the data order is seeded like the warp stage's."""
+    the warp stage's trainer settings (``model.warp.trainer``, then the ``trainer`` group: gradient
+    clipping, precision, …) but no checkpoints, loggers, progress bars or validation; the data order is
+    seeded like the warp stage's."""
     _, data = warp_data_settings(ctx)
     seed = int(ctx.cfg.get("seed") or 0)
     pl.seed_everything(seed, workers=True, verbose=False)
     dataset: Any = Subset(train, range(int(limit))) if limit is not None and limit < len(train) else train
     datamodule = TargetDataModule(dataset, None, batch_size=int(data["batch_size"]),
                                   num_workers=int(data["num_workers"]), seed=seed)
-    trainer_cfg = to_container(ctx.cfg.get("trainer")) or {}
-    trainer = pl.Trainer(accelerator=str(trainer_cfg.get("accelerator") or "auto"), devices=1, logger=False,
-                         precision=trainer_cfg.get("precision") or "32-true", max_epochs=int(epochs),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(ctx.run_dir))
+    kwargs = ctx.trainer_kwargs("warp", devices=1, logger=False, max_epochs=int(epochs),
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    for key in ("_target_", "strategy", "num_nodes", "callbacks"):  # one quiet process, nothing saved
+        kwargs.pop(key, None)
+    trainer = pl.Trainer(**kwargs)
     trainer.fit(module, datamodule=datamodule)
     return module
