@@ -32,6 +32,7 @@ from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, image_norms
 from warplca.lca.thresholds import count_active
 from warplca.serialization import load_checked, save_atomic
+from warplca.settings import path_of
 
 if TYPE_CHECKING:  # the data package imports Lightning; keep ``import warplca`` light
     from warplca.data.normalization import Normalization
@@ -56,7 +57,7 @@ class PredictorNotAllowedError(ValueError):
 
 def predictor_path(cls: type) -> str:
     """The importable path ``module.QualName`` a bundle stores for the class ``cls``."""
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return path_of(cls)
 
 
 def _class_problem(obj: Any) -> str | None:

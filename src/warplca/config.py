@@ -32,7 +32,7 @@ from warplca.lca import LCA, ConvDictionary
 from warplca.losses import LossSettings
 from warplca.models import WarpCNN
 from warplca.modules import DictionaryLearning, NoisyClassification, WarpRegression
-from warplca.settings import SettingsError, build, declared, defaults, problems, show
+from warplca.settings import SettingsError, build, declared, defaults, path_of, problems, show
 from warplca.tasks.context import RunSettings
 from warplca.tasks.predictor_fit import PIPELINE_KEYS, WarpStageSettings
 from warplca.tasks.stage_classify import ClassifyStageSettings
@@ -47,11 +47,6 @@ __all__ = ["TRAIN", "ConfigError", "ConfigFileError", "Node", "check_eval_config
 Problem = tuple[str, str]
 _META = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 _ABSENT: Any = object()
-
-
-def path_of(cls: type) -> str:
-    """The importable ``module.Class`` path of ``cls`` (what ``_target_`` holds)."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -208,8 +203,7 @@ def node_problems(cfg: DictConfig, key: str, spec: Node) -> list[Problem]:
     known = spec.known(decl)
     for k in values:
         if k in spec.provided:
-            out.append((f"{prefix}{k}", f"{prefix}{k}" + (f"={show(values[k])}: " if "belong" in
-                                                            spec.provided[k] else ": ") + spec.provided[k]))
+            out.append((f"{prefix}{k}", f"{prefix}{k}={show(values[k])}: {spec.provided[k]}"))
         elif k not in known | _META and (decl is None or _closed(decl)):
             close = difflib.get_close_matches(k, sorted(known - set(spec.provided)), n=1, cutoff=0.75)
             hint = f"; did you mean {prefix}{close[0]}?" if close else _home(cfg, key, k)

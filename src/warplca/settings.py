@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 __all__ = ["Annotated", "Checked", "Doc", "Ge", "Gt", "Le", "Lt", "NonEmpty", "Odd", "OneOf", "Setting",
-           "SettingsError", "build", "checked", "declared", "defaults", "describe", "problems", "show"]
+           "SettingsError", "build", "checked", "declared", "defaults", "describe", "path_of", "problems",
+           "show"]
 
 Problem = tuple[str, str]
 _EMPTY = inspect.Parameter.empty
@@ -111,6 +112,11 @@ class SettingsError(ValueError):
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)
         super().__init__("; ".join(m for _, m in self.problems))
+
+
+def path_of(obj: Any) -> str:
+    """The importable ``module.QualName`` of a class or function (what ``_target_`` holds)."""
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def show(value: Any) -> str:

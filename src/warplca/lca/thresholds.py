@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from warplca.settings import path_of
+
 __all__ = ["THRESHOLDS", "Threshold", "check_threshold", "count_active", "get_threshold", "threshold_class"]
 
 #: name -> threshold class, filled by the class statements of the subclasses
@@ -91,8 +93,8 @@ class Threshold:
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"a threshold name must be an identifier, got {name!r}")
         known = _REGISTRY.get(name)
-        if known is not None and _path(known) != _path(cls):  # re-importing the same class replaces it
-            raise ValueError(f"threshold {name!r} is already registered by {_path(known)}")
+        if known is not None and path_of(known) != path_of(cls):  # re-importing the same class replaces it
+            raise ValueError(f"threshold {name!r} is already registered by {path_of(known)}")
         cls.name = name
         _REGISTRY[name] = cls
 
@@ -140,10 +142,6 @@ class Threshold:
         """Penalty summed over all but the first (batch) dimension."""
         dims = tuple(range(1, a.dim()))  # reduce in place of flatten(1): no copy for channels_last
         return self.penalty(a).sum(dims) if self.nonneg else self.signed_penalty_sum(a, dims)
-
-
-def _path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class HardThreshold(Threshold, name="hard"):

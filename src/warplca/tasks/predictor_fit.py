@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Subset
 
+from warplca.bundle import DEFAULT_PREDICTOR
 from warplca.data.target_cache import TargetCache, TargetDataModule, TargetDataset
 from warplca.lca import ConvDictionary
 from warplca.losses import LossSettings
 from warplca.modules.warp_regression import WarpRegression
-from warplca.settings import Annotated, Checked, Doc, Ge, Gt, build, declared
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt, build, declared, path_of
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
@@ -57,7 +58,7 @@ def build_predictor(ctx: RunContext, dictionary: ConvDictionary,
     """
     if ctx.cfg.get("predictor") is None:
         raise ValueError("no predictor config: choose one with predictor=small|medium|large")
-    conf = {"_target_": "warplca.models.WarpCNN", **to_container(ctx.cfg.predictor), **dict(overrides or {})}
+    conf = {"_target_": DEFAULT_PREDICTOR, **to_container(ctx.cfg.predictor), **dict(overrides or {})}
     if conf.get("drive_scale") == "auto" and conf.get("use_drive"):
         conf["drive_scale"] = 1.0 / max(dictionary.operator_norm(), 1.0)
     return instantiate(OmegaConf.create(conf), in_channels=dictionary.in_channels, n_atoms=dictionary.n_atoms,
@@ -93,7 +94,7 @@ def warp_data_settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]
     """``model.warp`` split into (WarpRegression arguments, :class:`WarpStageSettings` as a dict)."""
     node = to_container(ctx.stage_config("warp")) or {}
     stage = {k: node.pop(k) for k in declared(WarpStageSettings) if k in node}
-    node.setdefault("_target_", f"{WarpRegression.__module__}.{WarpRegression.__qualname__}")
+    node.setdefault("_target_", path_of(WarpRegression))
     return node, asdict(build(WarpStageSettings, stage, "model.warp"))
 
 

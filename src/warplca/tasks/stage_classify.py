@@ -33,7 +33,7 @@ from warplca.evaluation.robustness import (
 from warplca.frontends import FRONTENDS, FrontEnd, LCAFrontEnd, PixelFrontEnd, WarpLCAFrontEnd
 from warplca.modules.noisy_classification import FrontEndDataModule, NoisyClassification
 from warplca.serialization import CLASSIFIER_FILE, ROBUSTNESS_FILE
-from warplca.settings import Annotated, Checked, Doc, Ge, NonEmpty, OneOf, build, declared
+from warplca.settings import Annotated, Checked, Doc, Ge, NonEmpty, OneOf, build, declared, path_of
 from warplca.tasks.context import RunContext
 from warplca.tasks.utils import to_container
 
@@ -78,7 +78,7 @@ def settings(ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
     node = to_container(ctx.stage_config("classify")) or {}
     stage = asdict(build(ClassifyStageSettings, {k: node.pop(k) for k in declared(ClassifyStageSettings)
                                                  if k in node}, "model.classify"))
-    node.setdefault("_target_", f"{NoisyClassification.__module__}.{NoisyClassification.__qualname__}")
+    node.setdefault("_target_", path_of(NoisyClassification))
     cold, warm = int(stage["lca_iters_cold"]), int(stage["lca_iters_warm"])
     if cold < 500 or warm > 20:
         log.warning("classify: lca_iters_cold=%d, lca_iters_warm=%d: the experiment's protocol is cold ≥ 500 "
