@@ -355,7 +355,7 @@ def test_missing_dictionary_path(make_cfg, tmp_path) -> None:
 # -- stages and the run context ---------------------------------------------------------------------
 def test_stage_names() -> None:
     assert STAGE_ORDER == ("dictionary", "targets", "warp", "ablation", "learning_curve", "levers",
-                           "classify", "report")
+                           "scaling", "classify", "report")
     assert resolve_stages(["report", "learning_curve", "ablation"]) == ["ablation", "learning_curve",
                                                                        "report"]
     assert resolve_stages(["report", "dictionary", "report"]) == ["dictionary", "report"]

@@ -404,6 +404,8 @@ def test_denoise(tiny_run: Path, tmp_path: Path, model: Any) -> None:
         "eval.denoise.sigmas=[0.1,0.2]",
         "eval.denoise.budgets=[5,20]",
         "eval.denoise.examples=2",
+        "eval.denoise.lam_factors=[1,3]",
+        "eval.denoise.select_images=4",
     )
     rows = rows_of(tmp_path / "denoise_table.csv")
     assert list(rows[0]) == ["sigma", "method", "k", "psnr", "ssim", "energy", "l0"]
@@ -424,6 +426,26 @@ def test_denoise(tiny_run: Path, tmp_path: Path, model: Any) -> None:
     data = json.loads((tmp_path / "metrics.json").read_text())["eval"]
     assert data["denoise/sigma0.1/cold/psnr@20"] == pytest.approx(float(rows[2]["psnr"]))
     assert "## Denoising" in (tmp_path / "report.md").read_text()
+    # λ and k chosen on val per σ and method, then measured on test at that (λ, k)
+    from warplca.data import NaturalDataModule
+    from warplca.evaluation.denoise import at_lambda, select_lambda
+
+    tuned = {(float(r["sigma"]), r["key"]): r for r in rows_of(tmp_path / "denoise_tuned.csv")}
+    assert sorted(tuned) == [(s, k) for s in (0.1, 0.2) for k in ("cold", "early_stopped_cold", "warm")]
+    lam0 = float(model.lca.lam)
+    kw = {k: v for k, v in DATA.items() if k != "_target_"} | {"seed": 0}
+    val = NaturalDataModule(**kw).tensor("val")[0][:4]
+    for (sigma, key), r in tuned.items():
+        lams = [lam0] if key == "early_stopped_cold" else [lam0, 3 * lam0]
+        grid = [0, 1, 2, 3, 5, 10, 20]
+        lam, k, _ = select_lambda(model, val, sigma, lams, key == "warm", grid, seed=0)
+        assert float(r["lam"]) == pytest.approx(lam) and int(r["k"]) == k
+        noisy = corrupt(images, "gaussian_noise", sigma, seed=0)
+        res = at_lambda(model, lam)(model.preprocess(noisy), iters=k, warm=key == "warm")
+        p, _ = pixel_quality(model.postprocess(res.recon).clamp(0, 1), images)
+        assert float(r["psnr"]) == pytest.approx(float(p.mean()), rel=1e-5)
+    assert "### Denoising as a user would run it" in (tmp_path / "report.md").read_text()
+    assert data["denoise/sigma0.2/tuned/warm/lam"] in (lam0, 3 * lam0)
 
 
 def test_ood_skips_missing_datasets(tiny_run: Path, tmp_path: Path) -> None:

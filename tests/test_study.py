@@ -150,10 +150,10 @@ def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dic
     real = stage_levers.Study.fit
 
     def recording_fit(self, epochs, limit=None, predictor_overrides=None, module_overrides=None, train=None,
-                      init=None):
+                      init=None, steps=None, seed=None):
         seen.append(len(self.train if train is None else train))
         inits.append(init)
-        return real(self, epochs, limit, predictor_overrides, module_overrides, train, init)
+        return real(self, epochs, limit, predictor_overrides, module_overrides, train, init, steps, seed)
 
     stage_levers.Study.fit = recording_fit  # type: ignore[method-assign]
     try:
@@ -173,3 +173,64 @@ def test_levers_stage_scores_each_lever_against_the_baseline(tmp_path: Path, dic
         assert 0 < float(row["energy@20"]) <= float(row["energy@0"]) + 1e-6
     assert "## Levers" in (run / "report.md").read_text(encoding="utf-8")
     assert "levers/baseline/iterations_to_match" in metrics
+
+
+def _scaling_overrides(dictionary: Path, *extra: str) -> list[str]:
+    return _overrides(dictionary, "stages=[targets,scaling]", "study.scaling.sizes=[8,16,32,64]",
+                      "study.scaling.predictors.small={width:8,depth:2}",
+                      "study.scaling.predictors.medium={width:12,depth:2}", "~study.scaling.predictors.large",
+                      "study.scaling.steps=3", "study.scaling.seeds=[0,1]", "study.scaling.seeded=[small]",
+                      "study.scaling.long_factor=2", "study.scaling.long_sizes=[16,64]",
+                      "study.scaling.long_predictor=small", "study.scaling.reference_iters=40",
+                      "study.scaling.ood_images=14", "study.scaling.bootstrap=10",
+                      "study.scaling.holdout=0.5", *extra)
+
+
+def test_scaling_stage_fits_the_law_on_a_fixed_step_grid(tmp_path: Path, dictionary_path: Path) -> None:
+    """Every grid point is trained for exactly `steps` optimiser steps, scored on val and OOD photos; the
+    law, its held-out prediction and the Kaplan–Meier medians come out in the stage's files."""
+    import json
+
+    from warplca.config import compose_config
+    from warplca.tasks.stage_scaling import point_grid
+    from warplca.tasks.train import train
+
+    run = tmp_path / "run"
+    train(compose_config(_scaling_overrides(dictionary_path), output_dir=run))
+    rows = _rows(run / "scaling.csv")
+    conf = {"sizes": [8, 16, 32, 64], "predictors": {"small": {}, "medium": {}}, "steps": 3, "seeds": [0, 1],
+            "seeded": ["small"], "long_factor": 2, "long_sizes": [16, 64], "long_predictor": "small"}
+    grid = point_grid(conf, 64)
+    assert len(grid) == 4 * 2 + 2 + 4 and len(rows) == 2 * len(grid)  # val and ood
+    assert {(r["predictor"], int(r["size"]), int(r["seed"]), int(r["steps"])) for r in rows} == {
+        (p["predictor"], p["size"], p["seed"], p["steps"]) for p in grid}
+    for r in rows:
+        assert float(r["gap@0"]) >= float(r["gap@10"]) - 1e-9 >= -1e-9  # E_ref is the lowest known energy
+        assert 0.0 <= float(r["matched_frac"]) <= 1.0
+    fit = json.loads((run / "scaling_fit.json").read_text())
+    law = fit["laws"]["val/small/gap@0"]
+    assert sorted(law["n"]) == [8, 8, 16, 16, 32, 32, 64, 64] and {"fit", "beta_band", "holdout"} <= set(law)
+    assert law["holdout"]["n"] == 64
+    assert "ood/medium/gap@1" in fit["laws"]
+    md = (run / "scaling.md").read_text()
+    assert "## Scaling law of the warm start" in md and "![scaling law](scaling.png)" in md
+    assert (run / "scaling.png").stat().st_size > 0 and not (run / "scaling.partial.json").exists()
+
+
+def test_fixed_steps_train_exactly_that_many_steps(tmp_path: Path, dictionary_path: Path) -> None:
+    from warplca.config import compose_config
+    from warplca.tasks.context import RunContext
+    from warplca.tasks.predictor_fit import build_module, fit_quietly, target_sets
+    from warplca.tasks.train import train
+
+    run = tmp_path / "run"
+    overrides = _overrides(dictionary_path, "stages=[targets]")
+    train(compose_config(overrides, output_dir=run))
+    ctx = RunContext(compose_config(overrides, output_dir=run), run)
+    d, lca, norm = ctx.coding()
+    data = target_sets(ctx, d, lca, norm, splits=("train",))["train"]
+    for size, steps in ((8, 5), (64, 5)):  # 8 items at batch 32: 5 epochs; 64: 3 epochs
+        module, _ = build_module(ctx, d, lca, norm)
+        fit_quietly(ctx, module, torch.utils.data.Subset(data, range(size)), 1, steps=steps)
+        assert module.trainer.global_step == steps
+        assert module.lr_schedulers().last_epoch == steps  # the cosine runs over the steps

@@ -16,6 +16,7 @@ cannot make the loader import or run anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from warplca.coder import SparseCoder
+from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.lca.dictionary import ConvDictionary
-from warplca.lca.solver import LCA, image_norms
+from warplca.lca.solver import LCA, LCAResult, image_norms
 from warplca.lca.thresholds import count_active
 from warplca.serialization import load_checked, save_atomic
 from warplca.settings import path_of
@@ -220,14 +222,19 @@ class WarpLCA(SparseCoder):
     ``predictor`` is a :class:`~warplca.models.WarpCNN` or any ``nn.Module`` with the predictor interface
     (module docstring); its ``in_channels``, ``n_atoms`` and ``stride``, where it has them, must be the
     dictionary's, and its states must have the dictionary's code shape. ``start_guard`` starts from 0
-    where the predicted start's energy exceeds ½‖x‖² (module docstring).
+    where the predicted start's energy exceeds ½‖x‖² (module docstring). ``tail``: run warm starts as a
+    λ-continuation from the prediction (λ annealed from ``tail.start_factor``·λ down to λ) instead of
+    plain LCA at λ — lower minima at larger budgets (the convergence report's fair baselines measure it).
     """
 
     def __init__(self, dictionary: ConvDictionary, predictor: nn.Module, lca: LCA | None = None,
-                 normalization: Normalization | None = None, start_guard: bool = True) -> None:
+                 normalization: Normalization | None = None, start_guard: bool = True,
+                 tail: Continuation | None = None) -> None:
         super().__init__(dictionary, lca, normalization)
         if not isinstance(start_guard, bool):
             raise ValueError(f"start_guard must be True or False, got {start_guard!r}")
+        if tail is not None and not isinstance(tail, Continuation):
+            raise ValueError(f"tail must be a Continuation schedule or None, got {type(tail).__name__}")
         if not isinstance(predictor, nn.Module):
             raise ValueError(f"predictor must be a torch.nn.Module, got {type(predictor).__name__}")
         geometry = {"in_channels": dictionary.in_channels, "n_atoms": dictionary.n_atoms,
@@ -238,7 +245,19 @@ class WarpLCA(SparseCoder):
             raise ValueError(f"predictor does not fit the dictionary: expected {expected}, got {got}")
         self.predictor = predictor
         self.start_guard = start_guard
+        self.tail = tail
         self.meta: dict[str, Any] = {}
+
+    def forward(self, x: Tensor, iters: int = 10, warm: bool = True, trace: bool = False,
+                grad: bool = False) -> LCAResult:
+        """LCA on ``x`` (coded space) for ``iters`` steps from the warm start (``warm``) or 0; warm runs
+        with a ``tail`` anneal λ down to the solver's (no trace: its stages run at other λ)."""
+        if not warm or self.tail is None:
+            return super().forward(x, iters=iters, warm=warm, trace=trace, grad=grad)
+        if trace or grad:
+            raise ValueError("trace and grad are not available for a warm start with a continuation tail")
+        self.check_input(x)
+        return solve_continuation(self.lca, x, iters, self.tail, u0=self.initial_states(x))
 
     def predict_states(self, x: Tensor, grad: bool = False) -> Tensor:
         """The predictor's states û = f_θ(x) (B, K, ⌈H/s⌉, ⌈W/s⌉) for images ``x`` in the coded space."""
@@ -289,6 +308,7 @@ class WarpLCA(SparseCoder):
             "lca": self.lca.settings(),
             "normalization": None if self.normalization is None else self.normalization.to_dict(),
             "start_guard": self.start_guard,
+            "tail": None if self.tail is None else dataclasses.asdict(self.tail),
         }
 
     def save(self, path: str | os.PathLike, **meta: Any) -> Path:
@@ -314,8 +334,10 @@ class WarpLCA(SparseCoder):
             predictor.load_state_dict(payload["predictor"]["state_dict"])
             lca = LCA(dictionary, **payload["lca"])
             norm = payload.get("normalization")
+            tail = payload.get("tail")
             model = cls(dictionary, predictor, lca, None if norm is None else Normalization.from_dict(norm),
-                        start_guard=payload.get("start_guard", True))  # older bundles: guard on
+                        start_guard=payload.get("start_guard", True),  # older bundles: guard on
+                        tail=None if tail is None else Continuation(**tail))
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: inconsistent {FORMAT} artifact: {exc}") from exc
         model.meta = dict(payload.get("meta") or {})

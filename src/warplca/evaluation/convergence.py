@@ -19,6 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warplca.evaluation.baselines import (
+    BaselineSettings,
+    baselines_markdown,
+    baselines_metrics,
+    budget_grid,
+    measure_baselines,
+    plot_baselines,
+)
 from warplca.evaluation.common import (
     METHODS,
     EvalModel,
@@ -26,6 +34,7 @@ from warplca.evaluation.common import (
     Figure,
     clip_ks,
     describe_model,
+    log_spaced_ks,
     model_sentence,
     progress,
     synchronize,
@@ -84,6 +93,7 @@ class ConvergenceSettings(Checked):
     ks: Annotated[Sequence[int] | None, Ge(0), Doc("budgets of the curves (null: log-spaced up to T)")] = None
     timing: TimingSettings = TimingSettings()
     examples: ExamplesSettings = ExamplesSettings()
+    baselines: BaselineSettings = BaselineSettings()
 
 
 @dataclass
@@ -221,7 +231,8 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
                         ks: Sequence[int] | None = None, budgets: Sequence[int] = DEFAULT_BUDGETS,
                         batch_size: int = 64, timing: TimingSettings | None = None, examples: int = 6,
                         examples_iters: int = 10, prefix: str = "convergence", name: str = "",
-                        show_progress: bool = True, device: torch.device | None = None) -> ConvergenceResult:
+                        baselines: BaselineSettings | None = None, show_progress: bool = True,
+                        device: torch.device | None = None) -> ConvergenceResult:
     """Cold LCA vs WARP-LCA on ``images`` ([0, 1]) up to ``iters`` = T, measured (nothing written).
 
     Files: ``<prefix>.csv`` (every checkpoint), ``<prefix>_table.csv`` (budgets, ms per image),
@@ -229,14 +240,20 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     ``atoms.png``, ``speedup.csv`` / ``speedup.png`` (``<prefix>_speedup.*`` for another prefix).
     Metrics: ``<prefix>/<cold|warm>/<metric>@<k>``, ``<prefix>/iterations_to_match`` & co.,
     ``<prefix>/equal_energy/<cold|warm>_iterations@<warm|cold><k>`` and ``…/speedup@…`` (NaN: not within
-    T), ``<prefix>/start_guard_frac``, ``<prefix>/start_guard_ms_per_image``.
+    T), ``<prefix>/start_guard_frac``, ``<prefix>/start_guard_ms_per_image``. With ``baselines`` enabled
+    (:mod:`~warplca.evaluation.baselines`): ``<prefix>_baselines.csv``, ``<prefix>_equal_time.csv``,
+    ``<prefix>_baselines.png`` and ``<prefix>/baselines/…``, ``<prefix>/equal_time/…`` metrics.
     """
     total = int(iters)
     budgets = clip_ks(budgets, total)[1:]  # the budgets ≥ 1, T included
     keep = min(int(examples), images.shape[0])
     keep_ks = sorted({min(int(examples_iters), total), total})
-    curves, match = measure(model, images, total, budgets, ks=ks, name=name, batch_size=batch_size, keep=keep,
-                            keep_ks=keep_ks, device=device, show_progress=show_progress)
+    baselines = baselines if baselines is not None else BaselineSettings()
+    grid = log_spaced_ks(total) if ks is None else list(ks)
+    if baselines.enabled:  # the baseline budgets are checkpoints of the cold and warm curves
+        grid = sorted({*grid, *(baselines.ks or budget_grid(total))})
+    curves, match = measure(model, images, total, budgets, ks=grid, name=name, batch_size=batch_size,
+                            keep=keep, keep_ks=keep_ks, device=device, show_progress=show_progress)
     speed = equal_energy_speedup(curves["cold"], curves["warm"])
     timing = timing or TimingSettings()
     times = time_per_image(model, images, budgets, timing, device, show_progress) if timing.enabled else {}
@@ -277,6 +294,20 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     figures["atoms"] = Figure("atoms.png", "dictionary atoms", lambda: plot_atoms(model.dictionary.weight))
     figures["speedup_plot"] = Figure(f"{stem}.png", "equal-energy speed-up",
                                      lambda: plot_speedup(speed, f"Equal-energy speed-up — {title}"))
+    fair_md: list[str] = []
+    fair_csv: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
+    if baselines.enabled:
+        fair = measure_baselines(model, images, curves, times, baselines, total=total, timed_budgets=budgets,
+                                 timing_images=timing.images, repeats=timing.repeats, batch_size=batch_size,
+                                 device=device, show_progress=show_progress)
+        metrics.update(baselines_metrics(p, fair))
+        figures["baselines"] = Figure(f"{p}_baselines.png", "cold, continuation and warm at equal cost",
+                                      lambda: plot_baselines(fair, curves, f"Fair baselines — {title}"))
+        fair_md = ["", *baselines_markdown(fair, baselines, figures["baselines"])]
+        columns = ["condition", "method", "k", "energy", "l0", "psnr", "ssim"]
+        fair_csv[f"{p}_baselines.csv"] = (columns, fair.rows)
+        if fair.equal_cost:
+            fair_csv[f"{p}_equal_time.csv"] = (list(fair.equal_cost[0]), fair.equal_cost)
     guard_cost = (f", and the start guard, {fmt(guard_ms, 3)} ms / image)."
                   if getattr(model, "start_guard", False) else ").")
     md = [
@@ -301,6 +332,7 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
         "",
         speedup_markdown(speed),
         figures["speedup_plot"].link,
+        *fair_md,
     ]
     per_image = [{"image": i, "k": k, "cold_energy_T": float(curves["cold"].energy[total, i])}
                  for i, k in enumerate(match["per_image"])]
@@ -310,7 +342,7 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
         csv={f"{p}.csv": (["method", "k", *CURVE_METRICS], rows),
              f"{p}_table.csv": (["iters", "key", "method", *CURVE_METRICS, "ms_per_image"], table),
              f"{p}_iterations_to_match.csv": (["image", "k", "cold_energy_T"], per_image),
-             f"{stem}.csv": (list(SPEEDUP_COLUMNS), shown_speed)},
+             f"{stem}.csv": (list(SPEEDUP_COLUMNS), shown_speed), **fair_csv},
         tables={f"{p}/curves": (["method", "k", *CURVE_METRICS], rows),
                 f"{p}/table": (["iters", "method", *CURVE_METRICS, "ms_per_image"], table),
                 f"{p}/speedup": (list(SPEEDUP_COLUMNS), shown_speed)})

@@ -52,6 +52,10 @@ class EvalSession(Protocol):
     @property
     def images(self) -> Any: ...
 
+    def split_images(self, split: str, n_images: int | None) -> Any:
+        """The first ``n_images`` of another ``split`` of the run's data (e.g. val, to choose settings on)."""
+        ...
+
     def total(self, override: Any = None) -> int:
         """The reference budget T: ``override``, else ``eval.iters``, else the bundle's ``lca.iters``."""
         ...
@@ -251,11 +255,14 @@ def eval_images(dm: Any, model: EvalModel, split: str, n_images: int | None) -> 
 def run_convergence(model: EvalModel, images: Any, settings: Mapping[str, Any], name: str = "",
                     show_progress: bool = True, device: Any = None) -> Any:
     """Experiment 1's ``ConvergenceResult`` with the :func:`eval_settings` ``settings`` (T: ``lca.iters``)."""
+    from warplca.evaluation.baselines import BaselineSettings
     from warplca.evaluation.convergence import TimingSettings, measure_convergence
+    from warplca.settings import build
 
     conv = settings["convergence"]
     return measure_convergence(
         model, images, iters=int(settings.get("iters") or model.lca.iters), ks=conv.get("ks"),
         budgets=settings["budgets"], batch_size=int(settings["batch_size"]),
         timing=TimingSettings(**conv["timing"]), examples=int(conv["examples"]["images"]),
-        examples_iters=int(conv["examples"]["iters"]), name=name, show_progress=show_progress, device=device)
+        examples_iters=int(conv["examples"]["iters"]), name=name, show_progress=show_progress, device=device,
+        baselines=build(BaselineSettings, conv.get("baselines"), "eval.convergence.baselines"))

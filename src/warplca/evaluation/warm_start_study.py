@@ -19,7 +19,7 @@ from warplca.evaluation.plots import finish_figure
 from warplca.evaluation.report import fmt, markdown_table
 
 __all__ = ["best_variant", "cold_reference", "cold_row", "format_scores", "plot_learning_curve",
-           "plot_variant_scores", "score_columns", "score_warm_start", "study_table"]
+           "plot_variant_scores", "score_columns", "score_curves", "score_warm_start", "study_table"]
 
 
 def cold_reference(model: EvalModel, images: torch.Tensor, total: int, budgets: Sequence[int],
@@ -38,7 +38,12 @@ def score_warm_start(model: EvalModel, images: torch.Tensor, cold: Curves, budge
     total = cold.total
     warm = run_curves(model, images, clip_ks(budgets, total), warm=True, batch_size=batch_size, device=device,
                       show_progress=show_progress, desc=desc or f"WARP-LCA ×{total}")
-    match = iterations_to_match(cold, warm, total)
+    return score_curves(warm, cold, budgets)
+
+
+def score_curves(warm: Curves, cold: Curves, budgets: Sequence[int]) -> dict[str, float]:
+    """:func:`score_warm_start`'s scores of measured ``warm`` curves against ``cold`` (same images)."""
+    match = iterations_to_match(cold, warm, cold.total)
     return _row(warm, cold, budgets, float(match["iterations_to_match"]), float(match["matched_frac"]))
 
 

@@ -147,6 +147,10 @@ class WarpRegression(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.predictor.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         epochs = self.trainer.max_epochs if self._trainer is not None else None
+        steps = self.trainer.max_steps if self._trainer is not None else -1
+        if self.scheduler == "cosine" and steps is not None and steps > 0:  # a fixed number of steps
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if self.scheduler == "cosine" and epochs is not None and epochs > 0:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

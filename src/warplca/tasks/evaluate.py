@@ -53,6 +53,7 @@ class _Session:
         self.show_progress = bool(cfg.get("progress", EvalRunSettings.progress))
         self._model: EvalModel | None = None
         self._images: Any = None
+        self._datamodule: Any = None
         self.data_name = ""
 
     @property
@@ -64,6 +65,15 @@ class _Session:
     @property
     def images(self) -> Any:
         if self._images is None:
+            split = str(self.settings["split"])
+            self._images = self.split_images(split, self.settings.get("n_images"))
+            log.info("evaluation images: %d × %s from %s", self._images.shape[0],
+                     tuple(self._images.shape[1:]), self.data_name)
+        return self._images
+
+    def split_images(self, split: str, n_images: int | None) -> Any:
+        """The first ``n_images`` of ``split`` of the evaluation data, channels matched to the model."""
+        if self._datamodule is None:
             # cfg.data if given, else the run's saved data config, else the embedded natural images
             if self.cfg.get("data") is not None:
                 data_cfg, source = self.cfg.data, "data=… override"
@@ -74,13 +84,11 @@ class _Session:
                 except Exception:  # ${hydra:…} outside a Hydra app
                     log.debug("eval paths not resolvable; the run's data config must not need them")
                 data_cfg, source = run_data_config(self.run_dir, paths, int(self.cfg.get("seed") or 0))
-            dm = build_datamodule_from_config(data_cfg)
-            split = str(self.settings["split"])
-            self._images = eval_images(dm, self.model, split, self.settings.get("n_images"))
-            self.data_name = f"{getattr(dm, 'name', type(dm).__name__)}/{split}"
-            log.info("evaluation images: %d × %s from %s (data config: %s)", self._images.shape[0],
-                     tuple(self._images.shape[1:]), self.data_name, source)
-        return self._images
+            self._datamodule = build_datamodule_from_config(data_cfg)
+            log.info("evaluation data config: %s", source)
+        dm = self._datamodule
+        self.data_name = f"{getattr(dm, 'name', type(dm).__name__)}/{self.settings['split']}"
+        return eval_images(dm, self.model, split, n_images)
 
     def total(self, override: Any = None) -> int:
         """The reference budget T: ``override``, else ``eval.iters``, else the bundle's ``lca.iters``."""

@@ -131,18 +131,21 @@ def build_module(ctx: RunContext, dictionary: ConvDictionary, lca: Any, normaliz
 
 
 def fit_quietly(ctx: RunContext, module: pl.LightningModule, train: TargetDataset, epochs: int,
-                limit: int | None = None) -> pl.LightningModule:
-    """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs on one device, with
-    the warp stage's trainer settings (``model.warp.trainer``, then the ``trainer`` group: gradient
-    clipping, precision, …) but no checkpoints, loggers, progress bars or validation; the data order is
-    seeded like the warp stage's."""
+                limit: int | None = None, steps: int | None = None,
+                seed: int | None = None) -> pl.LightningModule:
+    """Fit ``module`` on the first ``limit`` items of ``train`` for ``epochs`` epochs — or exactly ``steps``
+    optimiser steps, whatever the data size (cosine over the steps) — on one device, with the warp
+    stage's trainer settings (``model.warp.trainer``, then the ``trainer`` group: gradient clipping,
+    precision, …) but no checkpoints, loggers, progress bars or validation; the data order is seeded
+    like the warp stage's (or by ``seed``)."""
     _, data = warp_data_settings(ctx)
-    seed = int(ctx.cfg.get("seed") or 0)
+    seed = int(ctx.cfg.get("seed") or 0) if seed is None else int(seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     dataset: Any = Subset(train, range(int(limit))) if limit is not None and limit < len(train) else train
     datamodule = TargetDataModule(dataset, None, batch_size=int(data["batch_size"]),
                                   num_workers=int(data["num_workers"]), seed=seed)
-    kwargs = ctx.trainer_kwargs("warp", devices=1, logger=False, max_epochs=int(epochs),
+    length = {"max_epochs": int(epochs)} if steps is None else {"max_epochs": -1, "max_steps": int(steps)}
+    kwargs = ctx.trainer_kwargs("warp", devices=1, logger=False, **length,
                                 enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     for key in ("_target_", "strategy", "num_nodes", "callbacks"):  # one quiet process, nothing saved

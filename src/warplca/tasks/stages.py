@@ -1,5 +1,5 @@
-"""The stage registry: ``dictionary → targets → warp → ablation → learning_curve → levers → classify →
-report``, and what each stage's artifact depends on.
+"""The stage registry: ``dictionary → targets → warp → ablation → learning_curve → levers → scaling →
+classify → report``, and what each stage's artifact depends on.
 
 A stage is a module ``warplca.tasks.stage_<name>`` with ``run(ctx) -> metrics`` and ``ARTIFACT`` (whose
 existence means done; ``is_done(ctx)`` may replace that check). A done stage, or one whose artifact is
@@ -31,6 +31,7 @@ from warplca.tasks import (
     stage_learning_curve,
     stage_levers,
     stage_report,
+    stage_scaling,
     stage_targets,
     stage_warp,
 )
@@ -74,6 +75,7 @@ STAGES: dict[str, Stage] = {
     "learning_curve": Stage(stage_learning_curve, ("dictionary", "targets"),
                             (*_STUDY, "study.learning_curve")),
     "levers": Stage(stage_levers, ("dictionary", "targets"), (*_STUDY, "study.levers")),
+    "scaling": Stage(stage_scaling, ("dictionary", "targets"), (*_STUDY, "study.scaling")),
     "classify": Stage(stage_classify, ("dictionary", "warp"), (*_TRAINING, "data", "norm", "lca",
                                                                "model.classify")),
     "report": Stage(stage_report, ("warp",), ("data", "eval")),

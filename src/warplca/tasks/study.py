@@ -1,4 +1,5 @@
-"""Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``, ``levers``).
+"""Shared machinery of the warm-start study stages (``ablation``, ``learning_curve``, ``levers``,
+``scaling``).
 
 A study (rank 0 only) trains WARP-CNN variants on the train-split target cache and scores each against
 one cold-LCA run on ``study.split`` images (never the test split). Finished variants are kept in
@@ -36,7 +37,7 @@ from warplca.evaluation.warm_start_study import (
 )
 from warplca.losses import LOSSES
 from warplca.serialization import write_text_atomic
-from warplca.settings import Annotated, Checked, Doc, Ge, Gt, NonEmpty, OneOf, build
+from warplca.settings import Annotated, Checked, Doc, Ge, Gt, Le, NonEmpty, OneOf, build
 from warplca.tasks.context import RunContext, RunSettings
 from warplca.tasks.predictor_fit import (
     INPUTS,
@@ -96,6 +97,35 @@ class LeversSettings(Checked):
 
 
 @dataclass(frozen=True)
+class ScalingSettings(Checked):
+    """``study.scaling``: the grid of the scaling-law stage and how its law is fitted."""
+
+    sizes: Annotated[Sequence[int], Ge(1), NonEmpty(), Doc("training-set sizes (clipped to the cache)")] = (
+        512, 1024, 2048, 4096, 8192, 16384)
+    predictors: Annotated[Mapping[str, Any], Doc("name -> predictor overrides (capacity axis)")] = field(
+        default_factory=lambda: {"small": {"width": 32, "depth": 3}, "medium": {"width": 64, "depth": 5},
+                                 "large": {"width": 96, "depth": 6}})
+    steps: Annotated[int, Ge(1), Doc("optimiser steps of every point, whatever its size")] = 800
+    seeds: Annotated[Sequence[int], NonEmpty(), Doc("seeds (initial weights, data order, subset)")] = (0, 1)
+    seeded: Annotated[Sequence[str], Doc("predictors trained with every seed (others: the first)")] = (
+        "small", "medium")
+    long_factor: Annotated[int, Ge(1), Doc("the steps multiplier of the data-vs-compute level")] = 4
+    long_sizes: Annotated[Sequence[int], Ge(1), Doc("sizes trained for long_factor × steps")] = (
+        1024, 4096, 16384)
+    long_predictor: Annotated[str, Doc("the predictor of the long level")] = "medium"
+    ks: Annotated[Sequence[int], Ge(0), NonEmpty(), Doc("WARP-LCA steps k of the fitted gaps")] = (0, 1, 10)
+    reference_iters: Annotated[int, Ge(1), Doc("steps of the long cold / continuation runs (E_ref)")] = 3000
+    ood_images: Annotated[int, Ge(0), Doc("crops of eval=ood's photos of other scenes (0: none)")] = 56
+    holdout: Annotated[float, Gt(0), Le(1), Doc("fit on sizes ≤ holdout × the largest; predict it")] = 0.25
+    bootstrap: Annotated[int, Ge(10), Doc("bootstrap replicates (photos and seeds resampled)")] = 200
+
+    def cross_check(self) -> Any:
+        unknown = sorted({*self.seeded, self.long_predictor} - set(self.predictors))
+        if unknown:
+            yield "seeded", list(self.seeded), f"names predictors not in study.scaling.predictors: {unknown}"
+
+
+@dataclass(frozen=True)
 class StudySettings(Checked):
     """The ``study`` group: how the warm-start study stages score their variants (conf/study)."""
 
@@ -107,6 +137,7 @@ class StudySettings(Checked):
     ablation: AblationSettings = AblationSettings()
     learning_curve: LearningCurveSettings = LearningCurveSettings()
     levers: LeversSettings = LeversSettings()
+    scaling: ScalingSettings = ScalingSettings()
 
 
 def study_settings(ctx: RunContext) -> dict[str, Any]:
@@ -168,34 +199,40 @@ class Study:
     # -- variants -------------------------------------------------------------------------------------
     def fit(self, epochs: int, limit: int | None = None, predictor_overrides: Mapping[str, Any] | None = None,
             module_overrides: Mapping[str, Any] | None = None, train: Dataset | None = None,
-            init: WarpLCA | None = None) -> tuple[WarpLCA, int, float]:
+            init: WarpLCA | None = None, steps: int | None = None,
+            seed: int | None = None) -> tuple[WarpLCA, int, float]:
         """Train one predictor (the run's initial weights, or ``init``'s) on ``train`` (default: the cached
-        targets); returns its bundle, parameter count and training seconds."""
+        targets) for ``epochs`` or exactly ``steps`` optimiser steps; ``seed`` (default: the run's) seeds
+        the initial weights and the data order. Returns its bundle, parameter count and training seconds."""
         start = time.perf_counter()
-        torch.manual_seed(int(self.ctx.cfg.get("seed") or 0))  # the same initial weights for every variant
+        seed = int(self.ctx.cfg.get("seed") or 0) if seed is None else int(seed)
+        torch.manual_seed(seed)  # the same initial weights for every variant of one seed
         module, n_params = build_module(self.ctx, self.dictionary, self.lca, self.norm, predictor_overrides,
                                         module_overrides, init=None if init is None else init.predictor)
-        fit_quietly(self.ctx, module, self.train if train is None else train, epochs, limit)
+        fit_quietly(self.ctx, module, self.train if train is None else train, epochs, limit, steps, seed)
         return module.bundle().to(self.device), n_params, time.perf_counter() - start
 
     def variant(self, key: Mapping[str, Any], epochs: int, limit: int | None = None,
                 predictor_overrides: Mapping[str, Any] | None = None,
                 module_overrides: Mapping[str, Any] | None = None,
                 train: Callable[[], Dataset] | None = None,
-                init: Callable[[], WarpLCA] | None = None) -> dict[str, Any]:
+                init: Callable[[], WarpLCA] | None = None, steps: int | None = None,
+                seed: int | None = None,
+                score: Callable[[WarpLCA], dict[str, Any]] | None = None) -> dict[str, Any]:
         """Train (unless already scored) and score one variant; returns its row (``key`` + scores).
-        ``train`` and ``init`` are called only when the variant is trained."""
+        ``train`` and ``init`` are called only when the variant is trained; ``score`` replaces the
+        standard scores (:func:`score_warm_start` on the study images)."""
         for row in self.rows:
             if all(row.get(k) == v for k, v in key.items()):
                 return row
         model, n_params, train_s = self.fit(epochs, limit, predictor_overrides, module_overrides,
                                             None if train is None else train(),
-                                            None if init is None else init())
+                                            None if init is None else init(), steps, seed)
         self.models[str(key.get("variant"))] = model
         label = ", ".join(f"{k}={v}" for k, v in key.items())
-        scores = score_warm_start(model, self.images, self.cold, self.budgets,
-                                  int(self.settings["batch_size"]), self.device, self.show_progress,
-                                  desc=f"{self.name} [{label}]")
+        scores = score(model) if score is not None else score_warm_start(
+            model, self.images, self.cold, self.budgets, int(self.settings["batch_size"]), self.device,
+            self.show_progress, desc=f"{self.name} [{label}]")
         row = {**key, **scores, "train_s": round(train_s, 1), "params": n_params}
         log.info("%s [%s]: %s", self.name, label, format_scores(row, self.total, self.early))
         self.rows.append(row)
@@ -211,6 +248,15 @@ class Study:
     def epochs(self) -> int:
         """Epochs per variant: the stage's ``epochs``, else the warp stage's ``model.warp.epochs``."""
         return int(self.conf.get("epochs") or warp_data_settings(self.ctx)[1]["epochs"])
+
+    def lca_input(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images in the coded space on the study's device (the run's normalisation)."""
+        images = images.to(self.device)
+        return images if self.norm is None else self.norm.apply(images)
+
+    def finish(self) -> None:
+        """Drop the partial file (the stage wrote its artifact)."""
+        self._partial.unlink(missing_ok=True)
 
     # -- outputs --------------------------------------------------------------------------------------
     def publish(self, title: str, what: str, rows: list[dict[str, Any]], columns: list[str],
@@ -231,7 +277,7 @@ class Study:
         plot(rows, cold, self.total, self.early, self.ctx.artifact(f"{self.name}.png"))
         write_text_atomic(self.ctx.artifact(f"{self.name}.md"), md)
         write_csv(self.ctx.artifact(f"{self.name}.csv"), rows)
-        self._partial.unlink(missing_ok=True)
+        self.finish()
         metrics: dict[str, float] = {"cold/energy@T": cold_t, "T": float(self.total)}
         for row in rows:
             label = re.sub(r"[^A-Za-z0-9+.=-]+", "_", str(row["variant"])).strip("_")
