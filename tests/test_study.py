@@ -214,7 +214,24 @@ def test_scaling_stage_fits_the_law_on_a_fixed_step_grid(tmp_path: Path, diction
     assert "ood/medium/gap@1" in fit["laws"]
     md = (run / "scaling.md").read_text()
     assert "## Scaling law of the warm start" in md and "![scaling law](scaling.png)" in md
-    assert (run / "scaling.png").stat().st_size > 0 and not (run / "scaling.partial.json").exists()
+    assert (run / "scaling.png").stat().st_size > 0 and (run / "scaling.partial.json").exists()
+
+    # a grid cut to scored points publishes without training anything
+    from warplca.tasks import stage_scaling
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a scored point was trained again")
+
+    real = stage_scaling.Study.fit
+    stage_scaling.Study.fit = no_fit  # type: ignore[method-assign, assignment]
+    try:
+        cut_grid = ("force=true", "study.scaling.sizes=[8,16,32]", "study.scaling.seeds=[0]",
+                    "study.scaling.long_sizes=[16]")
+        train(compose_config(_scaling_overrides(dictionary_path, *cut_grid), output_dir=run))
+    finally:
+        stage_scaling.Study.fit = real  # type: ignore[method-assign]
+    cut = _rows(run / "scaling.csv")
+    assert len(cut) == 2 * (3 + 3 + 1)  # small, medium at 3 sizes, one long point; val and ood
 
 
 def test_fixed_steps_train_exactly_that_many_steps(tmp_path: Path, dictionary_path: Path) -> None:

@@ -12,8 +12,9 @@ Scored on ``study.split`` (val) and on crops of the OOD photos of ``eval=ood`` (
 also the predictor's relative state error on cached val targets and iterations-to-match per image
 (censored at T; Kaplan–Meier median).
 
-Writes ``scaling.md`` / ``scaling.png`` / ``scaling_fit.json`` and, last, ``scaling.csv`` (the artifact);
-finished points are kept in ``scaling.partial.json`` so an interrupted grid resumes.
+Writes ``scaling.md`` / ``scaling.png`` / ``scaling_fit.json`` and, last, ``scaling.csv`` (the artifact).
+Scored points stay in ``scaling.partial.json``: an interrupted grid resumes, and a grid grown or cut
+(:data:`GRID_SELECTORS`; ``force=true``) trains only the points it has not scored.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 __all__ = ["ARTIFACT", "analyse", "point_grid", "run"]
 
 ARTIFACT = "scaling.csv"
+#: settings that only choose grid points or shape the fit: changing them keeps the points already scored
+#: (``scaling.partial.json``), so a grid can grow, or be cut to the finished points to publish early
+GRID_SELECTORS = ("sizes", "seeds", "seeded", "long_factor", "long_sizes", "long_predictor", "holdout",
+                  "bootstrap")
 
 
 @dataclass
@@ -339,7 +344,7 @@ def report(result: Mapping[str, Any], conf: Mapping[str, Any], total: int, n_val
 
 def run(ctx: RunContext) -> dict[str, float]:
     """Train and score every grid point (resumable), fit the law, write the section, plot and tables."""
-    study = Study.for_stage(ctx, "scaling")
+    study = Study.for_stage(ctx, "scaling", selectors=GRID_SELECTORS)
     if study is None:
         return {}
     conf = study.conf
@@ -366,8 +371,7 @@ def run(ctx: RunContext) -> dict[str, float]:
     plot_scaling(result, conf, ctx.artifact("scaling.png"))
     write_text_atomic(ctx.artifact("scaling.md"), md)
     write_text_atomic(ctx.artifact("scaling_fit.json"), json.dumps(result, indent=1, default=float))
-    write_csv(ctx.artifact(ARTIFACT), result["points"])
-    study.finish()
+    write_csv(ctx.artifact(ARTIFACT), result["points"])  # scaling.partial.json stays: the points' cache
     print("\n" + md, flush=True)
     metrics: dict[str, float] = {}
     for key, law in result["laws"].items():

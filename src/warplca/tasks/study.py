@@ -150,11 +150,14 @@ class Study:
     ``study.split``) and their cold-LCA reference run up to T."""
 
     @classmethod
-    def for_stage(cls, ctx: RunContext, name: str) -> Study | None:
-        """The study of stage ``name`` (its settings in ``self.conf``), or None off global rank 0."""
-        return cls(ctx, name, study_settings(ctx)) if ctx.is_rank_zero else None
+    def for_stage(cls, ctx: RunContext, name: str, selectors: Sequence[str] = ()) -> Study | None:
+        """The study of stage ``name`` (its settings in ``self.conf``), or None off global rank 0.
+        ``selectors``: keys of the stage's settings that only choose which variants run (or how they are
+        summarised): changing them keeps the variants already scored."""
+        return cls(ctx, name, study_settings(ctx), selectors) if ctx.is_rank_zero else None
 
-    def __init__(self, ctx: RunContext, name: str, settings: dict[str, Any]) -> None:
+    def __init__(self, ctx: RunContext, name: str, settings: dict[str, Any],
+                 selectors: Sequence[str] = ()) -> None:
         self.ctx, self.name, self.settings = ctx, name, settings
         self.conf: dict[str, Any] = settings[name]
         self.dictionary, self.lca, self.norm = ctx.coding()
@@ -175,7 +178,8 @@ class Study:
                                            int(settings["batch_size"]), self.device, self.show_progress)
         self.cold_scores = cold_row(self.cold, self.budgets)
         self._partial = ctx.artifact(f"{name}.partial.json")
-        self._tag = json.dumps({"settings": settings, "n_train": len(self.train),
+        tagged = {**settings, name: {k: v for k, v in self.conf.items() if k not in selectors}}
+        self._tag = json.dumps({"settings": tagged, "n_train": len(self.train),
                                 "dictionary": self.dictionary.fingerprint()}, sort_keys=True, default=str)
         self.rows: list[dict[str, Any]] = self._load_partial()
         self.models: dict[str, WarpLCA] = {}  # the variants trained by this process, by variant name
