@@ -120,10 +120,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 
 def write_report_section(out_dir: str | os.PathLike, name: str, markdown: str,
                          filename: str = REPORT_NAME) -> Path:
-    """Replace (or append) the section ``name`` of ``<out_dir>/report.md``; other sections stay."""
+    """Replace (or append) the section ``name`` of ``<out_dir>/report.md``; other sections stay. Each
+    section ends with the commit and command that produced it (:func:`warplca.source.stamp`)."""
+    from warplca.source import stamp
+
     path = Path(out_dir) / filename
     start, end = f"<!-- warplca:{name} -->", f"<!-- /warplca:{name} -->"
-    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    block = f"{start}\n{markdown.rstrip()}\n\n{stamp()}\n{end}\n"
     text = path.read_text(encoding="utf-8") if path.is_file() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     text, found = pattern.subn(lambda _: block, text, count=1)

@@ -46,6 +46,7 @@ from warplca.evaluation.scaling_law import (
 from warplca.evaluation.warm_start_study import score_curves
 from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.serialization import write_text_atomic
+from warplca.source import stamp
 from warplca.tasks.context import RunContext
 from warplca.tasks.predictor_fit import target_sets
 from warplca.tasks.stage_learning_curve import nested_order
@@ -337,7 +338,7 @@ def report(result: Mapping[str, Any], conf: Mapping[str, Any], total: int, n_val
                        ("set", "predictor", "parameters", "n", "seed", "steps",
                         *(f"g_{k}" for k in conf["ks"]),
                         "median iterations to match (KM)", "matched", "state error ‖û−u*‖/‖u*‖"), digits=4),
-        "", "![scaling law](scaling.png)", "",
+        "", "![scaling law](scaling.png)", "", stamp(), "",
     ]
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ from warplca.evaluation.warm_start_study import (
 from warplca.losses import LOSSES
 from warplca.serialization import write_text_atomic
 from warplca.settings import Annotated, Checked, Doc, Ge, Gt, Le, NonEmpty, OneOf, build
+from warplca.source import stamp
 from warplca.tasks.context import RunContext, RunSettings
 from warplca.tasks.predictor_fit import (
     INPUTS,
@@ -277,7 +278,7 @@ class Study:
               f"{self.cold_scores[f'energy@{self.early}']:.4g} after {self.early} iterations; "
               f"{len(self.train)} cached training targets.\n\n"
               + study_table([*rows, cold], columns, self.total, self.budgets)
-              + f"\nBest here: **{best['variant']}**.\n\n![{self.name}]({self.name}.png)\n")
+              + f"\nBest here: **{best['variant']}**.\n\n![{self.name}]({self.name}.png)\n\n{stamp()}\n")
         plot(rows, cold, self.total, self.early, self.ctx.artifact(f"{self.name}.png"))
         write_text_atomic(self.ctx.artifact(f"{self.name}.md"), md)
         write_csv(self.ctx.artifact(f"{self.name}.csv"), rows)
