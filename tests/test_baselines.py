@@ -140,3 +140,53 @@ def test_bundle_tail_round_trips_and_runs_continuation(model: Any, tmp_path: Pat
     with pytest.raises(ValueError, match="tail must be"):
         WarpLCA(model.dictionary, model.predictor, model.lca, tail={"start_factor": 2.0})  # type: ignore[arg-type]
     assert not math.isnan(float(expected.energy.mean()))
+
+
+# -- the accuracy a start needs ---------------------------------------------------------------------------
+def test_perturbed_starts_are_what_they_claim(model: Any) -> None:
+    from warplca.evaluation.start_distance import StartDistanceSettings, perturbed_starts, solve_targets
+
+    x = model.preprocess(test_images()[:4])
+    u_star = solve_targets(model, x, {"target_iters": 15, "target_solver": {"name": "continuation"}})
+    u_pred = model.predict_states(x)
+    active = model.lca.states_to_codes(u_star) != 0
+    s = StartDistanceSettings(alphas=(0.0, 1.0), noise=(0.3,), drop=(0.5,), add=(0.5,))
+    starts = {(f, lv): u for f, lv, u in perturbed_starts(u_pred, u_star, model.lca.lam, s, active)}
+    assert torch.equal(starts[("interpolation", 0.0)], u_pred)
+    assert torch.equal(starts[("interpolation", 1.0)], u_star)
+    rel = (starts[("noise", 0.3)] - u_star).flatten(1).norm(dim=1) / u_star.flatten(1).norm(dim=1)
+    assert torch.allclose(rel, torch.full_like(rel, 0.3), rtol=1e-5)
+    dropped = starts[("drop", 0.5)]
+    changed = dropped != u_star
+    assert bool((dropped[changed] == 0).all()) and bool(active[changed].all()) and bool(changed.any())
+    added = starts[("add", 0.5)]
+    changed = added != u_star
+    assert not bool(active[changed].any()) and bool(changed.any())
+    assert torch.allclose(added[changed], torch.full_like(added[changed], 1.5 * model.lca.lam))
+
+
+def test_required_distance_reads_the_budget_crossing() -> None:
+    from warplca.evaluation.start_distance import required_distances
+
+    rows = [{"family": "a", "distance": 0.1, "km_median": 100.0}, {"family": "a", "distance": 0.3,
+                                                                     "km_median": 400.0},
+            {"family": "b", "distance": 0.2, "km_median": 50.0}, {"family": "b", "distance": 0.5,
+                                                                    "km_median": math.inf},
+            {"family": "c", "distance": 0.2, "km_median": 10.0}]
+    got = {r["family"]: r["distance"] for r in required_distances(rows, 200)}
+    assert got["a"] == pytest.approx(0.1 + 0.2 * math.log(2) / math.log(4))  # log-linear in the time
+    assert got["b"] == 0.2 and math.isnan(got["c"])  # never crossing within the levels: NaN
+
+
+def test_start_distance_evaluation_runs(model: Any) -> None:
+    from warplca.evaluation.start_distance import StartDistanceSettings, measure_start_distance
+
+    model.meta = {"target_iters": 15, "target_solver": {"name": "continuation"}}
+    result = measure_start_distance(model, test_images()[:3], StartDistanceSettings(
+        alphas=(0.0, 0.5, 1.0), noise=(0.2,), drop=(0.3,), add=(0.3,), budget=3), iters=12,
+        show_progress=False)
+    rows = result.csv["start_distance.csv"][1]
+    assert [(r["family"], r["level"]) for r in rows][:3] == [("interpolation", 0.0), ("interpolation", 0.5),
+                                                          ("interpolation", 1.0)]
+    assert rows[2]["distance"] == 0.0 and rows[0]["distance"] > rows[1]["distance"] > 0
+    assert "## How accurate a start must be" in result.markdown
