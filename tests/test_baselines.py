@@ -190,3 +190,20 @@ def test_start_distance_evaluation_runs(model: Any) -> None:
                                                           ("interpolation", 1.0)]
     assert rows[2]["distance"] == 0.0 and rows[0]["distance"] > rows[1]["distance"] > 0
     assert "## How accurate a start must be" in result.markdown
+
+
+def test_equal_sparsity_calibration_matches_the_reference_l0(model: Any) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "equal_sparsity.py"
+    spec = importlib.util.spec_from_file_location("equal_sparsity", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = model.preprocess(test_images()[:6])
+    target = bench.mean_l0(model, x, "hard", model.lca.lam, 20)
+    row = bench.calibrate(model, x, "soft", target, 20, tol=0.05, lo=0.001, hi=5.0)
+    assert abs(row["l0"] - target) <= 0.05 * target
+    assert row["l0"] == pytest.approx(bench.mean_l0(model, x, "soft", row["lam"], 20))
+    with pytest.raises(ValueError, match="widen"):
+        bench.calibrate(model, x, "soft", target, 20, tol=0.05, lo=1.0, hi=5.0)  # bracket misses it
