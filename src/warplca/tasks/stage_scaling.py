@@ -76,7 +76,8 @@ class ScoreSet:
 
 
 def point_grid(conf: Mapping[str, Any], n_cached: int) -> list[dict[str, Any]]:
-    """The grid's points (``predictor``, ``size``, ``seed``, ``steps``), cheapest first within a seed."""
+    """The grid's points (``predictor``, ``size``, ``seed``, ``steps``): per seed, each predictor's sizes
+    (smallest first), then the long level (largest first: its most informative point)."""
     sizes = sorted({min(int(s), n_cached) for s in conf["sizes"]})
     seeds = [int(s) for s in conf["seeds"]]
     points = []
@@ -90,7 +91,7 @@ def point_grid(conf: Mapping[str, Any], n_cached: int) -> list[dict[str, Any]]:
             long_steps = int(conf["steps"]) * int(conf["long_factor"])
             if long_steps != int(conf["steps"]):
                 points += [{"predictor": conf["long_predictor"], "size": min(int(n), n_cached), "seed": seed,
-                            "steps": long_steps} for n in sorted(set(conf["long_sizes"]))]
+                            "steps": long_steps} for n in sorted(set(conf["long_sizes"]), reverse=True)]
     return points
 
 
