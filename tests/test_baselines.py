@@ -144,10 +144,12 @@ def test_bundle_tail_round_trips_and_runs_continuation(model: Any, tmp_path: Pat
 
 # -- the accuracy a start needs ---------------------------------------------------------------------------
 def test_perturbed_starts_are_what_they_claim(model: Any) -> None:
-    from warplca.evaluation.start_distance import StartDistanceSettings, perturbed_starts, solve_targets
+    from warplca.coder import solve_targets
+    from warplca.evaluation.start_distance import StartDistanceSettings, perturbed_starts
+    from warplca.lca.continuation import Continuation
 
     x = model.preprocess(test_images()[:4])
-    u_star = solve_targets(model, x, {"target_iters": 15, "target_solver": {"name": "continuation"}})
+    u_star = solve_targets(model, test_images()[:4], 15, Continuation())[0]
     u_pred = model.predict_states(x)
     active = model.lca.states_to_codes(u_star) != 0
     s = StartDistanceSettings(alphas=(0.0, 1.0), noise=(0.3,), drop=(0.5,), add=(0.5,))

@@ -5,19 +5,21 @@ Normalise, run LCA, undo the normalisation and clamp; :class:`warplca.WarpLCA` a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA, LCAResult
 
 if TYPE_CHECKING:  # the data package imports Lightning; keep ``import warplca`` light
     from warplca.data.normalization import Normalization
 
-__all__ = ["CodedImages", "SparseCoder"]
+__all__ = ["CodedImages", "SparseCoder", "solve_targets"]
 
 
 @dataclass
@@ -91,3 +93,23 @@ class SparseCoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lca={self.lca!r}, normalization={self.normalization!r}"
+
+
+def solve_targets(coder: SparseCoder, images: Tensor, iters: int, continuation: Continuation | None = None,
+                  batch_size: int = 128, warm: bool = False) -> tuple[Tensor, float, float]:
+    """The target solver on [0, 1] images: states (n, K, H', W') after ``iters`` steps — cold LCA,
+    λ-continuation when given, or the coder's warm start with ``warm=True`` — in float32 sub-batches,
+    with the sums of the final energies and ℓ0."""
+    energy = l0 = 0.0
+    out = []
+    with torch.autocast(device_type=images.device.type, enabled=False):  # targets are always float32
+        for sub in images.split(batch_size):
+            x = coder.preprocess(sub.to(torch.float32))
+            if continuation is None:
+                res = coder(x, iters=iters, warm=warm)
+            else:
+                res = solve_continuation(coder.lca, x, iters, continuation)
+            out.append(res.u.contiguous())
+            energy += float(res.energy.double().sum()) if res.energy is not None else math.nan
+            l0 += float(torch.count_nonzero(res.a))
+    return torch.cat(out), energy, l0

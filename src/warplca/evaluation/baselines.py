@@ -15,7 +15,6 @@ for that many steps.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,12 +28,12 @@ from warplca.evaluation.common import (
     EvalModel,
     Figure,
     batch_slices,
+    median_ms,
     pixel_quality,
     progress,
-    synchronize,
     to_pixels,
 )
-from warplca.evaluation.curves import Curves, warm_start
+from warplca.evaluation.curves import Curves, full_run_solver, warm_start
 from warplca.evaluation.report import fmt, markdown_table
 from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.settings import Annotated, Checked, Doc, Ge
@@ -84,20 +83,12 @@ def budget_grid(total: int) -> list[int]:
     return sorted(ks)
 
 
-def _solver(model: EvalModel) -> Any:
-    solver = model.lca
-    if getattr(solver, "tol", None) is not None:  # every budget runs its full count
-        solver = copy.copy(solver)
-        solver.tol = None
-    return solver
-
-
 def solve_condition(model: EvalModel, x: Tensor, iters: int, condition: str,
                     settings: BaselineSettings) -> Any:
     """The LCA result of ``condition`` (a :data:`CONDITIONS` key) on ``x`` (coded space) after ``iters``."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; known: {sorted(CONDITIONS)}")
-    solver = _solver(model)
+    solver = full_run_solver(model)
     u0 = warm_start(model, x)[0] if condition.startswith("warm") else None
     if condition in ("cold", "warm"):
         return solver(x, iters=iters, u0=u0)
@@ -145,7 +136,7 @@ def flop_model(model: EvalModel, x: Tensor, settings: BaselineSettings) -> dict[
     """Per-image FLOPs: ``step`` (one LCA step), ``setup`` (a solver call's fixed part), ``predictor``
     (+ start guard where there is one) and ``stages`` (solver calls of a continuation run)."""
     x1 = x[:1]
-    solver = _solver(model)
+    solver = full_run_solver(model)
     one, two = (count_flops(lambda k=k: solver(x1, iters=k)) for k in (1, 2))
     pred = count_flops(lambda: warm_start(model, x1))
     return {"step": float(two - one), "setup": float(one - (two - one)), "predictor": float(pred),
@@ -176,20 +167,6 @@ def ms_at(cost: Mapping[str, Sequence[float]], k: float) -> float:
     return float(np.interp(k, ks, ms))
 
 
-def _time(call: Callable[[], Any], n: int, repeats: int, device: torch.device) -> float:
-    import time
-
-    call()
-    times = []
-    for _ in range(max(1, repeats)):
-        synchronize(device)
-        t0 = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times)) / n
-
-
 def _steps_within(cost: Mapping[str, Sequence[float]], ms: float, total: int) -> int:
     """The most steps a condition with the cost curve ``cost`` runs within ``ms`` (0 … total)."""
     if not cost["ks"] or not math.isfinite(ms):
@@ -205,11 +182,12 @@ def _steps_within(cost: Mapping[str, Sequence[float]], ms: float, total: int) ->
 @torch.no_grad()
 def measure_baselines(model: EvalModel, images: Tensor, curves: Mapping[str, Curves],
                       times: Mapping[str, float], settings: BaselineSettings, *, total: int,
-                      timed_budgets: Sequence[int], timing_images: int = 32, repeats: int = 3,
+                      timed_budgets: Sequence[int], timing: tuple[int, int, float] = (32, 3, 10.0),
                       batch_size: int = 64, device: torch.device | None = None,
                       show_progress: bool = True) -> Baselines:
     """The four conditions at equal iterations (budgets ``settings.ks``) and, where ``times`` (the
-    convergence timing, ``<cold|warm>@<k>`` ms / image) is given, at equal wall time and equal FLOPs."""
+    convergence timing, ``<cold|warm>@<k>`` ms / image) is given, at equal wall time and equal FLOPs;
+    ``timing``: images per timed batch, repeats and seconds per budget (as the convergence timing)."""
     device = device or model.dictionary.weight.device
     ks = [k for k in (settings.ks or budget_grid(total)) if 1 <= k <= total]
     runs = [(c, k) for c in ("continuation", "warm_tail") for k in ks]
@@ -226,6 +204,7 @@ def measure_baselines(model: EvalModel, images: Tensor, curves: Mapping[str, Cur
             for k in ks for c in CONDITIONS]
 
     result = Baselines(rows=rows)
+    timing_images, repeats, max_seconds = timing
     x = model.preprocess(images[: max(1, timing_images)].to(device))
     flops = flop_model(model, x, settings)
     result.cost["flops"] = flops
@@ -235,8 +214,11 @@ def measure_baselines(model: EvalModel, images: Tensor, curves: Mapping[str, Cur
     timed = [k for k in timed_budgets if 1 <= k <= total]
     ms = {c: [times.get(f"{c}@{k}", math.nan) for k in timed] for c in ("cold", "warm")}
     for cond in ("continuation", "warm_tail"):
-        ms[cond] = [_time(lambda k=k, c=cond: solve_condition(model, x, k, c, settings), n, repeats, device)
-                    for k in timed]
+        ms[cond] = []
+        for k in timed:
+            run = lambda k=k, c=cond: solve_condition(model, x, k, c, settings)  # noqa: E731
+            run()  # warm-up
+            ms[cond].append(median_ms(run, n, repeats, max_seconds, device))
     result.cost |= {c: fit_cost(timed, v) for c, v in ms.items()}
 
     flops_of = {  # per image, k steps

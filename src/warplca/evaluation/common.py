@@ -10,6 +10,8 @@ import inspect
 import logging
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices",
+    "BUNDLE_NAME", "METHODS", "EvalModel", "ExperimentResult", "Figure", "batch_slices", "median_ms",
     "build_datamodule_from_config", "clip_ks", "describe_model", "find_bundle", "load_images", "load_model",
     "log_spaced_ks", "model_sentence", "normalize_ks", "pixel_quality", "progress",
     "resolve_device", "run_data_config", "synchronize", "to_pixels",
@@ -137,6 +139,22 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (timing on GPUs measures nothing without it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(call: Callable[[], Any], n: int, repeats: int, max_seconds: float,
+              device: torch.device) -> float:
+    """Median wall-clock milliseconds per image (``n`` images) of ``call()``: up to ``repeats`` runs, fewer
+    once they have used ``max_seconds`` (device-synchronised; the caller warms up)."""
+    times: list[float] = []
+    while len(times) < max(1, repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if sum(times) >= max_seconds:
+            break
+    return 1000.0 * statistics.median(times) / n
 
 
 def progress(total: int, desc: str, enable: bool = True) -> Any:

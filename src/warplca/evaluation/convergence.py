@@ -8,10 +8,8 @@ them untraced through ``model(x, iters, warm)`` (warm: predictor and start guard
 from __future__ import annotations
 
 import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,9 @@ from warplca.evaluation.common import (
     clip_ks,
     describe_model,
     log_spaced_ks,
+    median_ms,
     model_sentence,
     progress,
-    synchronize,
 )
 from warplca.evaluation.curves import (
     CURVE_METRICS,
@@ -106,20 +104,6 @@ class ConvergenceResult(ExperimentResult):
 
 
 # -- timing --------------------------------------------------------------------------------------------
-def _median_ms(call: Callable[[], Any], n: int, settings: TimingSettings, device: torch.device) -> float:
-    """Median milliseconds per image (``n`` images) of ``call()``, repeated as ``settings`` allow."""
-    times: list[float] = []
-    while len(times) < max(1, settings.repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if sum(times) >= settings.max_seconds:
-            break
-    return 1000.0 * statistics.median(times) / n
-
-
 @torch.no_grad()
 def time_per_image(model: EvalModel, images: Tensor, budgets: Sequence[int], settings: TimingSettings,
                    device: torch.device | None = None, show_progress: bool = True) -> dict[str, float]:
@@ -139,17 +123,18 @@ def time_per_image(model: EvalModel, images: Tensor, budgets: Sequence[int], set
             model(x, iters=1, warm=method == "warm", trace=False)
             for k in budgets:
                 run = lambda k=k, w=method == "warm": model(x, iters=int(k), warm=w, trace=False)  # noqa: E731
-                out[f"{method}@{int(k)}"] = _median_ms(run, n, settings, device)
+                out[f"{method}@{int(k)}"] = median_ms(run, n, settings.repeats, settings.max_seconds, device)
                 bar.update(1)
         bar.close()
     model.predict_states(x)
-    out["predictor"] = _median_ms(lambda: model.predict_states(x), n, settings, device)
+    out["predictor"] = median_ms(lambda: model.predict_states(x), n, settings.repeats, settings.max_seconds,
+                                 device)
     guard = getattr(model, "guard", None)
     out["start_guard"] = math.nan
     if callable(guard):
         u = model.predict_states(x)
         guard(x, u)
-        out["start_guard"] = _median_ms(lambda: guard(x, u), n, settings, device)
+        out["start_guard"] = median_ms(lambda: guard(x, u), n, settings.repeats, settings.max_seconds, device)
     return out
 
 
@@ -298,8 +283,8 @@ def measure_convergence(model: EvalModel, images: Tensor, *, iters: int = 1000,
     fair_csv: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
     if baselines.enabled:
         fair = measure_baselines(model, images, curves, times, baselines, total=total, timed_budgets=budgets,
-                                 timing_images=timing.images, repeats=timing.repeats, batch_size=batch_size,
-                                 device=device, show_progress=show_progress)
+                                 timing=(timing.images, timing.repeats, timing.max_seconds),
+                                 batch_size=batch_size, device=device, show_progress=show_progress)
         metrics.update(baselines_metrics(p, fair))
         figures["baselines"] = Figure(f"{p}_baselines.png", "cold, continuation and warm at equal cost",
                                       lambda: plot_baselines(fair, curves, f"Fair baselines — {title}"))

@@ -32,7 +32,8 @@ from warplca.evaluation.common import (
 )
 
 __all__ = [
-    "CURVE_METRICS", "SPEEDUP_COLUMNS", "Curves", "curve_rows", "equal_energy_speedup", "iterations_to_match",
+    "CURVE_METRICS", "SPEEDUP_COLUMNS", "Curves", "curve_rows", "equal_energy_speedup", "full_run_solver",
+    "iterations_to_match",
     "measure", "row_metrics", "run_curves", "warm_start",
 ]
 
@@ -111,6 +112,15 @@ def warm_start(model: EvalModel, x: Tensor) -> tuple[Tensor, Tensor | None]:
     return model.predict_states(x), None
 
 
+def full_run_solver(model: EvalModel) -> Any:
+    """``model.lca`` without early stopping (a copy when it has a tolerance): every run takes its budget."""
+    solver = model.lca
+    if getattr(solver, "tol", None) is not None:
+        solver = copy.copy(solver)
+        solver.tol = None
+    return solver
+
+
 @torch.no_grad()
 def run_curves(model: EvalModel, images: Tensor, ks: Sequence[int], warm: bool, *,
                target: Tensor | None = None, batch_size: int = 64, keep: int = 0,
@@ -126,10 +136,7 @@ def run_curves(model: EvalModel, images: Tensor, ks: Sequence[int], warm: bool, 
     if target.shape != images.shape:
         raise ValueError(f"target shape {tuple(target.shape)} differs from images {tuple(images.shape)}")
     device = device or model.dictionary.weight.device
-    solver = model.lca  # without early stopping: a tolerance would break the segment identity
-    if getattr(solver, "tol", None) is not None:
-        solver = copy.copy(solver)
-        solver.tol = None
+    solver = full_run_solver(model)  # a tolerance would break the segment identity
     n = images.shape[0]
     traces: dict[str, list[Tensor]] = {"energy": [], "l0": [], "mse": []}
     quality: dict[str, list[Tensor]] = {"psnr": [], "ssim": []}

@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from warplca.evaluation.common import EvalModel, ExperimentResult, Figure, batch_slices, progress
+from warplca.coder import solve_targets
+from warplca.data.target_store import solver_continuation
+from warplca.evaluation.common import EvalModel, ExperimentResult, Figure, progress
 from warplca.evaluation.experiments import EvalSession, evaluation
 from warplca.evaluation.report import fmt, markdown_table
 from warplca.evaluation.scaling_law import kaplan_meier
-from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.settings import Annotated, Checked, Doc, Ge, NonEmpty
 
-__all__ = ["StartDistanceSettings", "measure_start_distance", "perturbed_starts", "solve_targets"]
+__all__ = ["StartDistanceSettings", "measure_start_distance", "perturbed_starts"]
 
 COLUMNS = ["family", "level", "distance", "energy@0", "energy@1", "energy@10", "energy@T", "km_median",
            "matched_frac"]
@@ -52,21 +53,6 @@ class StartDistanceSettings(Checked):
         0.1, 0.25, 0.5, 1.0)
     budget: Annotated[int, Ge(1), Doc("median time to match that defines the required distance")] = 250
     seed: Annotated[int, Ge(0)] = 0
-
-
-def solve_targets(model: EvalModel, x: Tensor, meta: Mapping[str, Any], batch_size: int = 64) -> Tensor:
-    """u* of ``x`` (coded space) as the bundle's targets were solved (``target_iters``, ``target_solver``)."""
-    iters = int(meta.get("target_iters") or model.lca.iters)
-    spec = meta.get("target_solver") or "cold"
-    out = []
-    with torch.no_grad():
-        for sl in batch_slices(x.shape[0], batch_size):
-            if isinstance(spec, Mapping) and spec.get("name") == "continuation":
-                schedule = Continuation(**{k: v for k, v in spec.items() if k != "name"})
-                out.append(solve_continuation(model.lca, x[sl], iters, schedule).u)
-            else:
-                out.append(model.lca(x[sl], iters=iters).u)
-    return torch.cat(out)
 
 
 def perturbed_starts(u_pred: Tensor, u_star: Tensor, lam: float, settings: StartDistanceSettings,
@@ -101,7 +87,9 @@ def measure_start_distance(model: EvalModel, images: Tensor, settings: StartDist
     device = device or model.dictionary.weight.device
     x = model.preprocess(images.to(device))
     meta = getattr(model, "meta", {}) or {}
-    u_star = solve_targets(model, x, meta, batch_size)
+    target_iters = int(meta.get("target_iters") or model.lca.iters)
+    u_star = solve_targets(model, images.to(device), target_iters,
+                           solver_continuation(meta.get("target_solver")), batch_size)[0]
     u_pred = model.predict_states(x)
     cold_t = model.lca(x, iters=iters).energy.double().cpu()
     active = model.lca.states_to_codes(u_star) != 0

@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from warplca.coder import SparseCoder
+from warplca.coder import SparseCoder, solve_targets
 from warplca.data import target_store as store
 from warplca.data.normalization import Normalization
 from warplca.data.target_store import (
@@ -35,12 +34,11 @@ from warplca.data.target_store import (
     TargetCacheIncompleteError,
     expected_manifest,
 )
-from warplca.lca.continuation import Continuation, solve_continuation
 from warplca.lca.dictionary import ConvDictionary
 from warplca.lca.solver import LCA
 from warplca.serialization import write_text_atomic
 
-__all__ = ["TargetBuilder", "build_target_cache", "solve_targets"]
+__all__ = ["TargetBuilder", "build_target_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +56,6 @@ class _ChunkDataset(Dataset):
         i = self.chunks[j]
         start, stop = store.chunk_range(i, self.chunk_size, self.count)
         return i, torch.stack([store.item_image(self.dataset[k]) for k in range(start, stop)])
-
-
-def solve_targets(coder: SparseCoder, images: Tensor, iters: int, continuation: Continuation | None = None,
-                  batch_size: int = 128, warm: bool = False) -> tuple[Tensor, float, float]:
-    """The target solver on [0, 1] images: states (n, K, H', W') after ``iters`` steps — cold LCA,
-    λ-continuation when given, or the coder's warm start with ``warm=True`` — in float32 sub-batches,
-    with the sums of the final energies and ℓ0."""
-    energy = l0 = 0.0
-    out = []
-    with torch.autocast(device_type=images.device.type, enabled=False):  # targets are always float32
-        for sub in images.split(batch_size):
-            x = coder.preprocess(sub.to(torch.float32))
-            if continuation is None:
-                res = coder(x, iters=iters, warm=warm)
-            else:
-                res = solve_continuation(coder.lca, x, iters, continuation)
-            out.append(res.u.contiguous())
-            energy += float(res.energy.double().sum()) if res.energy is not None else math.nan
-            l0 += float(torch.count_nonzero(res.a))
-    return torch.cat(out), energy, l0
 
 
 class TargetBuilder(pl.LightningModule):

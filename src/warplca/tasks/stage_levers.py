@@ -15,11 +15,10 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from warplca.bundle import WarpLCA
-from warplca.coder import SparseCoder
+from warplca.coder import SparseCoder, solve_targets
 from warplca.data.target_store import item_image, solver_continuation
 from warplca.evaluation.warm_start_study import plot_variant_scores
 from warplca.lca import LCA
-from warplca.modules.target_builder import solve_targets
 from warplca.tasks import stage_targets
 from warplca.tasks.context import RunContext
 from warplca.tasks.study import Study

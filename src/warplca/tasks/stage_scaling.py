@@ -121,18 +121,21 @@ def _references(study: Study, conf: Mapping[str, Any]) -> list[ScoreSet]:
     return out
 
 
-def _state_error(model: WarpLCA, val: Any, limit: int = 256) -> float:
+def _state_error(model: WarpLCA, val: Any, limit: int = 256, batch_size: int = 64) -> float:
     """Mean over cached val targets of ‖û − u*‖ / ‖u*‖ (NaN without val targets)."""
     if val is None:
         return math.nan
     errs = []
+    device = model.dictionary.weight.device
     with torch.no_grad():
-        for i in range(min(limit, len(val))):
-            image, target = val[i][:2]
-            x = model.preprocess(image.unsqueeze(0).to(model.dictionary.weight.device))
-            u = model.predict_states(x).cpu()
-            errs.append(float((u[0] - target).norm() / target.norm().clamp_min(1e-12)))
-    return float(np.mean(errs))
+        for start in range(0, min(limit, len(val)), batch_size):
+            items = [val[i] for i in range(start, min(start + batch_size, limit, len(val)))]
+            images = torch.stack([item[0] for item in items]).to(device)
+            targets = torch.stack([item[1] for item in items])
+            u = model.predict_states(model.preprocess(images)).cpu()
+            norms = targets.flatten(1).norm(dim=1).clamp_min(1e-12)
+            errs.append((u - targets).flatten(1).norm(dim=1) / norms)
+    return float(torch.cat(errs).mean())
 
 
 def _scorer(study: Study, sets: Sequence[ScoreSet], ks: Sequence[int], val_targets: Any) -> Any:
